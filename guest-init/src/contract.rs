@@ -1,0 +1,105 @@
+//! The one small type the host and the guest's init share, and the fixed places it lives.
+//! Field names follow Docker's image config (`Cmd`, `Env`, `WorkingDir`...) so a later
+//! image config maps onto it without renaming.
+
+use serde::{Deserialize, Serialize};
+
+/// Where the host places the serialized [`RunConfig`] inside the initramfs.
+pub const CONFIG_PATH: &str = "/.katalite/config.json";
+
+/// Where the host places the init binary inside the initramfs (`rdinit=` points here, so an
+/// image's own `/init` is never replaced).
+pub const INIT_PATH: &str = "/.katalite/init";
+
+/// The I/O port of the VMM's status device. Init writes one 32-bit [`GuestStatus`] word
+/// here; the VMM records it and ends the VM.
+pub const STATUS_PORT: u16 = 0x0510;
+
+/// What the guest reports through [`STATUS_PORT`], encoded as one 32-bit word:
+/// the kind in bits 8..16, the code in bits 0..8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestStatus {
+    /// The workload exited; the code is what `docker run` would return (0-255,
+    /// 126/127 for exec failures, 128+n for death by signal n).
+    Exited(u8),
+    /// Init itself failed before or around the workload (bad config, mount failure...).
+    InitFailed,
+}
+
+const KIND_EXITED: u32 = 1;
+const KIND_INIT_FAILED: u32 = 2;
+
+impl GuestStatus {
+    /// Encodes the status as the word init writes to the port.
+    pub fn to_word(self) -> u32 {
+        match self {
+            GuestStatus::Exited(code) => (KIND_EXITED << 8) | u32::from(code),
+            GuestStatus::InitFailed => KIND_INIT_FAILED << 8,
+        }
+    }
+
+    /// Decodes a word written by the guest; unknown kinds are `None` (a hostile or broken
+    /// guest must not be able to forge anything else).
+    pub fn from_word(word: u32) -> Option<Self> {
+        let code = (word & 0xff) as u8;
+        match word >> 8 {
+            KIND_EXITED => Some(GuestStatus::Exited(code)),
+            KIND_INIT_FAILED => Some(GuestStatus::InitFailed),
+            _ => None,
+        }
+    }
+}
+
+/// What to run in the guest and how. Serialized as JSON at [`CONFIG_PATH`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct RunConfig {
+    /// The full argv of the workload (entrypoint and command already combined by the host).
+    pub args: Vec<String>,
+    /// `NAME=value` entries for the workload's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory of the workload; empty means `/`.
+    #[serde(default)]
+    pub working_dir: String,
+    /// Hostname to set in the guest; empty keeps the kernel default.
+    #[serde(default)]
+    pub hostname: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_words_round_trip() {
+        for status in [
+            GuestStatus::Exited(0),
+            GuestStatus::Exited(42),
+            GuestStatus::Exited(255),
+            GuestStatus::InitFailed,
+        ] {
+            assert_eq!(GuestStatus::from_word(status.to_word()), Some(status));
+        }
+    }
+
+    #[test]
+    fn unknown_status_kinds_are_rejected() {
+        assert_eq!(GuestStatus::from_word(0), None);
+        assert_eq!(GuestStatus::from_word(0xdead_beef), None);
+    }
+
+    #[test]
+    fn config_uses_docker_field_names() {
+        let config = RunConfig {
+            args: vec!["sh".into(), "-c".into(), "exit 3".into()],
+            env: vec!["PATH=/bin".into()],
+            working_dir: "/tmp".into(),
+            hostname: "box".into(),
+        };
+        let json = serde_json::to_string(&config).expect("serialize");
+        assert!(json.contains("\"Args\"") && json.contains("\"WorkingDir\""));
+        let back: RunConfig = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, config);
+    }
+}

@@ -1,0 +1,3 @@
+//! katalite-init: PID 1 in the guest.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Packs root filesystems into newc cpio archives the Linux kernel unpacks as its initramfs.

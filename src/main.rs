@@ -1,0 +1,3 @@
+//! The `katalite` command line.
+
+fn main() {}
