@@ -1,5 +1,8 @@
 //! `cargo xtask`: the developer commands of katalite (guest build, lab, CI).
 
+mod build_guest;
+mod lab;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -11,9 +14,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Build the guest kernel (vmlinux) and the static init into target/guest/.
+    BuildGuest(build_guest::Args),
+    /// Boot the lab (real KVM inside QEMU software emulation) and run commands there.
+    Lab(lab::Args),
+}
 
 fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.command {}
+    match Cli::parse().command {
+        Command::BuildGuest(args) => build_guest::run(&args),
+        Command::Lab(args) => lab::run(&args),
+    }
 }
