@@ -1,3 +1,17 @@
-//! katalite-init: PID 1 in the guest.
+//! katalite-init: PID 1 in the guest. A short, linear list of steps: mount the kernel
+//! filesystems, read the run config, start the workload, reap until it exits, stop what is
+//! left, sync, report the status to the VMM, power off.
 
-fn main() {}
+#[cfg(target_os = "linux")]
+mod pid1;
+
+#[cfg(target_os = "linux")]
+fn main() {
+    pid1::main()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("katalite-init runs only as PID 1 of a Linux guest");
+    std::process::exit(125);
+}
