@@ -1,1 +1,8 @@
-//! Packs root filesystems into newc cpio archives the Linux kernel unpacks as its initramfs.
+//! Packs root filesystems into newc cpio archives the Linux kernel unpacks as its
+//! initramfs. Never sees KVM: its output is bytes the VMM places in guest memory.
+
+pub mod cpio;
+pub mod rootfs_dir;
+
+pub use cpio::{CpioError, CpioWriter, Entry, EntryKind};
+pub use rootfs_dir::{pack_dir, PackError};
