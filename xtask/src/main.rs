@@ -1,6 +1,7 @@
 //! `cargo xtask`: the developer commands of katalite (guest build, lab, CI).
 
 mod build_guest;
+mod ci;
 mod lab;
 
 use anyhow::Result;
@@ -19,11 +20,14 @@ enum Command {
     BuildGuest(build_guest::Args),
     /// Boot the lab (real KVM inside QEMU software emulation) and run commands there.
     Lab(lab::Args),
+    /// Run every gate and test, as CI does (installs what it needs on Debian).
+    Ci(ci::Args),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildGuest(args) => build_guest::run(&args),
         Command::Lab(args) => lab::run(&args),
+        Command::Ci(args) => ci::run(&args),
     }
 }

@@ -1,0 +1,174 @@
+//! `cargo xtask ci`: the whole test suite, in the order CI runs it. Static gates first
+//! (cheap, fail fast), then unit and host tests, then the guest build and the lab's
+//! end-to-end tests on real KVM.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// The musl target the static katalite and init are built for.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Options of `ci`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip the lab's end-to-end tests (for a quick local check; CI never passes this).
+    #[arg(long)]
+    pub no_e2e: bool,
+}
+
+/// Runs every gate and test; the first failure stops the run.
+pub fn run(args: &Args) -> Result<()> {
+    let root = workspace_root()?;
+    ensure_musl_target()?;
+    step("format", cargo(&root, &["fmt", "--all", "--check"]))?;
+    step(
+        "clippy",
+        cargo(
+            &root,
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--all-features",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+    )?;
+    step(
+        "unit and host tests",
+        cargo(&root, &["test", "--workspace"]),
+    )?;
+    step("guest build", xtask(&root, &["build-guest"]))?;
+    step("static release build", static_release_build(&root))?;
+    if args.no_e2e {
+        println!("ci: end-to-end tests skipped (--no-e2e)");
+        return Ok(());
+    }
+    step("end-to-end tests in the lab", xtask(&root, &["lab", "e2e"]))
+}
+
+fn step(name: &str, result: Result<()>) -> Result<()> {
+    println!("ci: ==> {name}");
+    result.with_context(|| format!("ci step failed: {name}"))?;
+    println!("ci: <== {name}: ok");
+    Ok(())
+}
+
+/// The repository root (the parent of `xtask/`).
+pub fn workspace_root() -> Result<std::path::PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .current_dir(root)
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+        .status()
+        .with_context(|| format!("cannot start cargo {}", args.join(" ")))?;
+    ensure!(
+        status.success(),
+        "cargo {} failed ({status})",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+fn xtask(root: &Path, args: &[&str]) -> Result<()> {
+    let mut full = vec!["run", "--quiet", "--package", "xtask", "--"];
+    full.extend_from_slice(args);
+    cargo(root, &full)
+}
+
+fn ensure_musl_target() -> Result<()> {
+    let output = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("cannot run rustup")?;
+    if String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .any(|t| t.trim() == MUSL_TARGET)
+    {
+        return Ok(());
+    }
+    let status = Command::new("rustup")
+        .args(["target", "add", MUSL_TARGET])
+        .status()?;
+    ensure!(status.success(), "rustup target add {MUSL_TARGET} failed");
+    Ok(())
+}
+
+/// Builds the release katalite for musl and checks it is static (no ELF interpreter).
+fn static_release_build(root: &Path) -> Result<()> {
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "--target",
+            MUSL_TARGET,
+            "--package",
+            "katalite",
+        ],
+    )?;
+    let binary = root
+        .join("target")
+        .join(MUSL_TARGET)
+        .join("release/katalite");
+    let bytes =
+        std::fs::read(&binary).with_context(|| format!("cannot read {}", binary.display()))?;
+    if has_interpreter(&bytes)? {
+        bail!(
+            "{} is dynamically linked (it has a PT_INTERP header)",
+            binary.display()
+        );
+    }
+    println!("ci: {} is static, {} bytes", binary.display(), bytes.len());
+    Ok(())
+}
+
+/// True when a 64-bit little-endian ELF has a PT_INTERP program header.
+fn has_interpreter(elf: &[u8]) -> Result<bool> {
+    const PT_INTERP: u32 = 3;
+    ensure!(
+        elf.len() >= 64 && &elf[..4] == b"\x7fELF" && elf[4] == 2,
+        "not a 64-bit ELF"
+    );
+    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]);
+    let phoff = u64::from_le_bytes(elf[32..40].try_into()?);
+    let (phentsize, phnum) = (usize::from(u16_at(54)), usize::from(u16_at(56)));
+    let phoff = usize::try_from(phoff)?;
+    for index in 0..phnum {
+        let at = phoff + index * phentsize;
+        let header = elf.get(at..at + 4).context("truncated program headers")?;
+        if u32::from_le_bytes(header.try_into()?) == PT_INTERP {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_build_tool_itself_is_dynamic_and_detected() {
+        let own = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
+        // Test binaries on the gnu target are dynamically linked.
+        assert!(has_interpreter(&own).expect("parse"));
+    }
+
+    #[test]
+    fn non_elf_is_rejected() {
+        assert!(has_interpreter(b"#!/bin/sh\n").is_err());
+    }
+}
