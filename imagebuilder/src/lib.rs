@@ -2,6 +2,7 @@
 //! initramfs. Never sees KVM: its output is bytes the VMM places in guest memory.
 
 pub mod cpio;
+pub mod image;
 pub mod rootfs_dir;
 
 pub use cpio::{CpioError, CpioWriter, Entry, EntryKind};
