@@ -82,7 +82,7 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn xtask(root: &Path, args: &[&str]) -> Result<()> {
+pub fn xtask(root: &Path, args: &[&str]) -> Result<()> {
     let mut full = vec!["run", "--quiet", "--package", "xtask", "--"];
     full.extend_from_slice(args);
     cargo(root, &full)
@@ -107,7 +107,7 @@ fn ensure_musl_target() -> Result<()> {
 }
 
 /// Builds the release katalite for musl and checks it is static (no ELF interpreter).
-fn static_release_build(root: &Path) -> Result<()> {
+pub fn static_release_build(root: &Path) -> Result<()> {
     cargo(
         root,
         &[

@@ -2,6 +2,7 @@
 
 mod build_guest;
 mod ci;
+mod dist;
 mod lab;
 
 use anyhow::Result;
@@ -22,6 +23,8 @@ enum Command {
     Lab(lab::Args),
     /// Run every gate and test, as CI does (installs what it needs on Debian).
     Ci(ci::Args),
+    /// Build the guest and the static release katalite with it embedded.
+    Dist(dist::Args),
 }
 
 fn main() -> Result<()> {
@@ -29,5 +32,6 @@ fn main() -> Result<()> {
         Command::BuildGuest(args) => build_guest::run(&args),
         Command::Lab(args) => lab::run(&args),
         Command::Ci(args) => ci::run(&args),
+        Command::Dist(args) => dist::run(&args),
     }
 }
