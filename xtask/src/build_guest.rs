@@ -1,10 +1,196 @@
-//! `cargo xtask build-guest`: the guest kernel and init.
+//! `cargo xtask build-guest`: the guest kernel (vmlinux from the pinned Debian source and
+//! `kernel-config/katalite.config`, or from a user's tree) and the static init, into
+//! `target/guest/` where the katalite build script embeds them.
+
+mod elf;
+mod init;
+mod kconfig;
+mod kernel;
+mod prereq;
+mod source;
+mod stamp;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+
+use kconfig::Config;
+use source::Pin;
 
 /// Options of `build-guest`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Build the kernel from this Linux tree instead of the pinned Debian source (for
+    /// example a PVM-enabled tree); the output defaults to target/guest/custom/.
+    #[arg(long, value_name = "DIR")]
+    pub kernel_source: Option<PathBuf>,
+    /// A Kconfig fragment merged on top of kernel-config/katalite.config (for example
+    /// `CONFIG_PVM_GUEST=y`); the output defaults to target/guest/custom/.
+    #[arg(long, value_name = "FILE")]
+    pub config_fragment: Option<PathBuf>,
+    /// Output directory for `vmlinux` and `katalite-init` (default: target/guest/).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Rebuild the kernel even when its cache stamp is current.
+    #[arg(long)]
+    pub force: bool,
+}
 
 /// Builds the guest artifacts.
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("build-guest is not implemented yet")
+pub fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let workspace = workspace_root()?;
+    let custom = args.kernel_source.is_some() || args.config_fragment.is_some();
+    let guest = workspace.join("target/guest");
+    let out = match (&args.out, custom) {
+        (Some(out), _) => out.clone(),
+        (None, true) => guest.join("custom"),
+        (None, false) => guest.clone(),
+    };
+    fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .context("cannot resolve the output directory")?;
+    let build_dir = guest.join("build");
+    fs::create_dir_all(&build_dir)
+        .with_context(|| format!("cannot create {}", build_dir.display()))?;
+    // Custom kernels keep their objects beside their output so the default ones stay intact.
+    let objects = if custom {
+        out.join("build")
+    } else {
+        build_dir.join("obj")
+    };
+
+    let pin_path = workspace.join("kernel-config/source.toml");
+    let pin = Pin::load(&pin_path)?;
+    let mut packages = prereq::BUILD_PACKAGES.to_vec();
+    if args.kernel_source.is_none() {
+        packages.push(&pin.package);
+    }
+    prereq::ensure_packages(&packages)?;
+    prereq::ensure_musl_target(&workspace)?;
+
+    let request = requested_options(&workspace, args.config_fragment.as_deref())?;
+    let (tree, identity) = match &args.kernel_source {
+        Some(dir) => {
+            let tree = dir
+                .canonicalize()
+                .with_context(|| format!("cannot resolve {}", dir.display()))?;
+            let version = source::tree_version(&tree)?;
+            let identity = format!("tree {} {version}", tree.display());
+            (tree, identity)
+        }
+        None => {
+            let sha256 = pin.verify(&build_dir.join("tarball.sha256"))?;
+            let tree = pin.unpack(&sha256, &build_dir, &build_dir.join("obj"))?;
+            let identity = format!("debian {} {} {sha256}", pin.package, pin.upstream_version);
+            (tree, identity)
+        }
+    };
+    println!("build-guest: kernel source {identity}");
+
+    let vmlinux = out.join("vmlinux");
+    let stamp_path = out.join("vmlinux.stamp");
+    let key = stamp::kernel_key(&identity, &request);
+    if !args.force && stamp::is_fresh(&stamp_path, &key, &vmlinux) {
+        println!(
+            "build-guest: vmlinux is up to date ({} bytes)",
+            fs::metadata(&vmlinux)?.len()
+        );
+    } else {
+        // A failed build must not leave a stamp that vouches for an older vmlinux.
+        let _ = fs::remove_file(&stamp_path);
+        let jobs = std::thread::available_parallelism().map_or(1, usize::from);
+        let report = kernel::build(&kernel::Job {
+            tree: &tree,
+            objects: &objects,
+            request: &request,
+            vmlinux: &vmlinux,
+            jobs,
+        })?;
+        stamp::record(&stamp_path, &key)?;
+        println!(
+            "build-guest: vmlinux built in {:.0?} with -j{jobs}: {} bytes linked, {} bytes \
+             stripped -> {}",
+            report.compile,
+            report.unstripped,
+            report.stripped,
+            vmlinux.display()
+        );
+    }
+
+    let init_started = Instant::now();
+    let init_path = out.join("katalite-init");
+    let init = init::build(&workspace, &init_path)?;
+    println!(
+        "build-guest: katalite-init static, {} bytes, {} in {:.1?} -> {}",
+        init.size,
+        if init.copied { "updated" } else { "unchanged" },
+        init_started.elapsed(),
+        init_path.display()
+    );
+    println!("build-guest: done in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// `kernel-config/katalite.config`, with `extra` laid on top when given.
+fn requested_options(workspace: &Path, extra: Option<&Path>) -> Result<Config> {
+    let mut request = read_fragment(&workspace.join("kernel-config/katalite.config"))?;
+    if let Some(extra) = extra {
+        request.overlay(&read_fragment(extra)?);
+    }
+    Ok(request)
+}
+
+fn read_fragment(path: &Path) -> Result<Config> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Config::parse(&text).with_context(|| format!("bad Kconfig fragment {}", path.display()))
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+/// Runs a command with inherited stdio and fails on a non-zero exit.
+fn run_command(command: &mut Command) -> Result<()> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {program}"))?;
+    ensure!(status.success(), "{program} failed ({status})");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_fragment_overrides_and_extends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = dir.path().join("pvm.config");
+        fs::write(
+            &extra,
+            "CONFIG_PVM_GUEST=y\n# CONFIG_KVM_GUEST is not set\n",
+        )
+        .expect("write");
+        let workspace = workspace_root().expect("workspace");
+        let request = requested_options(&workspace, Some(&extra)).expect("fragments");
+        assert_eq!(request.get("CONFIG_PVM_GUEST"), Some("y"));
+        assert_eq!(request.get("CONFIG_KVM_GUEST"), Some("n"));
+        assert_eq!(request.get("CONFIG_PVH"), Some("y"));
+    }
+
+    #[test]
+    fn run_reports_failure() {
+        assert!(run_command(&mut Command::new("true")).is_ok());
+        assert!(run_command(&mut Command::new("false")).is_err());
+    }
 }
