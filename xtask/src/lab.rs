@@ -1,10 +1,290 @@
-//! `cargo xtask lab`: real KVM inside QEMU software emulation.
+//! `cargo xtask lab`: real KVM inside QEMU software emulation, for the end-to-end tests.
+//!
+//! The host's `/dev/kvm` is PVM, which boots only PVM guest kernels; QEMU TCG emulates AMD-V
+//! instead, so Debian's kernel booted there ("L1") loads `kvm-amd` and katalite runs on a
+//! genuine `/dev/kvm`. See /work/shared/docs/environment.md, "The lab".
+//!
+//! Inside L1: the repository is `/src` (read-only 9p, the working directory), the host's
+//! root is `/host` (read-only 9p), the musl release dir is on `PATH`, eth0 is 10.0.2.15/24
+//! and the host's 127.0.0.1 answers at 10.0.2.2. Host programs run through the host's
+//! loader, e.g. Debian's QEMU as a peer:
+//! `/host/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path
+//! /host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu
+//! /host/usr/bin/qemu-system-x86_64 -L /host/usr/share/qemu ...` (`/lib64`'s loader link is
+//! absolute, so it points out of `/host`; name the loader by its real path).
+
+mod busybox;
+mod cache;
+mod console;
+mod e2e;
+mod initramfs;
+mod kernel;
+mod packages;
+mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+/// Exit status for anything that is not the command's own status (like `docker run`).
+const LAB_FAILED: i32 = 125;
+
+/// The Rust target of the static katalite that runs inside L1.
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
 /// Options of `lab`.
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(subcommand)]
+    command: LabCommand,
+}
 
-/// Runs a lab command.
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("lab is not implemented yet")
+#[derive(clap::Subcommand)]
+enum LabCommand {
+    /// Build katalite, boot the lab and run a shell command in it; exits with its status.
+    Run {
+        /// Use the artifacts already built.
+        #[arg(long)]
+        no_build: bool,
+        /// The shell command (several words are joined with spaces).
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Build the end-to-end tests and run them all in one lab boot.
+    E2e {
+        /// Use the katalite binary already built.
+        #[arg(long)]
+        no_build: bool,
+        /// Extra arguments for the test binary (a name filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        test_args: Vec<String>,
+    },
+}
+
+/// Runs a lab command and exits with the command's status, or 125 when the lab itself fails.
+pub fn run(args: &Args) -> Result<()> {
+    let status = match dispatch(args) {
+        Ok(status) => status,
+        Err(err) => {
+            eprintln!("lab: error: {err:#}");
+            LAB_FAILED
+        }
+    };
+    std::process::exit(status)
+}
+
+fn dispatch(args: &Args) -> Result<i32> {
+    let paths = Paths::new()?;
+    match &args.command {
+        LabCommand::Run { no_build, command } => {
+            if !no_build {
+                build(&paths)?;
+            }
+            boot(&paths, &command.join(" "))
+        }
+        LabCommand::E2e {
+            no_build,
+            test_args,
+        } => {
+            if !no_build {
+                build(&paths)?;
+            }
+            e2e::run(&paths, test_args)
+        }
+    }
+}
+
+/// Where things are on the host, and where L1 sees them.
+struct Paths {
+    repo: PathBuf,
+    target: PathBuf,
+    cache: PathBuf,
+}
+
+impl Paths {
+    fn new() -> Result<Self> {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let repo = manifest
+            .parent()
+            .context("xtask is not inside the workspace")?
+            .canonicalize()
+            .context("cannot resolve the repository path")?;
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => repo.join(dir),
+            None => repo.join("target"),
+        };
+        let cache = target.join("lab");
+        std::fs::create_dir_all(&cache)
+            .with_context(|| format!("cannot create {}", cache.display()))?;
+        let target = target.canonicalize()?;
+        let cache = cache.canonicalize()?;
+        Ok(Self {
+            repo,
+            target,
+            cache,
+        })
+    }
+
+    /// The musl release dir holding the static `katalite`.
+    fn musl_release(&self) -> PathBuf {
+        self.target.join(MUSL_TARGET).join("release")
+    }
+
+    /// The path under which L1 sees the host path `host`: through `/src` when inside the
+    /// repository, else through `/host`.
+    fn in_l1(&self, host: &Path) -> PathBuf {
+        match host.strip_prefix(&self.repo) {
+            Ok(inside) => Path::new("/src").join(inside),
+            Err(_) => Path::new("/host").join(host.strip_prefix("/").unwrap_or(host)),
+        }
+    }
+}
+
+/// Builds the guest (kernel + init) and the static katalite that embeds it; each step only
+/// rebuilds what is stale.
+fn build(paths: &Paths) -> Result<()> {
+    checked(cargo(paths).args(["xtask", "build-guest"]))?;
+    checked(cargo_musl(paths, "build").args(["-p", "katalite"]))
+}
+
+/// The cargo that runs us (`CARGO`), in the repository.
+fn cargo(paths: &Paths) -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(&paths.repo);
+    command
+}
+
+/// `cargo SUBCOMMAND --release --target x86_64-unknown-linux-musl`, with musl's C compiler
+/// for crates that build C code.
+fn cargo_musl(paths: &Paths, subcommand: &str) -> Command {
+    let mut command = cargo(paths);
+    command
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+        .args([subcommand, "--release", "--target", MUSL_TARGET]);
+    command
+}
+
+fn checked(command: &mut Command) -> Result<()> {
+    // stdout belongs to the command run in the lab.
+    let status = command
+        .stdout(std::io::stderr())
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Boots the lab once, runs `command` in it and returns the status to exit with.
+fn boot(paths: &Paths, command: &str) -> Result<i32> {
+    let began = Instant::now();
+    packages::ensure(packages::LAB_PACKAGES)?;
+    let kernel = kernel::prepare(&paths.cache).context("cannot prepare the L1 kernel")?;
+    let base = initramfs::base(&paths.cache, &kernel).context("cannot build the L1 initramfs")?;
+    let token = run_token();
+    let env = format!(
+        "LAB_TOKEN={token}\nLAB_PATH={}\n",
+        paths.in_l1(&paths.musl_release()).display()
+    );
+    let initrd = initramfs::with_files(
+        &paths.cache,
+        &base,
+        &[("lab/env", &env), ("lab/cmd.sh", &format!("{command}\n"))],
+    )?;
+    let machine = qemu::Machine::from_env()?;
+    let prepared = began.elapsed();
+    let outcome = qemu::run(
+        &machine,
+        &qemu::Boot {
+            kernel: &kernel.vmlinuz,
+            initrd: initrd.path(),
+            repo: &paths.repo,
+            token: &token,
+        },
+    )?;
+    match outcome {
+        qemu::Outcome::Exited {
+            status,
+            ready,
+            finished,
+        } => {
+            eprintln!(
+                "lab: prepared in {:.1} s, L1 ready in {:.1} s, command ran {:.1} s, \
+                 round trip {:.1} s, status {status}",
+                prepared.as_secs_f64(),
+                ready.as_secs_f64(),
+                (finished - ready).as_secs_f64(),
+                began.elapsed().as_secs_f64(),
+            );
+            Ok(status)
+        }
+        qemu::Outcome::Failed {
+            reason,
+            diagnostics,
+        } => {
+            eprintln!("{diagnostics}");
+            eprintln!("lab: error: {reason}");
+            Ok(LAB_FAILED)
+        }
+    }
+}
+
+/// A value unique to this run, so stale or quoted markers never match.
+fn run_token() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    format!("{:x}{nanos:x}", std::process::id())
+}
+
+/// Quotes `word` for `sh`.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_paths_map_into_l1_shares() {
+        let paths = Paths {
+            repo: "/work/main".into(),
+            target: "/work/main/target".into(),
+            cache: "/work/main/target/lab".into(),
+        };
+        assert_eq!(
+            paths.in_l1(&paths.musl_release()),
+            Path::new("/src/target/x86_64-unknown-linux-musl/release")
+        );
+        assert_eq!(
+            paths.in_l1(Path::new("/var/cache/t")),
+            Path::new("/host/var/cache/t")
+        );
+        assert_eq!(
+            paths.in_l1(Path::new("/work/mainx")),
+            Path::new("/host/work/mainx")
+        );
+    }
+
+    #[test]
+    fn quoted_words_survive_the_shell() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "printf %s {}",
+                shell_quote("x'; echo injected '$HOME")
+            ))
+            .output()
+            .expect("sh runs");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "x'; echo injected '$HOME"
+        );
+    }
 }

@@ -1,0 +1,128 @@
+//! `cargo xtask lab e2e`: builds the static e2e test binary and the test rootfs trees, then
+//! runs every test in one lab boot (booting L1 under TCG is the slow part).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::{busybox, cache, cargo_musl, shell_quote, Paths};
+
+/// Builds the tests, prepares the rootfs trees and runs the tests in the lab.
+pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
+    let tests = build_tests(paths)?;
+    let rootfs = prepare_rootfs(&paths.cache)?;
+    let mut command = format!(
+        "KATALITE_E2E_ROOTFS={} exec {} --test-threads=1",
+        shell_quote(&paths.in_l1(&rootfs).to_string_lossy()),
+        shell_quote(&paths.in_l1(&tests).to_string_lossy()),
+    );
+    for arg in test_args {
+        command.push(' ');
+        command.push_str(&shell_quote(arg));
+    }
+    super::boot(paths, &command)
+}
+
+/// Builds `tests/e2e.rs` statically and returns its executable, found in cargo's JSON
+/// messages (the file name carries a hash).
+fn build_tests(paths: &Paths) -> Result<PathBuf> {
+    let output = cargo_musl(paths, "test")
+        .args(["--features", "e2e", "--test", "e2e", "--no-run"])
+        .arg("--message-format=json")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo test")?;
+    if !output.status.success() {
+        bail!("building the e2e tests failed ({})", output.status);
+    }
+    test_executable(&String::from_utf8_lossy(&output.stdout))
+        .context("cargo reported no e2e test executable")
+}
+
+/// The `e2e` test executable named in cargo's `--message-format=json` output.
+fn test_executable(messages: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact")
+        .filter(|msg| msg["target"]["name"] == "e2e" && msg["profile"]["test"] == true)
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+}
+
+/// Writes the test rootfs trees under `cache/rootfs/` (now `busybox/`) and returns that dir.
+fn prepare_rootfs(cache: &Path) -> Result<PathBuf> {
+    let dir = cache.join("rootfs");
+    let tree = dir.join("busybox");
+    let key = cache::key(&[
+        cache::file_version(Path::new(busybox::HOST_BUSYBOX))?.as_bytes(),
+        format!("{BUSYBOX_FILES:?}").as_bytes(),
+    ]);
+    if cache::is_fresh(&tree, &key) {
+        return Ok(dir);
+    }
+    if tree.exists() {
+        fs::remove_dir_all(&tree).with_context(|| format!("cannot remove {}", tree.display()))?;
+    }
+    busybox::install(&tree)?;
+    for (path, content) in BUSYBOX_FILES {
+        let path = tree.join(path);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&path, content).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    for empty in ["proc", "sys", "dev", "root", "tmp"] {
+        fs::create_dir_all(tree.join(empty))?;
+    }
+    // Sticky and world-writable, as every /tmp.
+    fs::set_permissions(tree.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    cache::mark(&tree, &key)?;
+    Ok(dir)
+}
+
+/// Files of the busybox rootfs besides busybox itself: (path, content).
+const BUSYBOX_FILES: &[(&str, &str)] = &[
+    (
+        "etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    ),
+    ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
+    ("etc/hostname", "katalite\n"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_test_executable_is_read_from_cargo_json() {
+        let messages = r#"{"reason":"compiler-artifact","target":{"name":"katalite"},"profile":{"test":false},"executable":"/t/katalite"}
+not json
+{"reason":"compiler-artifact","target":{"name":"e2e"},"profile":{"test":true},"executable":"/t/deps/e2e-0123abcd"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            test_executable(messages),
+            Some(PathBuf::from("/t/deps/e2e-0123abcd"))
+        );
+        assert_eq!(test_executable(r#"{"reason":"build-finished"}"#), None);
+    }
+
+    #[test]
+    fn the_busybox_rootfs_has_a_shell_and_users() {
+        let cache = tempfile::tempdir().expect("temp dir");
+        let dir = prepare_rootfs(cache.path()).expect("busybox-static is installed");
+        let tree = dir.join("busybox");
+        assert!(tree.join("bin/busybox").is_file());
+        assert_eq!(
+            fs::read_link(tree.join("bin/sh")).expect("sh is an applet link"),
+            Path::new("busybox")
+        );
+        let passwd = fs::read_to_string(tree.join("etc/passwd")).expect("passwd");
+        assert!(passwd.starts_with("root:x:0:0:"));
+        let tmp = fs::metadata(tree.join("tmp")).expect("tmp");
+        assert_eq!(tmp.permissions().mode() & 0o7777, 0o1777);
+        assert_eq!(prepare_rootfs(cache.path()).expect("cached"), dir);
+    }
+}

@@ -1,0 +1,47 @@
+#!/bin/sh
+# PID 1 of the lab's L1 Linux: loads the modules, mounts the 9p shares, brings up QEMU's
+# user network, runs /lab/cmd.sh and reports its exit status between markers that
+# xtask/src/lab/console.rs parses. /lab/env (per run) sets LAB_TOKEN and LAB_PATH.
+export PATH=/bin
+mount -t devtmpfs devtmpfs /dev
+# The archive has no /dev/console node, so the kernel started us without stdio.
+exec </dev/null >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+. /lab/env
+
+fail() {
+    dmesg | tail -n 20
+    echo "@@lab:$LAB_TOKEN:error:$*@@"
+    poweroff -f
+}
+
+while read -r module; do
+    insmod "/lib/modules/$module.ko" || fail "insmod $module failed"
+done </lib/modules/order
+[ -c /dev/kvm ] || fail "/dev/kvm is missing after loading kvm-amd (no nested SVM?)"
+
+share() {
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 "$1" "$2" ||
+        fail "cannot mount the 9p share $1 at $2"
+}
+share src /src
+share host /host
+
+hostname lab
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up &&
+    ip route add default via 10.0.2.2 || fail "cannot configure eth0"
+echo "nameserver 10.0.2.3" >/etc/resolv.conf
+
+export PATH="$LAB_PATH:/bin" HOME=/root TMPDIR=/tmp
+cd /src || fail "cannot enter /src"
+echo "@@lab:$LAB_TOKEN:start@@"
+sh /lab/cmd.sh
+echo "@@lab:$LAB_TOKEN:exit:$?@@"
+poweroff -f

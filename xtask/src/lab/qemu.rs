@@ -1,0 +1,275 @@
+//! Boots L1 under QEMU TCG (emulated AMD-V, so `kvm-amd` works inside) and follows its serial
+//! console until the init reports the command's exit status, with a hard timeout.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::console::{Console, Ending};
+
+/// L1's kernel command line: serial console, little kernel chatter, and an L1 panic ends
+/// QEMU (`panic=1` reboots, `-no-reboot` turns that into an exit). Spectre mitigations only
+/// slow the emulator down.
+const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=1 mitigations=off";
+
+/// How long QEMU may take to power off after the command finished.
+const POWEROFF_GRACE: Duration = Duration::from_secs(60);
+
+/// The size and time limit of the L1 machine.
+pub struct Machine {
+    /// Virtual CPUs (`LAB_SMP`, default 2).
+    pub smp: u32,
+    /// Memory in MiB (`LAB_MEM`, default 2048).
+    pub mem_mib: u32,
+    /// Whole-run limit (`LAB_TIMEOUT` seconds, default 2400).
+    pub timeout: Duration,
+}
+
+impl Machine {
+    /// Reads `LAB_SMP`, `LAB_MEM` and `LAB_TIMEOUT`.
+    pub fn from_env() -> Result<Self> {
+        Ok(Self {
+            smp: env_number("LAB_SMP", 2)?,
+            mem_mib: env_number("LAB_MEM", 2048)?,
+            timeout: Duration::from_secs(env_number("LAB_TIMEOUT", 2400)?.into()),
+        })
+    }
+}
+
+fn env_number(name: &str, default: u32) -> Result<u32> {
+    match std::env::var(name) {
+        Ok(value) => value
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={value} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// What to boot.
+pub struct Boot<'a> {
+    /// L1 kernel (`vmlinuz`).
+    pub kernel: &'a Path,
+    /// L1 initramfs (base plus the run's archive).
+    pub initrd: &'a Path,
+    /// The repository, shared read-only as 9p tag `src`.
+    pub repo: &'a Path,
+    /// The run's marker token (see `console.rs`).
+    pub token: &'a str,
+}
+
+/// How a boot ended.
+pub enum Outcome {
+    /// The command ran; `ready` is when it started, `finished` when it exited.
+    Exited {
+        /// The command's exit status.
+        status: i32,
+        /// Time from QEMU's start to the command's start (L1 boot).
+        ready: Duration,
+        /// Time from QEMU's start to the command's exit.
+        finished: Duration,
+    },
+    /// The lab did not deliver a status; `diagnostics` holds L1's boot log and QEMU's stderr.
+    Failed {
+        /// One line: what went wrong.
+        reason: String,
+        /// What may explain it.
+        diagnostics: String,
+    },
+}
+
+/// QEMU's arguments for `boot` on `machine`.
+pub fn arguments(machine: &Machine, boot: &Boot) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "-accel",
+        "tcg,thread=multi",
+        "-smp",
+        &machine.smp.to_string(),
+        "-cpu",
+        "EPYC",
+        "-m",
+        &machine.mem_mib.to_string(),
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-append",
+        CMDLINE,
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "virtio-net-pci,netdev=n0",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.extend(["-kernel".into(), boot.kernel.into()]);
+    args.extend(["-initrd".into(), boot.initrd.into()]);
+    args.extend(["-virtfs".into(), virtfs(boot.repo, "src")]);
+    args.extend(["-virtfs".into(), virtfs(Path::new("/"), "host")]);
+    args
+}
+
+/// A read-only 9p export; `multidevs=remap` keeps inode numbers unique when the export
+/// spans several host file systems (always the case for `/`).
+fn virtfs(path: &Path, tag: &str) -> OsString {
+    // QEMU option values escape a comma by doubling it.
+    let path = path.to_string_lossy().replace(',', ",,");
+    format!("local,path={path},mount_tag={tag},security_model=none,readonly=on,multidevs=remap")
+        .into()
+}
+
+/// Boots L1, streams the command's output to stdout and waits for the exit marker.
+pub fn run(machine: &Machine, boot: &Boot) -> Result<Outcome> {
+    let started = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(arguments(machine, boot))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu has no stdout")?;
+    let mut stderr = child.stderr.take().context("qemu has no stderr")?;
+    let (lines, received) = mpsc::channel();
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        loop {
+            let mut line = Vec::new();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if lines.send(line).is_err() => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    let errors = thread::spawn(move || {
+        let mut text = Vec::new();
+        // Whatever was read before an error is still worth showing.
+        let _ = stderr.read_to_end(&mut text);
+        text
+    });
+
+    let mut console = Console::new(boot.token, io::stdout().lock());
+    let mut ready = None;
+    let deadline = started + machine.timeout;
+    let ending = loop {
+        match received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let ending = console.feed(&line).context("cannot write the output")?;
+                if ready.is_none() && console.started() {
+                    ready = Some(started.elapsed());
+                }
+                if let Some(ending) = ending {
+                    break Ok(ending);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                break Err(format!(
+                    "lab timed out after {} s",
+                    machine.timeout.as_secs()
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                break Err(if console.started() {
+                    format!("L1 died while the command ran (qemu: {status})")
+                } else {
+                    format!("lab failed to start: L1 stopped before running the command (qemu: {status})")
+                });
+            }
+        }
+    };
+    let finished = started.elapsed();
+    // After a final marker L1 is powering off; otherwise there is nothing left to wait for.
+    stop(
+        &mut child,
+        if ending.is_ok() {
+            POWEROFF_GRACE
+        } else {
+            Duration::ZERO
+        },
+    );
+    let boot_log = console.boot_log().join("\n");
+    let stderr = String::from_utf8_lossy(&errors.join().unwrap_or_default()).into_owned();
+    let diagnostics = format!("L1 console before the command:\n{boot_log}\nqemu stderr:\n{stderr}");
+    Ok(match ending {
+        Ok(Ending::Exited(status)) => Outcome::Exited {
+            status,
+            ready: ready.unwrap_or(finished),
+            finished,
+        },
+        Ok(Ending::SetupFailed(message)) => Outcome::Failed {
+            reason: format!("lab failed to start: {message}"),
+            diagnostics,
+        },
+        Err(reason) => Outcome::Failed {
+            reason,
+            diagnostics,
+        },
+    })
+}
+
+/// Lets L1 power off by itself for `grace`, then kills QEMU.
+fn stop(child: &mut Child, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    // Killing an already exited child fails harmlessly.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> Machine {
+        Machine {
+            smp: 3,
+            mem_mib: 1024,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn arguments_size_the_machine_and_share_both_trees() {
+        let boot = Boot {
+            kernel: Path::new("/k/vmlinuz"),
+            initrd: Path::new("/k/l1.cpio"),
+            repo: Path::new("/work/a,b"),
+            token: "t",
+        };
+        let args: Vec<String> = arguments(&machine(), &boot)
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| -> Vec<&str> {
+            args.windows(2)
+                .filter(|pair| pair[0] == flag)
+                .map(|pair| pair[1].as_str())
+                .collect()
+        };
+        assert_eq!(after("-smp"), ["3"]);
+        assert_eq!(after("-m"), ["1024"]);
+        assert_eq!(after("-cpu"), ["EPYC"]);
+        assert_eq!(after("-kernel"), ["/k/vmlinuz"]);
+        assert_eq!(after("-initrd"), ["/k/l1.cpio"]);
+        let shares = after("-virtfs");
+        assert_eq!(shares.len(), 2);
+        assert!(shares[0].starts_with("local,path=/work/a,,b,mount_tag=src,"));
+        assert!(shares[1].starts_with("local,path=/,mount_tag=host,"));
+        assert!(shares.iter().all(|share| share.contains("readonly=on")));
+    }
+}
