@@ -11,13 +11,15 @@ use anyhow::{bail, Context, Result};
 /// Where `busybox-static` puts its statically linked binary.
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
 
-/// Copies busybox to `root/bin/busybox` and links every applet next to it.
-pub fn install(root: &Path) -> Result<()> {
+/// Copies the static busybox at `source` (normally [`HOST_BUSYBOX`]) to `root/bin/busybox`
+/// and links each of `applets` (see [`applets`]) next to it.
+pub fn install(root: &Path, source: &Path, applets: &[String]) -> Result<()> {
     let bin = root.join("bin");
     fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
-    fs::copy(HOST_BUSYBOX, bin.join("busybox")).context("cannot copy busybox")?;
-    for applet in applets()? {
-        let link = bin.join(&applet);
+    fs::copy(source, bin.join("busybox"))
+        .with_context(|| format!("cannot copy {}", source.display()))?;
+    for applet in applets {
+        let link = bin.join(applet);
         if fs::symlink_metadata(&link).is_err() {
             symlink("busybox", &link).with_context(|| format!("cannot link {}", link.display()))?;
         }
@@ -25,11 +27,12 @@ pub fn install(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn applets() -> Result<Vec<String>> {
-    let output = Command::new(HOST_BUSYBOX)
+/// The applets `busybox --list` names.
+pub fn applets(busybox: &Path) -> Result<Vec<String>> {
+    let output = Command::new(busybox)
         .arg("--list")
         .output()
-        .context("cannot run busybox --list")?;
+        .with_context(|| format!("cannot run {} --list", busybox.display()))?;
     if !output.status.success() {
         bail!("busybox --list failed ({})", output.status);
     }

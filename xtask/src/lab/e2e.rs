@@ -12,7 +12,8 @@ use super::{busybox, cache, cargo_musl, shell_quote, Paths};
 /// Builds the tests, prepares the rootfs trees and runs the tests in the lab.
 pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
     let tests = build_tests(paths)?;
-    let rootfs = prepare_rootfs(&paths.cache)?;
+    let host_busybox = Path::new(busybox::HOST_BUSYBOX);
+    let rootfs = prepare_rootfs(&paths.cache, host_busybox, &busybox::applets(host_busybox)?)?;
     let mut command = format!(
         "KATALITE_E2E_ROOTFS={} exec {} --test-threads=1",
         shell_quote(&paths.in_l1(&rootfs).to_string_lossy()),
@@ -51,13 +52,15 @@ fn test_executable(messages: &str) -> Option<PathBuf> {
         .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
 }
 
-/// Writes the test rootfs trees under `cache/rootfs/` (now `busybox/`) and returns that dir.
-fn prepare_rootfs(cache: &Path) -> Result<PathBuf> {
+/// Writes the test rootfs trees under `cache/rootfs/` (now `busybox/`, from the static
+/// busybox at `busybox_bin` with `applets`) and returns that dir.
+fn prepare_rootfs(cache: &Path, busybox_bin: &Path, applets: &[String]) -> Result<PathBuf> {
     let dir = cache.join("rootfs");
     let tree = dir.join("busybox");
     let key = cache::key(&[
-        cache::file_version(Path::new(busybox::HOST_BUSYBOX))?.as_bytes(),
-        format!("{BUSYBOX_FILES:?}").as_bytes(),
+        busybox_bin.to_string_lossy().as_bytes(),
+        cache::file_version(busybox_bin)?.as_bytes(),
+        format!("{BUSYBOX_FILES:?}{applets:?}").as_bytes(),
     ]);
     if cache::is_fresh(&tree, &key) {
         return Ok(dir);
@@ -65,7 +68,7 @@ fn prepare_rootfs(cache: &Path) -> Result<PathBuf> {
     if tree.exists() {
         fs::remove_dir_all(&tree).with_context(|| format!("cannot remove {}", tree.display()))?;
     }
-    busybox::install(&tree)?;
+    busybox::install(&tree, busybox_bin, applets)?;
     for (path, content) in BUSYBOX_FILES {
         let path = tree.join(path);
         if let Some(parent) = path.parent() {
@@ -112,7 +115,10 @@ not json
     #[test]
     fn the_busybox_rootfs_has_a_shell_and_users() {
         let cache = tempfile::tempdir().expect("temp dir");
-        let dir = prepare_rootfs(cache.path()).expect("busybox-static is installed");
+        let fake = cache.path().join("fake-busybox");
+        fs::write(&fake, "not really busybox").expect("write fake busybox");
+        let applets = ["sh".to_owned(), "ls".to_owned()];
+        let dir = prepare_rootfs(cache.path(), &fake, &applets).expect("rootfs");
         let tree = dir.join("busybox");
         assert!(tree.join("bin/busybox").is_file());
         assert_eq!(
@@ -123,6 +129,11 @@ not json
         assert!(passwd.starts_with("root:x:0:0:"));
         let tmp = fs::metadata(tree.join("tmp")).expect("tmp");
         assert_eq!(tmp.permissions().mode() & 0o7777, 0o1777);
-        assert_eq!(prepare_rootfs(cache.path()).expect("cached"), dir);
+        assert!(tree.join("bin/ls").is_symlink());
+        assert!(!tree.join("bin/mount").exists());
+        assert_eq!(
+            prepare_rootfs(cache.path(), &fake, &applets).expect("cached"),
+            dir
+        );
     }
 }

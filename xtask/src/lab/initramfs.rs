@@ -49,7 +49,8 @@ pub fn base(cache: &Path, kernel: &L1Kernel) -> Result<PathBuf> {
 }
 
 fn populate(root: &Path, kernel: &L1Kernel) -> Result<()> {
-    busybox::install(root)?;
+    let host_busybox = Path::new(busybox::HOST_BUSYBOX);
+    busybox::install(root, host_busybox, &busybox::applets(host_busybox)?)?;
     for dir in DIRS {
         fs::create_dir_all(root.join(dir))?;
     }
