@@ -28,7 +28,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub kernel_source: Option<PathBuf>,
     /// A Kconfig fragment merged on top of kernel-config/katalite.config (for example
-    /// `CONFIG_PVM_GUEST=y`); the output defaults to target/guest/custom/.
+    /// `CONFIG_PVM_GUEST=y`; setting an option to n also waives it for trees that lack it);
+    /// the output defaults to target/guest/custom/.
     #[arg(long, value_name = "FILE")]
     pub config_fragment: Option<PathBuf>,
     /// Output directory for `vmlinux` and `katalite-init` (default: target/guest/).

@@ -241,6 +241,83 @@ mod tests {
         );
     }
 
+    fn pin_for(tarball: &Path, sha256: &str) -> Pin {
+        Pin {
+            package: "linux-source-test".into(),
+            debian_version: "1.0-1".into(),
+            upstream_version: "6.12.7".into(),
+            tarball: tarball.to_path_buf(),
+            sha256: sha256.into(),
+        }
+    }
+
+    #[test]
+    fn mismatch_explains_how_to_update_the_pin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tarball = dir.path().join("linux.tar.xz");
+        fs::write(&tarball, b"not the pinned tarball").expect("write");
+        let pin = pin_for(&tarball, &"0".repeat(64));
+        let message = pin
+            .verify(&dir.path().join("memo"))
+            .expect_err("hash differs")
+            .to_string();
+        assert!(
+            message.contains("package linux-source-test changed"),
+            "{message}"
+        );
+        assert!(
+            message.contains(&sha256_hex(b"not the pinned tarball")),
+            "{message}"
+        );
+        assert!(message.contains("kernel-config/source.toml"), "{message}");
+        let good = pin_for(&tarball, &sha256_hex(b"not the pinned tarball"));
+        assert!(good.verify(&dir.path().join("memo")).is_ok());
+    }
+
+    #[test]
+    fn unpacks_once_and_checks_the_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let staging = dir.path().join("staging/linux-source-test");
+        fs::create_dir_all(&staging).expect("mkdir");
+        let makefile = "VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 7\nEXTRAVERSION =\n";
+        fs::write(staging.join("Makefile"), makefile).expect("write");
+        let tarball = dir.path().join("linux.tar.xz");
+        let packed = Command::new("tar")
+            .arg("-cJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(dir.path().join("staging"))
+            .arg("linux-source-test")
+            .status()
+            .expect("run tar");
+        assert!(packed.success());
+        let (build, objects) = (dir.path().join("build"), dir.path().join("build/obj"));
+        fs::create_dir_all(&objects).expect("mkdir");
+        let sha = sha256_hex(&fs::read(&tarball).expect("read"));
+        let pin = pin_for(&tarball, &sha);
+
+        let tree = pin.unpack(&sha, &build, &objects).expect("unpack");
+        assert_eq!(tree_version(&tree).expect("version"), "6.12.7");
+        assert!(!objects.exists(), "objects of another tree must go");
+        // Unchanged tarball: the tree is reused, so a file added to it survives.
+        fs::write(tree.join("built-here"), b"").expect("write");
+        pin.unpack(&sha, &build, &objects).expect("second unpack");
+        assert!(tree.join("built-here").exists());
+        // A different tarball hash unpacks afresh.
+        pin.unpack(&"f".repeat(64), &build, &objects)
+            .expect("new tarball");
+        assert!(!tree.join("built-here").exists());
+
+        let wrong = Pin {
+            upstream_version: "6.12.8".into(),
+            ..pin
+        };
+        let error = wrong
+            .unpack("other", &build, &objects)
+            .expect_err("version");
+        assert!(error.to_string().contains("pins 6.12.8"), "{error}");
+    }
+
     #[test]
     fn file_hash_is_memoised_by_identity() {
         let dir = tempfile::tempdir().expect("tempdir");
