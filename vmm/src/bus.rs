@@ -49,7 +49,10 @@ impl Bus {
     /// Puts `device` at `[base, base + len)`.
     pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
         let overlap = || BusError::Overlap { base, len };
-        let end = base.checked_add(len).filter(|_| len > 0).ok_or_else(overlap)?;
+        let end = base
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or_else(overlap)?;
         if let Some((prev_base, prev)) = self.ranges.range(..end).next_back() {
             if prev_base + prev.len > base {
                 return Err(overlap());
@@ -90,7 +93,9 @@ impl Bus {
 // A device whose lock was poisoned panicked mid-access; its state is still the best we
 // have, and the VM is being torn down anyway by the panicking thread's exit.
 fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -101,7 +106,7 @@ mod tests {
 
     impl BusDevice for Recorder {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(offset as u8);
+            data.fill(u8::try_from(offset).expect("small test offsets"));
         }
         fn write(&mut self, offset: u64, data: &[u8]) {
             self.0.push((offset, data.to_vec()));
