@@ -43,6 +43,11 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
 /// Number of virtio-mmio device slots (IRQs 5..=23 on the IOAPIC).
 pub const VIRTIO_MAX_DEVICES: u32 = 19;
+/// KVM's three-page TSS for real-mode emulation on Intel (KVM_SET_TSS_ADDR); in the gap.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// KVM's one-page identity map for real-mode emulation on Intel (KVM_SET_IDENTITY_MAP_ADDR),
+/// right below the TSS pages.
+pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 /// IOAPIC register window.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC register window.

@@ -4,10 +4,25 @@
 
 pub mod bus;
 pub mod devices;
+pub mod host;
 pub mod layout;
+mod vcpu;
 pub mod virtio;
+mod vm;
+mod x86;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use host::{check_kvm, HostError, KvmKind};
+pub use vcpu::VcpuError;
+pub use vm::{
+    run, run_raw, RawGuest, VmConfig, VmError, VmExit, BASE_CMDLINE, MAX_MEMORY_MIB, MAX_VCPUS,
+    MIN_MEMORY_MIB,
+};
+// The causes a VmError can carry, so callers can name and match them.
+pub use x86::{
+    boot::BootError, cpuid::CpuidError, memory::MemoryError, mptable::MptableError, msr::MsrError,
+    regs::RegsError,
+};
 
 /// Guest memory as every module of this crate sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
