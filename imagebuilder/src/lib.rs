@@ -3,6 +3,9 @@
 
 pub mod cpio;
 pub mod image;
+pub mod layers;
+pub mod limits;
+pub mod pack;
 pub mod rootfs_dir;
 
 pub use cpio::{CpioError, CpioWriter, Entry, EntryKind};
