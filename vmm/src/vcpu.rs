@@ -62,8 +62,9 @@ pub enum VcpuError {
     /// KVM_EXIT_HLT: only happens without an in-kernel LAPIC, which this VMM always has.
     #[error("vcpu halted outside the in-kernel irqchip")]
     Halted,
-    /// KVM_EXIT_INTERNAL_ERROR (e.g. suberror 1: instruction emulation failed).
-    #[error("guest internal error (kvm suberror {suberror})")]
+    /// KVM_EXIT_INTERNAL_ERROR (e.g. suberror 1: instruction emulation failed, which is
+    /// how a stock kernel dies on a PVM host).
+    #[error("guest internal error (kvm suberror {suberror}: {})", suberror_name(*suberror))]
     Internal {
         /// `kvm_run.internal.suberror`.
         suberror: u32,
@@ -83,6 +84,17 @@ pub enum VcpuError {
     /// The vCPU thread panicked.
     #[error("vcpu thread panicked")]
     Panicked,
+}
+
+/// What the KVM_INTERNAL_ERROR_* suberrors of include/uapi/linux/kvm.h mean.
+fn suberror_name(suberror: u32) -> &'static str {
+    match suberror {
+        1 => "instruction emulation failed",
+        2 => "exception while delivering an exception",
+        3 => "cannot deliver an event",
+        4 => "unexpected exit reason",
+        _ => "unknown",
+    }
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -310,4 +322,21 @@ fn internal_suberror(fd: &mut VcpuFd) -> u32 {
     // SAFETY: called right after KVM_EXIT_INTERNAL_ERROR, for which the kernel fills the
     // `internal` member of the exit union.
     unsafe { run.__bindgen_anon_1.internal.suberror }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_name_the_suberror() {
+        let err = VcpuError::Internal { suberror: 1 };
+        assert_eq!(
+            err.to_string(),
+            "guest internal error (kvm suberror 1: instruction emulation failed)"
+        );
+        assert!(VcpuError::Internal { suberror: 99 }
+            .to_string()
+            .ends_with("99: unknown)"));
+    }
 }
