@@ -14,6 +14,7 @@
 //! absolute, so it points out of `/host`; name the loader by its real path).
 
 mod busybox;
+mod bzimage;
 mod cache;
 mod console;
 mod e2e;
@@ -199,7 +200,7 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
     let outcome = qemu::run(
         &machine,
         &qemu::Boot {
-            kernel: &kernel.vmlinuz,
+            kernel: &kernel.image,
             initrd: initrd.path(),
             repo: &paths.repo,
             token: &token,

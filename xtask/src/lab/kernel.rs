@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::packages;
+use super::{bzimage, packages};
 
 /// The modules L1 needs, named by what they provide; their dependencies come from `modinfo`.
 /// PCI virtio transport, the network card, the 9p shares (`/src`, `/host`) and KVM on AMD.
@@ -21,8 +21,9 @@ pub const L1_ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_net", "9pnet_virtio
 pub struct L1Kernel {
     /// Kernel release, e.g. `6.1.0-56-amd64`.
     pub release: String,
-    /// The bootable `boot/vmlinuz-RELEASE`.
-    pub vmlinuz: PathBuf,
+    /// What QEMU boots: the unpacked `vmlinux` through its PVH entry when the kernel has
+    /// one (seconds faster under TCG), else the bzImage `boot/vmlinuz-RELEASE`.
+    pub image: PathBuf,
     /// `lib/modules/RELEASE` inside the unpacked package.
     pub modules: PathBuf,
 }
@@ -34,7 +35,32 @@ pub fn prepare(cache: &Path) -> Result<L1Kernel> {
     if !root.join(".complete").exists() {
         unpack(&package, &root).with_context(|| format!("cannot unpack {package}"))?;
     }
-    find_kernel(&root)
+    let mut kernel = find_kernel(&root)?;
+    match pvh_image(&root, &kernel) {
+        Ok(Some(vmlinux)) => kernel.image = vmlinux,
+        Ok(None) => {}
+        Err(err) => eprintln!("lab: booting the compressed kernel: {err:#}"),
+    }
+    Ok(kernel)
+}
+
+/// The kernel's ELF `vmlinux`, unpacked once, if its config has a PVH entry.
+fn pvh_image(root: &Path, kernel: &L1Kernel) -> Result<Option<PathBuf>> {
+    let config = root.join("boot").join(format!("config-{}", kernel.release));
+    let config =
+        fs::read_to_string(&config).with_context(|| format!("cannot read {}", config.display()))?;
+    if !config.lines().any(|line| line == "CONFIG_PVH=y") {
+        return Ok(None);
+    }
+    let vmlinux = root
+        .join("boot")
+        .join(format!("vmlinux-{}", kernel.release));
+    if !vmlinux.exists() {
+        let partial = vmlinux.with_extension("partial");
+        bzimage::extract(&kernel.image, &partial)?;
+        fs::rename(&partial, &vmlinux)?;
+    }
+    Ok(Some(vmlinux))
 }
 
 /// Asks apt which versioned image `linux-image-amd64` currently depends on, so the ABI
@@ -133,7 +159,7 @@ fn find_kernel(root: &Path) -> Result<L1Kernel> {
     }
     Ok(L1Kernel {
         release,
-        vmlinuz,
+        image: vmlinuz,
         modules,
     })
 }

@@ -54,7 +54,7 @@ fn env_number(name: &str, default: u32) -> Result<u32> {
 
 /// What to boot.
 pub struct Boot<'a> {
-    /// L1 kernel (`vmlinuz`).
+    /// L1 kernel (bzImage, or ELF with a PVH note).
     pub kernel: &'a Path,
     /// L1 initramfs (base plus the run's archive).
     pub initrd: &'a Path,
@@ -105,7 +105,7 @@ pub fn arguments(machine: &Machine, boot: &Boot) -> Vec<OsString> {
         "-netdev",
         "user,id=n0",
         "-device",
-        "virtio-net-pci,netdev=n0",
+        "virtio-net-pci,netdev=n0,romfile=",
     ]
     .iter()
     .map(OsString::from)
@@ -198,7 +198,12 @@ pub fn run(machine: &Machine, boot: &Boot) -> Result<Outcome> {
         },
     );
     let boot_log = console.boot_log().join("\n");
-    let stderr = String::from_utf8_lossy(&errors.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&errors.join().unwrap_or_default())
+        .lines()
+        // `-cpu EPYC` names features TCG lacks; QEMU warns per vCPU, harmlessly.
+        .filter(|line| !line.contains("TCG doesn't support requested feature"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let diagnostics = format!("L1 console before the command:\n{boot_log}\nqemu stderr:\n{stderr}");
     Ok(match ending {
         Ok(Ending::Exited(status)) => Outcome::Exited {
