@@ -1,3 +1,36 @@
-//! The `katalite` command line.
+//! The `katalite` command line: parses arguments, calls the libraries, reports errors.
+//! Exit codes follow `docker run`: the workload's own, or 125 when katalite fails.
 
-fn main() {}
+mod cli;
+mod embedded;
+mod run;
+
+use clap::Parser;
+
+/// What `docker run` returns when the runtime itself fails.
+const EXIT_KATALITE_FAILED: u8 = 125;
+
+fn main() -> std::process::ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() {
+                EXIT_KATALITE_FAILED
+            } else {
+                0
+            };
+            let _ = err.print();
+            return std::process::ExitCode::from(code);
+        }
+    };
+    let result = match &cli.command {
+        cli::Command::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code),
+        Err(err) => {
+            eprintln!("katalite: {err:#}");
+            std::process::ExitCode::from(EXIT_KATALITE_FAILED)
+        }
+    }
+}
