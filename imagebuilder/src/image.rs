@@ -16,6 +16,17 @@ pub enum ImageError {
     /// A layer's media type is not one we can unpack.
     #[error("unsupported layer media type {0:?}")]
     LayerMediaType(String),
+    /// A `--platform` value is not `os/arch[/variant]`.
+    #[error("invalid platform {0:?}: expected os/arch[/variant]")]
+    Platform(String),
+    /// The image was built for another platform than the one wanted.
+    #[error("image is for {image}, not {wanted}")]
+    PlatformMismatch {
+        /// The image's platform.
+        image: String,
+        /// The wanted platform.
+        wanted: String,
+    },
     /// The config lists a different number of layers than the manifest.
     #[error("image config lists {config} layers but the manifest has {manifest}")]
     LayerCount {
@@ -115,6 +126,72 @@ pub struct Platform {
     pub variant: String,
 }
 
+impl Platform {
+    /// The platform katalite runs on (guests run the host's architecture).
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        };
+        Self {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: String::new(),
+        }
+    }
+
+    /// Parses Docker's `--platform` syntax, `os/arch[/variant]`.
+    pub fn parse(s: &str) -> Result<Self, ImageError> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let valid =
+            |p: &&str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        match parts.as_slice() {
+            [os, arch] | [os, arch, _] if parts.iter().all(valid) => Ok(Self {
+                os: os.to_ascii_lowercase(),
+                architecture: normalize_arch(&arch.to_ascii_lowercase()).into(),
+                variant: parts
+                    .get(2)
+                    .map_or(String::new(), |v| v.to_ascii_lowercase()),
+            }),
+            _ => Err(ImageError::Platform(s.to_string())),
+        }
+    }
+
+    /// Whether an image built for `candidate` runs here. An empty wanted variant accepts any;
+    /// arm64's variant defaults to `v8` as in containerd's platform matcher.
+    pub fn matches(&self, candidate: &Platform) -> bool {
+        let variant = |p: &Platform| match (p.architecture.as_str(), p.variant.as_str()) {
+            ("arm64", "") => "v8".to_string(),
+            (_, v) => v.to_string(),
+        };
+        self.os == candidate.os
+            && self.architecture == normalize_arch(&candidate.architecture)
+            && (self.variant.is_empty() || variant(self) == variant(candidate))
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if !self.variant.is_empty() {
+            write!(f, "/{}", self.variant)?;
+        }
+        Ok(())
+    }
+}
+
+/// Go's architecture names, which images use, for the names `uname` gives.
+fn normalize_arch(arch: &str) -> &str {
+    match arch {
+        "x86_64" | "x86-64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
 /// An image resolved to local, verified files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PulledImage {
@@ -197,6 +274,21 @@ impl ParsedConfig {
             },
             diff_ids: raw.rootfs.unwrap_or_default().diff_ids,
         })
+    }
+
+    /// Checks the image runs on `wanted` (configs that state no platform pass).
+    pub fn check_platform(&self, wanted: &Platform) -> Result<(), ImageError> {
+        if self.platform.os.is_empty()
+            || self.platform.architecture.is_empty()
+            || wanted.matches(&self.platform)
+        {
+            Ok(())
+        } else {
+            Err(ImageError::PlatformMismatch {
+                image: self.platform.to_string(),
+                wanted: wanted.to_string(),
+            })
+        }
     }
 
     /// Checks that the config describes as many layers as the manifest lists (a mismatch
@@ -291,6 +383,13 @@ mod tests {
         );
         assert_eq!(parsed.platform.architecture, "amd64");
         assert!(parsed.check_layer_count(2).is_ok());
+        assert!(parsed
+            .check_platform(&Platform::parse("linux/amd64").expect("p"))
+            .is_ok());
+        assert!(matches!(
+            parsed.check_platform(&Platform::parse("linux/arm64").expect("p")),
+            Err(ImageError::PlatformMismatch { .. })
+        ));
         assert!(matches!(
             parsed.check_layer_count(3),
             Err(ImageError::LayerCount {
@@ -298,6 +397,44 @@ mod tests {
                 manifest: 3
             })
         ));
+    }
+
+    #[test]
+    fn platforms_parse_and_match() {
+        let amd64 = Platform::parse("linux/amd64").expect("valid");
+        assert_eq!(amd64.to_string(), "linux/amd64");
+        assert_eq!(Platform::parse("linux/x86_64").expect("valid"), amd64);
+        let arm = Platform::parse("linux/arm64/v8").expect("valid");
+        assert_eq!(arm.variant, "v8");
+        for bad in [
+            "",
+            "linux",
+            "linux/",
+            "/amd64",
+            "linux/amd64/v8/x",
+            "linux/am d64",
+        ] {
+            assert!(Platform::parse(bad).is_err(), "{bad:?}");
+        }
+        let image = |os: &str, arch: &str, variant: &str| Platform {
+            os: os.into(),
+            architecture: arch.into(),
+            variant: variant.into(),
+        };
+        assert!(amd64.matches(&image("linux", "amd64", "")));
+        assert!(!amd64.matches(&image("linux", "arm64", "")));
+        assert!(!amd64.matches(&image("windows", "amd64", "")));
+        assert!(
+            arm.matches(&image("linux", "arm64", "")),
+            "arm64 defaults to v8"
+        );
+        assert!(!Platform::parse("linux/arm/v7")
+            .expect("valid")
+            .matches(&image("linux", "arm", "v6")));
+        assert!(Platform::parse("linux/arm")
+            .expect("valid")
+            .matches(&image("linux", "arm", "v6")));
+        assert_eq!(Platform::host().os, "linux");
     }
 
     #[test]

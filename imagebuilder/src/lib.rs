@@ -7,6 +7,13 @@ pub mod layers;
 pub mod limits;
 pub mod pack;
 pub mod rootfs_dir;
+pub mod config;
+pub mod digest;
+pub mod reference;
+pub mod manifest;
+pub mod progress;
+pub mod registry;
+pub mod store;
 
 pub use cpio::{CpioError, CpioWriter, Entry, EntryKind};
 pub use rootfs_dir::{pack_dir, PackError};

@@ -1,0 +1,321 @@
+//! Pulling from registries (OCI distribution spec): each configured mirror in order, then
+//! the origin; manifest and platform selection; config and layers downloaded into the
+//! verified cache through oci-client.
+
+mod auth;
+mod blob;
+mod http;
+mod session;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::config::{ConfigError, Endpoint, RegistryConfig};
+use crate::digest::Digest;
+use crate::image::{ImageError, ParsedConfig, Platform};
+use crate::manifest::{self, ImageManifest, Manifest, ManifestError, MAX_CONFIG_SIZE};
+use crate::progress::Progress;
+use crate::reference::Reference;
+use crate::store::{Store, StoreError};
+use session::Session;
+
+/// Layers downloaded at once from one registry.
+const PARALLEL_LAYERS: usize = 3;
+
+/// Errors while pulling from a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry configuration is unusable.
+    #[error("registry configuration")]
+    Config(#[from] ConfigError),
+    /// The HTTP client could not be built.
+    #[error("set up http client")]
+    Client(#[source] reqwest::Error),
+    /// oci-client could not be built.
+    #[error("set up registry client")]
+    Oci(#[source] oci_client::errors::OciDistributionError),
+    /// A CA file could not be read.
+    #[error("read CA certificate {path}")]
+    CertificateFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CA file holds no usable certificate.
+    #[error("invalid CA certificate {path}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<reqwest::Error>,
+    },
+    /// A CA file holds no PEM certificate at all.
+    #[error("no PEM certificate in {0}")]
+    NoCertificate(PathBuf),
+    /// Docker's credential store failed.
+    #[error("read docker credentials")]
+    Credentials(#[source] docker_credential::CredentialRetrievalError),
+    /// A request failed at the HTTP level (connection, TLS, redirects).
+    #[error("request to {url} failed")]
+    Http {
+        /// The URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// An unexpected status.
+    #[error("{url} answered HTTP {status}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// The status code.
+        status: u16,
+    },
+    /// The registry asked us to come back later than we are willing to wait.
+    #[error("{url} asked to retry after {secs} s")]
+    RetryAfter {
+        /// The URL.
+        url: String,
+        /// Its `Retry-After`.
+        secs: u64,
+    },
+    /// Authentication was refused.
+    #[error("not authorized for {url} (check credentials in docker's config.json)")]
+    Unauthorized {
+        /// The URL.
+        url: String,
+    },
+    /// A token service we withheld credentials from refused us.
+    #[error("token service {url} answered HTTP {status}; credentials were withheld because it is not on the registry's host or not https (trust it with auth_hosts in registries.toml)")]
+    TokenWithheld {
+        /// The realm.
+        url: String,
+        /// Its answer.
+        status: u16,
+    },
+    /// The manifest does not exist.
+    #[error("manifest not found at {url}")]
+    NotFound {
+        /// The URL.
+        url: String,
+    },
+    /// A `WWW-Authenticate` header we cannot follow.
+    #[error("malformed WWW-Authenticate challenge {0:?}")]
+    Challenge(String),
+    /// The token service answered something that is not a token.
+    #[error("malformed token response from {url}")]
+    TokenResponse {
+        /// The realm.
+        url: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The token response holds no usable token.
+    #[error("no token in the response from {url}")]
+    EmptyToken {
+        /// The realm.
+        url: String,
+    },
+    /// A transfer made too little progress.
+    #[error("transfer from {url} stalled")]
+    Stalled {
+        /// The URL.
+        url: String,
+    },
+    /// A response body is larger than we accept.
+    #[error("response from {url} exceeds {max} bytes")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The cap.
+        max: u64,
+    },
+    /// Content does not match the digest that names it.
+    #[error("content from {url} has digest {actual}, expected {expected}")]
+    DigestMismatch {
+        /// The URL.
+        url: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// What arrived.
+        actual: Digest,
+    },
+    /// The manifest is unusable.
+    #[error("manifest")]
+    Manifest(#[from] ManifestError),
+    /// The image config is unusable.
+    #[error("image config")]
+    Image(#[from] ImageError),
+    /// oci-client failed to fetch a blob.
+    #[error("fetch {url}")]
+    Blob {
+        /// The blob URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// A blob transfer broke off.
+    #[error("transfer from {url} broke off")]
+    Transfer {
+        /// The blob URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blob body ended early on every attempt.
+    #[error("{url} ended after {got} of {size} bytes")]
+    Truncated {
+        /// The blob URL.
+        url: String,
+        /// Bytes received.
+        got: u64,
+        /// Bytes promised by the descriptor.
+        size: u64,
+    },
+    /// A blob body is longer than its descriptor says.
+    #[error("blob {digest} is longer than its {size} bytes")]
+    Overlong {
+        /// The blob.
+        digest: Digest,
+        /// The size in the descriptor.
+        size: u64,
+    },
+    /// A descriptor announces a config larger than we read.
+    #[error("image config {digest} is {size} bytes, more than {MAX_CONFIG_SIZE}")]
+    ConfigTooLarge {
+        /// The config blob.
+        digest: Digest,
+        /// Its announced size.
+        size: u64,
+    },
+    /// The cache failed.
+    #[error("cache")]
+    Store(#[from] StoreError),
+    /// Every mirror and the origin failed.
+    #[error("pull failed at every endpoint: {}", Failures(.0))]
+    Endpoints(Vec<(String, RegistryError)>),
+}
+
+/// Formats the per-endpoint failures with their causes, one per endpoint.
+struct Failures<'a>(&'a [(String, RegistryError)]);
+
+impl fmt::Display for Failures<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (host, error)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{host}: {error}")?;
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                write!(f, ": {cause}")?;
+                source = cause.source();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a registry pull leaves behind: the image manifest (its config and layers are in the
+/// cache, verified).
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    /// The manifest as served.
+    pub manifest_bytes: Vec<u8>,
+    /// Its digest.
+    pub manifest_digest: Digest,
+    /// The parsed manifest.
+    pub manifest: ImageManifest,
+}
+
+/// Pulls `reference` for `platform` into `store`, trying mirrors first.
+pub async fn pull(
+    reference: &Reference,
+    store: &Store,
+    registries: &RegistryConfig,
+    platform: &Platform,
+    progress: &Progress,
+) -> Result<Fetched, RegistryError> {
+    let mut failures = Vec::new();
+    for endpoint in registries.endpoints(reference.registry())? {
+        match pull_from(&endpoint, reference, store, registries, platform, progress).await {
+            Ok(fetched) => return Ok(fetched),
+            Err(e) if failures.is_empty() && !endpoint.mirror => return Err(e),
+            Err(e) => {
+                progress.message(&format!("{}: {e}", endpoint.host));
+                failures.push((endpoint.host.clone(), e));
+            }
+        }
+    }
+    Err(RegistryError::Endpoints(failures))
+}
+
+async fn pull_from(
+    endpoint: &Endpoint,
+    reference: &Reference,
+    store: &Store,
+    registries: &RegistryConfig,
+    platform: &Platform,
+    progress: &Progress,
+) -> Result<Fetched, RegistryError> {
+    let session = Session::connect(endpoint, reference.repository(), registries).await?;
+    let top = session
+        .manifest(&reference.manifest_reference(), reference.digest())
+        .await?;
+    let (fetched, manifest) = match Manifest::parse(&top.bytes, top.content_type.as_deref())? {
+        Manifest::Image(manifest) => (top, manifest),
+        Manifest::Index(entries) => {
+            let entry = manifest::select_platform(&entries, platform)?;
+            let digest = &entry.descriptor.digest;
+            let child = session.manifest(&digest.to_string(), Some(digest)).await?;
+            let content_type = child
+                .content_type
+                .clone()
+                .unwrap_or_else(|| entry.descriptor.media_type.clone());
+            match Manifest::parse(&child.bytes, Some(&content_type))? {
+                Manifest::Image(manifest) => (child, manifest),
+                Manifest::Index(_) => return Err(ManifestError::NestedIndex.into()),
+            }
+        }
+    };
+
+    // The config first: a wrong platform or a layer count mismatch stops us before the
+    // (large) layers are downloaded.
+    let config = &manifest.config;
+    if config.size > MAX_CONFIG_SIZE {
+        return Err(RegistryError::ConfigTooLarge {
+            digest: config.digest.clone(),
+            size: config.size,
+        });
+    }
+    let hidden = indicatif::ProgressBar::hidden();
+    blob::fetch(&session, store, config, &hidden).await?;
+    let parsed = ParsedConfig::from_json(&store.read_blob(&config.digest, MAX_CONFIG_SIZE)?)?;
+    parsed.check_layer_count(manifest.layers.len())?;
+    parsed.check_platform(platform)?;
+
+    futures_util::stream::iter(manifest.layers.iter())
+        .map(|(layer, _)| {
+            let bar = progress.bytes(layer.digest.short(), Some(layer.size));
+            let session = &session;
+            async move { blob::fetch(session, store, layer, &bar).await }
+        })
+        .buffered(PARALLEL_LAYERS)
+        .try_collect::<Vec<_>>()
+        .await?;
+    store.put_bytes(Some(&fetched.digest), &fetched.bytes)?;
+    Ok(Fetched {
+        manifest_bytes: fetched.bytes,
+        manifest_digest: fetched.digest,
+        manifest,
+    })
+}
