@@ -18,7 +18,10 @@ pub fn init() -> Option<&'static [u8]> {
 }
 
 /// The embedded kernel's release, e.g. `6.12.117`, read from its banner at build time.
-#[allow(dead_code, reason = "for `katalite version` and boot logs; no caller yet")]
+#[allow(
+    dead_code,
+    reason = "for `katalite version` and boot logs; no caller yet"
+)]
 pub fn kernel_version() -> Option<&'static str> {
     option_env!("KATALITE_KERNEL_VERSION")
 }

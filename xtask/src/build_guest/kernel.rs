@@ -38,6 +38,13 @@ pub struct Report {
 
 /// Configures, builds and strips the kernel.
 pub fn build(job: &Job) -> Result<Report> {
+    // Kbuild refuses `O=` builds from a tree that was configured in place.
+    ensure!(
+        !job.tree.join(".config").exists(),
+        "{} was configured in place; run `make mrproper` there first (objects go to {})",
+        job.tree.display(),
+        job.objects.display()
+    );
     fs::create_dir_all(job.objects)
         .with_context(|| format!("cannot create {}", job.objects.display()))?;
     let objects = job
@@ -123,13 +130,7 @@ fn make(tree: &Path, objects: &Path, args: &[&str]) -> Result<()> {
             .arg("ARCH=x86_64")
             .args(args),
     )
-    .with_context(|| {
-        format!(
-            "kernel build step `make {}` failed (a tree that was built in place needs \
-             `make mrproper` first)",
-            args.join(" ")
-        )
-    })
+    .with_context(|| format!("kernel build step `make {}` failed", args.join(" ")))
 }
 
 fn read_config(path: &Path) -> Result<Config> {
