@@ -13,6 +13,7 @@ pub mod reference;
 pub mod manifest;
 pub mod progress;
 pub mod registry;
+pub mod source;
 pub mod store;
 
 pub use cpio::{CpioError, CpioWriter, Entry, EntryKind};

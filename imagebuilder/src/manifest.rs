@@ -85,6 +85,17 @@ pub struct ImageManifest {
     pub layers: Vec<(Descriptor, LayerCompression)>,
 }
 
+/// An image manifest whose config and layers are in the cache, verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredManifest {
+    /// The manifest bytes as served (or, for `docker save` archives, as synthesized).
+    pub bytes: Vec<u8>,
+    /// Their digest, which identifies the image.
+    pub digest: Digest,
+    /// The parsed manifest.
+    pub manifest: ImageManifest,
+}
+
 /// One entry of an index.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexEntry {

@@ -15,7 +15,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use crate::config::{ConfigError, Endpoint, RegistryConfig};
 use crate::digest::Digest;
 use crate::image::{ImageError, ParsedConfig, Platform};
-use crate::manifest::{self, ImageManifest, Manifest, ManifestError, MAX_CONFIG_SIZE};
+use crate::manifest::{self, Manifest, ManifestError, StoredManifest, MAX_CONFIG_SIZE};
 use crate::progress::Progress;
 use crate::reference::Reference;
 use crate::store::{Store, StoreError};
@@ -225,18 +225,6 @@ impl fmt::Display for Failures<'_> {
     }
 }
 
-/// What a registry pull leaves behind: the image manifest (its config and layers are in the
-/// cache, verified).
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    /// The manifest as served.
-    pub manifest_bytes: Vec<u8>,
-    /// Its digest.
-    pub manifest_digest: Digest,
-    /// The parsed manifest.
-    pub manifest: ImageManifest,
-}
-
 /// Pulls `reference` for `platform` into `store`, trying mirrors first.
 pub async fn pull(
     reference: &Reference,
@@ -244,7 +232,7 @@ pub async fn pull(
     registries: &RegistryConfig,
     platform: &Platform,
     progress: &Progress,
-) -> Result<Fetched, RegistryError> {
+) -> Result<StoredManifest, RegistryError> {
     let mut failures = Vec::new();
     for endpoint in registries.endpoints(reference.registry())? {
         match pull_from(&endpoint, reference, store, registries, platform, progress).await {
@@ -266,7 +254,7 @@ async fn pull_from(
     registries: &RegistryConfig,
     platform: &Platform,
     progress: &Progress,
-) -> Result<Fetched, RegistryError> {
+) -> Result<StoredManifest, RegistryError> {
     let session = Session::connect(endpoint, reference.repository(), registries).await?;
     let top = session
         .manifest(&reference.manifest_reference(), reference.digest())
@@ -313,9 +301,9 @@ async fn pull_from(
         .try_collect::<Vec<_>>()
         .await?;
     store.put_bytes(Some(&fetched.digest), &fetched.bytes)?;
-    Ok(Fetched {
-        manifest_bytes: fetched.bytes,
-        manifest_digest: fetched.digest,
+    Ok(StoredManifest {
+        bytes: fetched.bytes,
+        digest: fetched.digest,
         manifest,
     })
 }
