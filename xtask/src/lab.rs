@@ -11,7 +11,9 @@
 //! `/host/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path
 //! /host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu
 //! /host/usr/bin/qemu-system-x86_64 -L /host/usr/share/qemu ...` (`/lib64`'s loader link is
-//! absolute, so it points out of `/host`; name the loader by its real path).
+//! absolute, so it points out of `/host`; name the loader by its real path). Give such a
+//! peer's guest `reboot=t`: without an i8042, the kernel's keyboard-controller reboot
+//! polls port 0x64 for about two minutes when every port read is a nested exit.
 
 mod busybox;
 mod bzimage;
