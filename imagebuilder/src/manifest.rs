@@ -79,6 +79,8 @@ pub struct Descriptor {
 /// An image manifest: config plus layers, lowest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageManifest {
+    /// Its media type (from the body, or the header / descriptor when the body has none).
+    pub media_type: String,
     /// The config blob.
     pub config: Descriptor,
     /// The layers with their compression.
@@ -133,7 +135,7 @@ impl Manifest {
         match media_type {
             OCI_MANIFEST | DOCKER_MANIFEST => {
                 let manifest: OciImageManifest = serde_json::from_slice(bytes)?;
-                Ok(Self::Image(image_manifest(manifest)?))
+                Ok(Self::Image(image_manifest(manifest, media_type)?))
             }
             OCI_INDEX | DOCKER_LIST => {
                 let index: OciImageIndex = serde_json::from_slice(bytes)?;
@@ -160,7 +162,7 @@ fn descriptor_parts(
     })
 }
 
-fn image_manifest(m: OciImageManifest) -> Result<ImageManifest, ManifestError> {
+fn image_manifest(m: OciImageManifest, media_type: &str) -> Result<ImageManifest, ManifestError> {
     let config = descriptor(&m.config)?;
     if config.media_type != OCI_CONFIG && config.media_type != DOCKER_CONFIG {
         return Err(ManifestError::ConfigMediaType(config.media_type));
@@ -173,7 +175,11 @@ fn image_manifest(m: OciImageManifest) -> Result<ImageManifest, ManifestError> {
             Ok((descriptor(l)?, compression))
         })
         .collect::<Result<_, ManifestError>>()?;
-    Ok(ImageManifest { config, layers })
+    Ok(ImageManifest {
+        media_type: media_type.to_string(),
+        config,
+        layers,
+    })
 }
 
 fn index_entries(index: OciImageIndex) -> Result<Vec<IndexEntry>, ManifestError> {

@@ -84,6 +84,29 @@ fn pulls_an_oci_image_by_tag_and_reuses_the_cache() {
 }
 
 #[test]
+fn manifest_without_media_type_field_is_reused_from_the_cache() {
+    let registry = FakeRegistry::start();
+    let image = images::simple(false);
+    let text = String::from_utf8(image.manifest.bytes.clone()).expect("utf8");
+    let stripped = text.replace(&format!("\"mediaType\":\"{}\",", images::OCI_MANIFEST), "");
+    assert_ne!(stripped, text, "mediaType removed");
+    let manifest = images::Blob::new(images::OCI_MANIFEST, stripped.into_bytes());
+    registry.add_manifest("app", "latest", &manifest);
+    for blob in image.blobs() {
+        registry.add_blob(blob);
+    }
+    let (_dir, store) = support::store();
+    let source = format!("{}/app", registry.host());
+    let mut opts = support::options(insecure(&registry));
+    let pulled = support::pull(&source, &store, &opts).expect("Content-Type names the type");
+    opts.policy = PullPolicy::Never;
+    assert_eq!(
+        support::pull(&source, &store, &opts).expect("from the cache"),
+        pulled
+    );
+}
+
+#[test]
 fn a_damaged_cached_layer_is_fetched_again() {
     let registry = FakeRegistry::start();
     let image = images::simple(false);

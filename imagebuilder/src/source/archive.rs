@@ -374,7 +374,9 @@ fn scan(path: &Path, store: &Store, progress: &Progress) -> Result<Scan, Archive
             continue;
         }
         let expected = blob_name(&name);
-        if expected.is_none() && !(name == "layer.tar" || name.ends_with("/layer.tar")) {
+        // Layers may have any name (`<id>/layer.tar`, skopeo's `<hex>.tar`); only the
+        // per-layer bookkeeping of the legacy format is known not to be one.
+        if expected.is_none() && (name.ends_with("/VERSION") || name.ends_with("/json")) {
             continue;
         }
         let label = expected.as_ref().map_or("layer", Digest::short).to_string();

@@ -298,6 +298,7 @@ fn assemble(
         reference: reference.clone(),
         manifest_digest: stored.digest.to_string(),
         manifest_size: stored.bytes.len() as u64,
+        manifest_media_type: manifest.media_type.clone(),
         config_digest: manifest.config.digest.to_string(),
         config_size: manifest.config.size,
         layers: manifest
@@ -332,7 +333,8 @@ fn load(
 ) -> Result<PulledImage, PullError> {
     let digest = Digest::parse(&record.manifest_digest)?;
     let bytes = store.read_blob(&digest, MAX_MANIFEST_SIZE)?;
-    let Manifest::Image(manifest) = Manifest::parse(&bytes, None)? else {
+    let Manifest::Image(manifest) = Manifest::parse(&bytes, Some(&record.manifest_media_type))?
+    else {
         return Err(ManifestError::NestedIndex.into());
     };
     for (layer, _) in &manifest.layers {

@@ -33,6 +33,9 @@ pub struct ImageRecord {
     pub manifest_digest: String,
     /// Size of the manifest blob.
     pub manifest_size: u64,
+    /// Its media type (needed to parse it again: OCI manifests may omit `mediaType`).
+    #[serde(default)]
+    pub manifest_media_type: String,
     /// `sha256:<hex>` of the config blob.
     pub config_digest: String,
     /// Size of the config blob.
@@ -268,6 +271,7 @@ mod tests {
             reference: reference.into(),
             manifest_digest: manifest.to_string(),
             manifest_size: reference.len() as u64,
+            manifest_media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             config_digest: config.to_string(),
             config_size: 2,
             layers,

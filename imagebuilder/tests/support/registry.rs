@@ -46,6 +46,12 @@ pub enum Body {
         bytes: Vec<u8>,
         every: Duration,
     },
+    /// Sends the first `after` bytes, waits `pause`, sends the rest.
+    Pause {
+        bytes: Vec<u8>,
+        after: usize,
+        pause: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -304,9 +310,10 @@ fn write_response(
     response: Response,
 ) {
     let (declared, bytes) = match &response.body {
-        Body::Full(b) | Body::Reset { bytes: b, .. } | Body::Drip { bytes: b, .. } => {
-            (b.len(), b.clone())
-        }
+        Body::Full(b)
+        | Body::Reset { bytes: b, .. }
+        | Body::Drip { bytes: b, .. }
+        | Body::Pause { bytes: b, .. } => (b.len(), b.clone()),
         Body::Short { bytes, declared } => (*declared, bytes.clone()),
     };
     let mut head = format!(
@@ -336,6 +343,18 @@ fn write_response(
                 reset(&raw);
             }
             return;
+        }
+        Body::Pause { after, pause, .. } => {
+            let after = after.min(bytes.len());
+            if stream
+                .write_all(&bytes[..after])
+                .and_then(|()| stream.flush())
+                .is_err()
+            {
+                return;
+            }
+            std::thread::sleep(pause);
+            let _ = stream.write_all(&bytes[after..]);
         }
         Body::Drip { every, .. } => {
             for byte in bytes {
