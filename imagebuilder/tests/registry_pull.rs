@@ -285,6 +285,7 @@ fn a_broken_mirror_falls_through_to_the_next() {
             .expect("mirror");
     }
     let (_dir, store) = support::store();
+    let start = std::time::Instant::now();
     let pulled = support::pull(
         "registry.example.invalid/team/app:v2",
         &store,
@@ -292,6 +293,11 @@ fn a_broken_mirror_falls_through_to_the_next() {
     )
     .expect("third mirror");
     support::assert_layers_match(&pulled, &image);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(3),
+        "dead mirrors are skipped without waiting: {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]

@@ -88,7 +88,14 @@ impl Http {
                     }
                     asked.unwrap_or_else(|| backoff(attempt))
                 }
-                Ok(Err(e)) if e.is_redirect() || e.is_builder() || attempt >= self.attempts => {
+                // A refused connection or unknown host will not heal within a backoff: fail
+                // now, so the next mirror (or the origin) gets its turn quickly.
+                Ok(Err(e))
+                    if e.is_redirect()
+                        || e.is_builder()
+                        || e.is_connect()
+                        || attempt >= self.attempts =>
+                {
                     return Err(RegistryError::Http {
                         url: url.to_string(),
                         source: e,
