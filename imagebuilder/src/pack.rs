@@ -69,7 +69,7 @@ impl Compression {
     /// The level used when none is given.
     pub fn default_level(self) -> i32 {
         match self {
-            Compression::Zstd => 9,
+            Compression::Zstd => 3,
             Compression::Gzip => 6,
         }
     }

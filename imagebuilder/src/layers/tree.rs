@@ -181,10 +181,10 @@ impl Tree {
                 _ => Err(TreeError::RootNotDirectory),
             };
         };
-        let parent = self.ensure_dirs(parents, layer, budget)?;
         if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-            return self.whiteout(parent, hidden, layer);
+            return self.whiteout(parents, hidden, layer);
         }
+        let parent = self.ensure_dirs(parents, layer, budget)?;
         let mut meta = Meta::from_header(header)?;
         let body = match header.kind {
             Kind::Directory => {
@@ -250,22 +250,44 @@ impl Tree {
         Ok(dir)
     }
 
-    fn whiteout(&mut self, dir: NodeId, hidden: &str, layer: usize) -> Result<(), TreeError> {
-        if hidden == OPAQUE_SUFFIX {
-            self.prune_children(dir, layer);
-            return Ok(());
-        }
-        if hidden.starts_with(WHITEOUT_PREFIX) {
-            // Other aufs metadata (`.wh..wh.plnk`...) carries nothing for us.
-            return Ok(());
-        }
+    /// Applies `.wh.HIDDEN` in the directory `parents`. A whiteout only ever hides: when
+    /// its directory is missing or is not a directory (diff tools such as umoci write
+    /// whiteouts of a replaced directory's old children after the symlink that replaced
+    /// it), it does nothing, and nothing is created or followed.
+    fn whiteout(
+        &mut self,
+        parents: &[String],
+        hidden: &str,
+        layer: usize,
+    ) -> Result<(), TreeError> {
         if matches!(hidden, "" | "." | "..") {
             return Err(TreeError::WhiteoutOfDirectory);
         }
-        if let Some(id) = self.child(dir, hidden) {
+        if hidden != OPAQUE_SUFFIX && hidden.starts_with(WHITEOUT_PREFIX) {
+            // Other aufs metadata (`.wh..wh.plnk`...) carries nothing for us.
+            return Ok(());
+        }
+        let Some(dir) = self.find_dir(parents, layer) else {
+            return Ok(());
+        };
+        if hidden == OPAQUE_SUFFIX {
+            self.prune_children(dir, layer);
+        } else if let Some(id) = self.child(dir, hidden) {
             self.prune(id, layer);
         }
         Ok(())
+    }
+
+    /// The existing directory `names` below the root, marking the way as named by `layer`
+    /// (the whiteout lives in that layer's copy of each); `None` if missing or not a
+    /// directory.
+    fn find_dir(&mut self, names: &[String], layer: usize) -> Option<NodeId> {
+        let mut dir = ROOT;
+        for name in names {
+            dir = self.existing_dir(dir, name)?;
+            self.nodes[dir].layer = layer;
+        }
+        Some(dir)
     }
 
     /// Hides what lower layers put at `id`: removed entirely when no member of `layer`
@@ -748,13 +770,34 @@ mod tests {
             assert!(matches!(got, Err(TreeError::WhiteoutOfDirectory)), "{name}");
         }
         assert_eq!(
-            listed(&[&[dir("./"), dir("."), file("a/.wh..wh.plnk")]]),
+            listed(&[&[dir("./"), dir("."), dir("a"), file("a/.wh..wh.plnk")]]),
             ["a/"]
         );
         assert!(matches!(
             merge(&[&[file("./")]]),
             Err(TreeError::RootNotDirectory)
         ));
+    }
+
+    #[test]
+    fn whiteouts_never_create_or_go_through_non_directories() {
+        // umoci's diff of "directory replaced by a symlink": the symlink, then whiteouts
+        // of the old children below it. The symlink must survive.
+        let got = listed(&[
+            &[
+                dir("www"),
+                dir("www/html"),
+                file("www/html/index"),
+                dir("srv"),
+            ],
+            &[
+                link("www/html", Kind::Symlink, "/srv"),
+                file("www/html/.wh.index"),
+                file("www/html/.wh..wh..opq"),
+                file("missing/dir/.wh.x"),
+            ],
+        ]);
+        assert_eq!(got, ["srv/", "www/", "www/html->/srv"]);
     }
 
     #[test]
