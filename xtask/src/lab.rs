@@ -2,7 +2,7 @@
 //!
 //! The host's `/dev/kvm` is PVM, which boots only PVM guest kernels; QEMU TCG emulates AMD-V
 //! instead, so Debian's kernel booted there ("L1") loads `kvm-amd` and katalite runs on a
-//! genuine `/dev/kvm`. See /work/shared/docs/environment.md, "The lab".
+//! genuine `/dev/kvm`. See shared/docs/environment.md, "The lab".
 //!
 //! Inside L1: the repository is `/src` (read-only 9p, the working directory), the host's
 //! root is `/host` (read-only 9p), the musl release dir is on `PATH`, eth0 is 10.0.2.15/24
@@ -27,12 +27,16 @@ mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 
 /// Exit status for anything that is not the command's own status (like `docker run`).
 const LAB_FAILED: i32 = 125;
+
+/// Age after which a temporary file in the cache belongs to an interrupted run, not to a
+/// concurrent one (no run lasts this long: `LAB_TIMEOUT` defaults to 40 minutes).
+const ABANDONED_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// The Rust target of the static katalite that runs inside L1.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -184,6 +188,7 @@ fn checked(command: &mut Command) -> Result<()> {
 /// Boots the lab once, runs `command` in it and returns the status to exit with.
 fn boot(paths: &Paths, command: &str) -> Result<i32> {
     let began = Instant::now();
+    cache::remove_abandoned(&paths.cache, ABANDONED_AFTER);
     packages::ensure(packages::LAB_PACKAGES)?;
     let kernel = kernel::prepare(&paths.cache).context("cannot prepare the L1 kernel")?;
     let base = initramfs::base(&paths.cache, &kernel).context("cannot build the L1 initramfs")?;
