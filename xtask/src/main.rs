@@ -3,7 +3,9 @@
 mod build_guest;
 mod ci;
 mod dist;
+mod images;
 mod lab;
+mod registry;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +27,10 @@ enum Command {
     Ci(ci::Args),
     /// Build the guest and the static release katalite with it embedded.
     Dist(dist::Args),
+    /// Build the OCI test images (busybox, multi-layer nginx) from Debian packages, cached.
+    Images(images::Args),
+    /// Start or stop the local test registry (docker-registry) serving the test images.
+    Registry(registry::Args),
 }
 
 fn main() -> Result<()> {
@@ -33,5 +39,7 @@ fn main() -> Result<()> {
         Command::Lab(args) => lab::run(&args),
         Command::Ci(args) => ci::run(&args),
         Command::Dist(args) => dist::run(&args),
+        Command::Images(args) => images::run(&args),
+        Command::Registry(args) => registry::run(&args),
     }
 }
