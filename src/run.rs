@@ -35,6 +35,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         env: args.env.clone(),
         working_dir: args.workdir.clone(),
         hostname: args.hostname.clone(),
+        ..RunConfig::default()
     };
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
 

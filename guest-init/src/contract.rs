@@ -65,6 +65,21 @@ pub struct RunConfig {
     /// Hostname to set in the guest; empty keeps the kernel default.
     #[serde(default)]
     pub hostname: String,
+    /// Docker's `--user`: `name`, `uid`, `uid:gid`, `name:group`; resolved by init against
+    /// the image's /etc/passwd and /etc/group. Empty means root.
+    #[serde(default)]
+    pub user: String,
+    /// Give the workload a pseudo-terminal (`-t`): stdout and stderr arrive merged as
+    /// `Stdout` frames, resizes come as `Resize` frames.
+    #[serde(default)]
+    pub tty: bool,
+    /// Keep the workload's stdin open and fed by `Stdin` frames (`-i`); otherwise it reads
+    /// from /dev/null.
+    #[serde(default)]
+    pub open_stdin: bool,
+    /// Mount the root filesystem read-only (`--read-only`).
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[cfg(test)]
@@ -96,6 +111,10 @@ mod tests {
             env: vec!["PATH=/bin".into()],
             working_dir: "/tmp".into(),
             hostname: "box".into(),
+            user: "1000:1000".into(),
+            tty: true,
+            open_stdin: true,
+            read_only: false,
         };
         let json = serde_json::to_string(&config).expect("serialize");
         assert!(json.contains("\"Args\"") && json.contains("\"WorkingDir\""));

@@ -2,6 +2,7 @@
 //! program that reads it. The host writes one [`RunConfig`] into the initramfs; init reads
 //! it, runs the workload, and reports the exit status through the status port.
 
+pub mod channel;
 pub mod contract;
 
 pub use contract::{GuestStatus, RunConfig, CONFIG_PATH, INIT_PATH, STATUS_PORT};

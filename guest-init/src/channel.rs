@@ -1,0 +1,235 @@
+//! Framing of the one host<->init channel (the guest's `/dev/hvc0`, in raw mode). Every
+//! message is a frame: kind (1 byte), stream (u32 LE), payload length (u32 LE), payload.
+//! Stream 0 is the `run` workload; later streams are `exec` sessions.
+
+/// Largest payload a frame may carry; anything larger is a protocol violation (a broken or
+/// hostile peer), never buffered.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Bytes of a frame header.
+pub const HEADER_LEN: usize = 9;
+
+/// One message on the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Guest → host: bytes the workload wrote to its stdout (or its terminal, with a TTY).
+    Stdout(Vec<u8>),
+    /// Guest → host: bytes the workload wrote to its stderr.
+    Stderr(Vec<u8>),
+    /// Host → guest: bytes for the workload's stdin.
+    Stdin(Vec<u8>),
+    /// Host → guest: the host's stdin reached end of file.
+    StdinClosed,
+    /// Host → guest: deliver this signal number to the workload.
+    Signal(i32),
+    /// Host → guest: the terminal's size changed (rows, columns).
+    Resize {
+        /// Rows of the host terminal.
+        rows: u16,
+        /// Columns of the host terminal.
+        cols: u16,
+    },
+}
+
+const KIND_STDOUT: u8 = 1;
+const KIND_STDERR: u8 = 2;
+const KIND_STDIN: u8 = 3;
+const KIND_STDIN_CLOSED: u8 = 4;
+const KIND_SIGNAL: u8 = 5;
+const KIND_RESIZE: u8 = 6;
+
+/// A malformed frame: the peer is broken or hostile and the channel must be closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    /// The frame kind is unknown.
+    #[error("unknown channel frame kind {0}")]
+    UnknownKind(u8),
+    /// The payload length exceeds [`MAX_PAYLOAD`].
+    #[error("channel frame of {0} bytes exceeds the limit")]
+    TooLarge(u32),
+    /// The payload does not fit the kind (e.g. a signal frame of 3 bytes).
+    #[error("malformed channel frame of kind {0}")]
+    Malformed(u8),
+}
+
+/// A message with the stream it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// 0 for the run workload; exec sessions use their own ids.
+    pub stream: u32,
+    /// What the frame says.
+    pub message: Message,
+}
+
+/// Appends the encoding of `message` on `stream` to `out`. Data larger than
+/// [`MAX_PAYLOAD`] is split into several frames.
+pub fn encode(stream: u32, message: &Message, out: &mut Vec<u8>) {
+    let mut push = |kind: u8, payload: &[u8]| {
+        out.push(kind);
+        out.extend_from_slice(&stream.to_le_bytes());
+        // Payloads are at most MAX_PAYLOAD (chunked below), which fits in u32.
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(payload);
+    };
+    let mut push_data = |kind: u8, data: &[u8]| {
+        if data.is_empty() {
+            push(kind, data);
+        }
+        for chunk in data.chunks(MAX_PAYLOAD) {
+            push(kind, chunk);
+        }
+    };
+    match message {
+        Message::Stdout(data) => push_data(KIND_STDOUT, data),
+        Message::Stderr(data) => push_data(KIND_STDERR, data),
+        Message::Stdin(data) => push_data(KIND_STDIN, data),
+        Message::StdinClosed => push_data(KIND_STDIN_CLOSED, &[]),
+        Message::Signal(signal) => push_data(KIND_SIGNAL, &signal.to_le_bytes()),
+        Message::Resize { rows, cols } => {
+            let mut payload = [0u8; 4];
+            payload[..2].copy_from_slice(&rows.to_le_bytes());
+            payload[2..].copy_from_slice(&cols.to_le_bytes());
+            push_data(KIND_RESIZE, &payload)
+        }
+    }
+}
+
+/// Incremental decoder: feed it bytes as they arrive, take whole frames out. Holds at most
+/// one frame's worth of bytes beyond what was fed.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds received bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered but not yet decoded.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole frame, `None` if more bytes are needed, or an error for a frame that
+    /// can never be valid (the caller must stop reading from this peer).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ChannelError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let kind = self.buf[0];
+        let stream = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        let len = u32::from_le_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
+        if !(KIND_STDOUT..=KIND_RESIZE).contains(&kind) {
+            return Err(ChannelError::UnknownKind(kind));
+        }
+        let len_usize = usize::try_from(len).map_err(|_| ChannelError::TooLarge(len))?;
+        if len_usize > MAX_PAYLOAD {
+            return Err(ChannelError::TooLarge(len));
+        }
+        if self.buf.len() < HEADER_LEN + len_usize {
+            return Ok(None);
+        }
+        let payload: Vec<u8> = self.buf[HEADER_LEN..HEADER_LEN + len_usize].to_vec();
+        self.buf.drain(..HEADER_LEN + len_usize);
+        let message = match kind {
+            KIND_STDOUT => Message::Stdout(payload),
+            KIND_STDERR => Message::Stderr(payload),
+            KIND_STDIN => Message::Stdin(payload),
+            KIND_STDIN_CLOSED => Message::StdinClosed,
+            KIND_SIGNAL => {
+                let bytes: [u8; 4] = payload
+                    .try_into()
+                    .map_err(|_| ChannelError::Malformed(kind))?;
+                Message::Signal(i32::from_le_bytes(bytes))
+            }
+            _ => {
+                let bytes: [u8; 4] = payload
+                    .try_into()
+                    .map_err(|_| ChannelError::Malformed(kind))?;
+                Message::Resize {
+                    rows: u16::from_le_bytes([bytes[0], bytes[1]]),
+                    cols: u16::from_le_bytes([bytes[2], bytes[3]]),
+                }
+            }
+        };
+        Ok(Some(Frame { stream, message }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(messages: &[Message]) -> Vec<Frame> {
+        let mut bytes = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            encode(u32::try_from(i).expect("few"), message, &mut bytes);
+        }
+        let mut decoder = Decoder::new();
+        let mut frames = Vec::new();
+        // Feed one byte at a time: frames must come out whole regardless of arrival.
+        for byte in bytes {
+            decoder.feed(&[byte]);
+            while let Some(frame) = decoder.next_frame().expect("valid") {
+                frames.push(frame);
+            }
+        }
+        assert_eq!(decoder.pending(), 0);
+        frames
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let messages = vec![
+            Message::Stdout(b"hello".to_vec()),
+            Message::Stderr(Vec::new()),
+            Message::Stdin(vec![0, 255, 10]),
+            Message::StdinClosed,
+            Message::Signal(15),
+            Message::Resize { rows: 24, cols: 80 },
+        ];
+        let frames = round_trip(&messages);
+        let decoded: Vec<Message> = frames.iter().map(|f| f.message.clone()).collect();
+        assert_eq!(decoded, messages);
+        assert_eq!(frames[4].stream, 4);
+    }
+
+    #[test]
+    fn large_data_is_split_into_bounded_frames() {
+        let data = vec![7u8; MAX_PAYLOAD * 2 + 5];
+        let frames = round_trip(&[Message::Stdout(data.clone())]);
+        assert_eq!(frames.len(), 3);
+        let joined: Vec<u8> = frames
+            .into_iter()
+            .flat_map(|f| match f.message {
+                Message::Stdout(d) => d,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(joined, data);
+    }
+
+    #[test]
+    fn hostile_frames_are_rejected_without_buffering() {
+        let mut decoder = Decoder::new();
+        decoder.feed(&[KIND_STDOUT, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(decoder.next_frame(), Err(ChannelError::TooLarge(u32::MAX)));
+        let mut decoder = Decoder::new();
+        decoder.feed(&[99, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(decoder.next_frame(), Err(ChannelError::UnknownKind(99)));
+        let mut decoder = Decoder::new();
+        decoder.feed(&[KIND_SIGNAL, 0, 0, 0, 0, 3, 0, 0, 0, 1, 2, 3]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(ChannelError::Malformed(KIND_SIGNAL))
+        );
+    }
+}
