@@ -9,11 +9,13 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use indicatif::ProgressBar;
 use sha2::{Digest, Sha256};
 
 use crate::image::PulledImage;
 use crate::layers::{self, LayerError, UnpackStats};
 use crate::limits::Limits;
+use crate::progress::Progress;
 
 /// Bumped whenever the archive for the same layers would differ (merge rules, entry
 /// order, compression settings), so stale packed files are never reused.
@@ -83,7 +85,7 @@ impl Compression {
 }
 
 /// How to pack.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PackOptions {
     /// Archive compression.
     pub compression: Compression,
@@ -91,6 +93,8 @@ pub struct PackOptions {
     pub level: Option<i32>,
     /// Caps on the layers (untrusted input).
     pub limits: Limits,
+    /// Where the packing bar goes (hidden by default).
+    pub progress: Progress,
 }
 
 impl Default for PackOptions {
@@ -99,6 +103,7 @@ impl Default for PackOptions {
             compression: Compression::Zstd,
             level: None,
             limits: Limits::default(),
+            progress: Progress::hidden(),
         }
     }
 }
@@ -161,6 +166,20 @@ pub fn pack<W: Write>(
     out: W,
     opts: &PackOptions,
 ) -> Result<(W, UnpackStats), PackError> {
+    // Both passes read every layer (the second may stop early; the bar is cleared then).
+    let total = image.layers.iter().map(|layer| layer.size).sum::<u64>() * 2;
+    let bar = opts.progress.bytes("packing", Some(total));
+    let result = compress(image, out, opts, &bar);
+    bar.finish_and_clear();
+    result
+}
+
+fn compress<W: Write>(
+    image: &PulledImage,
+    out: W,
+    opts: &PackOptions,
+    bar: &ProgressBar,
+) -> Result<(W, UnpackStats), PackError> {
     let layers_error = |source| PackError::Layers {
         reference: image.reference.clone(),
         source,
@@ -174,15 +193,15 @@ pub fn pack<W: Write>(
             encoder
                 .include_checksum(true)
                 .map_err(PackError::Compress)?;
-            let (encoder, stats) =
-                layers::write_cpio(&image.layers, opts.limits, encoder).map_err(layers_error)?;
+            let (encoder, stats) = layers::write_cpio(&image.layers, opts.limits, bar, encoder)
+                .map_err(layers_error)?;
             Ok((encoder.finish().map_err(PackError::Compress)?, stats))
         }
         Compression::Gzip => {
             let level = u32::try_from(level.clamp(0, 9)).unwrap_or(6);
             let encoder = flate2::write::GzEncoder::new(out, flate2::Compression::new(level));
-            let (encoder, stats) =
-                layers::write_cpio(&image.layers, opts.limits, encoder).map_err(layers_error)?;
+            let (encoder, stats) = layers::write_cpio(&image.layers, opts.limits, bar, encoder)
+                .map_err(layers_error)?;
             Ok((encoder.finish().map_err(PackError::Compress)?, stats))
         }
     }
@@ -337,9 +356,14 @@ mod tests {
     }
 
     fn uncompressed(image: &PulledImage) -> Vec<u8> {
-        crate::layers::write_cpio(&image.layers, Limits::default(), Vec::new())
-            .expect("plain archive")
-            .0
+        crate::layers::write_cpio(
+            &image.layers,
+            Limits::default(),
+            &ProgressBar::hidden(),
+            Vec::new(),
+        )
+        .expect("plain archive")
+        .0
     }
 
     fn packed_files(cache: &Path) -> Vec<String> {

@@ -11,6 +11,8 @@ mod tree;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 
+use indicatif::ProgressBar;
+
 pub use path::PathError;
 pub use tar::TarError;
 pub use tree::TreeError;
@@ -116,10 +118,11 @@ pub struct UnpackStats {
 pub fn write_cpio<W: Write>(
     layers: &[LayerBlob],
     limits: Limits,
+    progress: &ProgressBar,
     out: W,
 ) -> Result<(W, UnpackStats), LayerError> {
     let mut stats = UnpackStats::default();
-    let tree = plan(layers, limits, &mut stats)?;
+    let tree = plan(layers, limits, progress, &mut stats)?;
     let mut writer = CpioWriter::new(out);
     let mut inodes = InodeNumbers(0);
     tree.walk(|path, meta, item| -> Result<(), LayerError> {
@@ -150,7 +153,7 @@ pub fn write_cpio<W: Write>(
         let changed = || LayerError::Changed {
             digest: layer.digest.clone(),
         };
-        let mut tar = TarReader::new(open(layer)?, &mut budget);
+        let mut tar = TarReader::new(open(layer, progress)?, &mut budget);
         let mut ordinal = 0;
         for &(want, inode) in wanted {
             let header = loop {
@@ -203,11 +206,16 @@ pub fn write_cpio<W: Write>(
 }
 
 /// The first pass: every header of every layer, content skipped.
-fn plan(layers: &[LayerBlob], limits: Limits, stats: &mut UnpackStats) -> Result<Tree, LayerError> {
+fn plan(
+    layers: &[LayerBlob],
+    limits: Limits,
+    progress: &ProgressBar,
+    stats: &mut UnpackStats,
+) -> Result<Tree, LayerError> {
     let mut budget = Budget::new(limits);
     let mut tree = Tree::default();
     for (index, layer) in layers.iter().enumerate() {
-        let mut tar = TarReader::new(open(layer)?, &mut budget);
+        let mut tar = TarReader::new(open(layer, progress)?, &mut budget);
         let mut ordinal = 0;
         while let Some(header) = tar
             .next_header()
@@ -228,15 +236,16 @@ fn plan(layers: &[LayerBlob], limits: Limits, stats: &mut UnpackStats) -> Result
     Ok(tree)
 }
 
-/// Opens a layer file behind its decompressor. Both decoders read every frame or member
-/// to the end and reject trailing garbage; `write_cpio` reads to the end in the first pass.
-fn open(layer: &LayerBlob) -> Result<Box<dyn Read>, LayerError> {
+/// Opens a layer file behind its decompressor, counting its bytes on `progress`. Both
+/// decoders read every frame or member to the end and reject trailing garbage;
+/// `write_cpio` reads to the end in the first pass.
+fn open(layer: &LayerBlob, progress: &ProgressBar) -> Result<Box<dyn Read>, LayerError> {
     let open_error = |source| LayerError::Open {
         digest: layer.digest.clone(),
         source,
     };
     let file = File::open(&layer.path).map_err(open_error)?;
-    let file = BufReader::with_capacity(BUFFER, file);
+    let file = BufReader::with_capacity(BUFFER, progress.wrap_read(file));
     Ok(match layer.compression {
         LayerCompression::None => Box::new(file),
         LayerCompression::Gzip => Box::new(BufReader::with_capacity(
@@ -434,7 +443,13 @@ mod tests {
     fn merged_layers_match_debian_cpio_listing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let layers = image(dir.path());
-        let (archive, stats) = write_cpio(&layers, Limits::default(), Vec::new()).expect("pack");
+        let (archive, stats) = write_cpio(
+            &layers,
+            Limits::default(),
+            &ProgressBar::hidden(),
+            Vec::new(),
+        )
+        .expect("pack");
         assert_eq!(
             verbose_listing(&archive),
             [
@@ -476,7 +491,13 @@ mod tests {
     fn debian_cpio_extracts_contents_and_hard_links() {
         let dir = tempfile::tempdir().expect("tempdir");
         let layers = image(dir.path());
-        let (archive, _) = write_cpio(&layers, Limits::default(), Vec::new()).expect("pack");
+        let (archive, _) = write_cpio(
+            &layers,
+            Limits::default(),
+            &ProgressBar::hidden(),
+            Vec::new(),
+        )
+        .expect("pack");
         let out = tempfile::tempdir().expect("tempdir");
         run_cpio(
             &["-i", "-d", "-m", "--quiet", "--no-absolute-filenames"],
@@ -514,13 +535,25 @@ mod tests {
         let mut layers = image(dir.path());
         let bytes = std::fs::read(&layers[1].path).expect("read");
         std::fs::write(&layers[1].path, &bytes[..bytes.len() / 2]).expect("truncate");
-        let err = write_cpio(&layers, Limits::default(), Vec::new()).expect_err("truncated");
+        let err = write_cpio(
+            &layers,
+            Limits::default(),
+            &ProgressBar::hidden(),
+            Vec::new(),
+        )
+        .expect_err("truncated");
         assert!(
             matches!(&err, LayerError::Read { digest, .. } if digest == "sha256:update"),
             "{err:?}"
         );
         layers[1].path = dir.path().join("missing");
-        let err = write_cpio(&layers, Limits::default(), Vec::new()).expect_err("missing");
+        let err = write_cpio(
+            &layers,
+            Limits::default(),
+            &ProgressBar::hidden(),
+            Vec::new(),
+        )
+        .expect_err("missing");
         assert!(matches!(err, LayerError::Open { .. }));
     }
 
@@ -542,7 +575,13 @@ mod tests {
             compression: LayerCompression::None,
             size: 0,
         };
-        let err = write_cpio(&[layer], Limits::default(), Vec::new()).expect_err("escapes");
+        let err = write_cpio(
+            &[layer],
+            Limits::default(),
+            &ProgressBar::hidden(),
+            Vec::new(),
+        )
+        .expect_err("escapes");
         let LayerError::Entry {
             digest,
             path,
