@@ -3,6 +3,7 @@
 
 mod cli;
 mod embedded;
+mod image_cmds;
 mod run;
 
 use clap::Parser;
@@ -25,6 +26,9 @@ fn main() -> std::process::ExitCode {
     };
     let result = match &cli.command {
         cli::Command::Run(args) => run::run(args),
+        cli::Command::Pull(args) => image_cmds::pull(args).map(|()| 0),
+        cli::Command::Images(args) => image_cmds::images(args).map(|()| 0),
+        cli::Command::Rmi(args) => image_cmds::rmi(args).map(|()| 0),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code),

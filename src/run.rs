@@ -6,12 +6,15 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use guest_init::{GuestStatus, RunConfig, CONFIG_PATH, INIT_PATH};
+use imagebuilder::image::ImageConfig;
+use imagebuilder::pack::{packed_initramfs, PackOptions};
+use imagebuilder::progress::Progress;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
 use vmm::{VmConfig, VmExit};
 
 use crate::cli::RunArgs;
-use crate::embedded;
+use crate::{embedded, image_cmds};
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
 /// console's used-buffer interrupts often find nothing left to do, which is expected).
@@ -28,15 +31,8 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
     )?;
 
-    let rootfs = imagebuilder::pack_dir(&args.rootfs, Vec::new())
-        .with_context(|| format!("cannot pack root filesystem {}", args.rootfs.display()))?;
-    let config = RunConfig {
-        args: args.command.clone(),
-        env: args.env.clone(),
-        working_dir: args.workdir.clone(),
-        hostname: args.hostname.clone(),
-        ..RunConfig::default()
-    };
+    let (rootfs, image_config) = root_filesystem(args)?;
+    let config = run_config(args, &image_config)?;
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
@@ -56,6 +52,95 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     })
     .context("the VM failed")?;
     exit_code(exit)
+}
+
+/// The root filesystem archive (a packed `--rootfs` directory, or the image's cached
+/// packed initramfs) and the image's config (empty for a directory).
+fn root_filesystem(args: &RunArgs) -> Result<(Vec<u8>, ImageConfig)> {
+    if let Some(dir) = &args.rootfs {
+        let archive = imagebuilder::pack_dir(dir, Vec::new())
+            .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
+        return Ok((archive, ImageConfig::default()));
+    }
+    let Some(reference) = args.image() else {
+        bail!("\"katalite run\" requires an image (or --rootfs DIR)");
+    };
+    let store = image_cmds::open_store()?;
+    // Keeps a concurrent `rmi` from deleting layers while they are packed.
+    let _hold = store.hold().context("cannot lock the image cache")?;
+    let image = image_cmds::resolve(&store, reference, args.pull, &args.fetch)?;
+    let opts = PackOptions {
+        progress: Progress::stderr(args.fetch.quiet),
+        ..PackOptions::default()
+    };
+    let packed = packed_initramfs(&image, store.root(), &opts)
+        .with_context(|| format!("cannot pack image {reference}"))?;
+    let archive = std::fs::read(&packed)
+        .with_context(|| format!("cannot read packed image {}", packed.display()))?;
+    Ok((archive, image.config))
+}
+
+/// What init runs: the image's defaults overridden by the command line, by Docker's rules.
+fn run_config(args: &RunArgs, image: &ImageConfig) -> Result<RunConfig> {
+    let argv = combine_command(image, args.entrypoint.as_deref(), args.command());
+    if argv.is_empty() {
+        bail!("no command specified (the image has no entrypoint or command)");
+    }
+    let host_env = |name: &str| std::env::var(name).ok();
+    Ok(RunConfig {
+        args: argv,
+        env: merge_env(&image.env, &args.env, host_env),
+        working_dir: args
+            .workdir
+            .clone()
+            .unwrap_or_else(|| image.working_dir.clone()),
+        hostname: args.hostname.clone(),
+        user: image.user.clone(),
+        ..RunConfig::default()
+    })
+}
+
+/// Docker's entrypoint/cmd rules: `--entrypoint` replaces the image's entrypoint and drops
+/// its cmd (an empty `--entrypoint` clears it); command-line arguments replace the cmd.
+fn combine_command(
+    image: &ImageConfig,
+    entrypoint: Option<&str>,
+    command: &[String],
+) -> Vec<String> {
+    let (entrypoint, default_cmd) = match entrypoint {
+        Some("") => (Vec::new(), Vec::new()),
+        Some(program) => (vec![program.to_string()], Vec::new()),
+        None => (image.entrypoint.clone(), image.cmd.clone()),
+    };
+    let cmd = if command.is_empty() {
+        default_cmd
+    } else {
+        command.to_vec()
+    };
+    entrypoint.into_iter().chain(cmd).collect()
+}
+
+/// The image's environment with `-e` entries applied in order: `NAME=value` sets,
+/// `NAME` alone copies the host's value (and is dropped when the host has none).
+fn merge_env(
+    image: &[String],
+    overrides: &[String],
+    host: impl Fn(&str) -> Option<String>,
+) -> Vec<String> {
+    let mut env: Vec<String> = image.to_vec();
+    for entry in overrides {
+        let entry = match entry.split_once('=') {
+            Some(_) => entry.clone(),
+            None => match host(entry) {
+                Some(value) => format!("{entry}={value}"),
+                None => continue,
+            },
+        };
+        let name = entry.split_once('=').map_or(entry.as_str(), |(n, _)| n);
+        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != name);
+        env.push(entry);
+    }
+    env
 }
 
 /// Picks the kernel: `--kernel`, else the built-in one, which cannot boot on PVM.
@@ -191,6 +276,61 @@ mod tests {
             panic: None
         })
         .is_err());
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn entrypoint_and_cmd_combine_as_in_docker() {
+        let image = ImageConfig {
+            entrypoint: strings(&["/entry", "-x"]),
+            cmd: strings(&["default"]),
+            ..ImageConfig::default()
+        };
+        assert_eq!(
+            combine_command(&image, None, &[]),
+            strings(&["/entry", "-x", "default"])
+        );
+        assert_eq!(
+            combine_command(&image, None, &strings(&["mine"])),
+            strings(&["/entry", "-x", "mine"])
+        );
+        assert_eq!(
+            combine_command(&image, Some("/other"), &[]),
+            strings(&["/other"])
+        );
+        assert_eq!(
+            combine_command(&image, Some("/other"), &strings(&["a"])),
+            strings(&["/other", "a"])
+        );
+        assert_eq!(
+            combine_command(&image, Some(""), &strings(&["sh"])),
+            strings(&["sh"])
+        );
+        let cmd_only = ImageConfig {
+            cmd: strings(&["sh"]),
+            ..ImageConfig::default()
+        };
+        assert_eq!(combine_command(&cmd_only, None, &[]), strings(&["sh"]));
+        assert_eq!(
+            combine_command(&cmd_only, None, &strings(&["ls", "/"])),
+            strings(&["ls", "/"])
+        );
+        assert!(combine_command(&ImageConfig::default(), None, &[]).is_empty());
+    }
+
+    #[test]
+    fn env_overrides_by_name_and_copies_host_values() {
+        let image = strings(&["PATH=/bin", "A=1"]);
+        let host = |name: &str| (name == "HOSTVAR").then(|| "h".to_string());
+        let env = merge_env(
+            &image,
+            &strings(&["A=2", "HOSTVAR", "MISSING", "B=x=y"]),
+            host,
+        );
+        assert_eq!(env, strings(&["PATH=/bin", "A=2", "HOSTVAR=h", "B=x=y"]));
     }
 
     #[test]
