@@ -48,6 +48,8 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         initramfs: &[&rootfs, &run_archive],
         cmdline: &cmdline,
         console: Box::new(io::stdout()),
+        console_input: None,
+        stopper: None,
         serial,
     })
     .context("the VM failed")?;
@@ -210,6 +212,7 @@ fn exit_code(exit: VmExit) -> Result<u8> {
             triple_fault: true, ..
         } => bail!("the guest crashed (triple fault)"),
         VmExit::Reset { .. } => bail!("the guest rebooted without reporting an exit status"),
+        VmExit::Stopped => bail!("the VM was stopped"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! katalite's virtual machine monitor: boots a Linux `vmlinux` with an initramfs on KVM,
-//! with an 8250 serial console, virtio-mmio devices (rng, console) and a status port through
-//! which the guest reports how it ended. It knows nothing about containers or images.
+//! with an 8250 serial console, virtio-mmio devices (rng, console with host input) and a
+//! status port through which the guest reports how it ended; the caller may end it early.
+//! It knows nothing about containers or images.
 
 pub mod bus;
 pub mod devices;
@@ -12,8 +13,10 @@ mod vm;
 mod x86;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use devices::stop::VmStopper;
 pub use host::{check_kvm, HostError, KvmKind};
 pub use vcpu::VcpuError;
+pub use virtio::{ConsoleInput, InputError};
 pub use vm::{
     run, run_raw, RawGuest, VmConfig, VmError, VmExit, BASE_CMDLINE, MAX_MEMORY_MIB, MAX_VCPUS,
     MIN_MEMORY_MIB,

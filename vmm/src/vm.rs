@@ -1,11 +1,11 @@
 //! One VM from start to end: guest memory registered with KVM, the in-kernel irqchip and
 //! PIT, the devices on their buses (COM1, i8042, status port, virtio-mmio rng and
-//! console), the boot image, the vCPU threads; then wait for the first stop request, stop
-//! every vCPU, join them and report how the guest ended.
+//! console), the boot image, the vCPU threads and the console input thread; then wait for
+//! the first stop request, stop every vCPU, join them and report how the guest ended.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
@@ -16,10 +16,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, BusError};
+use crate::devices::stop::VmStopper;
 use crate::devices::{SerialPort, StatusPort, StopReason, VmStop, I8042};
 use crate::layout;
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
-use crate::virtio::{Console, MmioTransport, Rng, VirtioDevice};
+use crate::virtio::{
+    Console, ConsoleInput, InputPump, MmioTransport, Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
+};
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
 use crate::x86::mptable::{self, MptableError};
@@ -54,6 +57,11 @@ pub struct VmConfig<'a> {
     pub cmdline: &'a str,
     /// virtio-console output (the workload's output).
     pub console: Box<dyn Write + Send>,
+    /// virtio-console input (host to guest); `None` gives the guest no input. The VM ends
+    /// the handle when it ends.
+    pub console_input: Option<ConsoleInput>,
+    /// Lets the caller end the VM from another thread ([`VmExit::Stopped`]).
+    pub stopper: Option<VmStopper>,
     /// COM1 output (the kernel log).
     pub serial: Box<dyn Write + Send>,
 }
@@ -72,6 +80,8 @@ pub struct RawGuest<'a> {
     pub memory_mib: u64,
     /// COM1 output.
     pub serial: Box<dyn Write + Send>,
+    /// Lets the caller end the VM from another thread ([`VmExit::Stopped`]).
+    pub stopper: Option<VmStopper>,
 }
 
 /// How the guest ended.
@@ -88,6 +98,8 @@ pub enum VmExit {
         /// The kernel's panic line, if it printed one.
         panic: Option<String>,
     },
+    /// The caller ended the VM through its [`VmStopper`] before the guest ended.
+    Stopped,
 }
 
 /// Errors of [`run`] and [`run_raw`].
@@ -150,6 +162,9 @@ pub enum VmError {
     /// Two devices were given overlapping addresses.
     #[error("cannot place a device on a bus")]
     Bus(#[from] BusError),
+    /// The console input thread could not be started.
+    #[error("cannot start the io thread")]
+    IoThread(#[source] io::Error),
     /// A vCPU could not be set up or failed while running.
     #[error("vcpu {index} failed")]
     Vcpu {
@@ -165,13 +180,15 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
 }
 
-/// Boots `config` and blocks until the guest reports a status, resets, or fails.
+/// Boots `config` and blocks until the guest reports a status, resets, fails, or is
+/// stopped.
 pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
     let machine = Machine::new(
         config.vcpus,
         config.memory_mib,
         config.serial,
-        config.console,
+        Console::new(config.console, config.console_input.unwrap_or_default()),
+        config.stopper.unwrap_or_default(),
     )?;
     let cmdline = machine.cmdline(config.cmdline);
     let image = LinuxImage {
@@ -183,13 +200,15 @@ pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
     machine.run(entry)
 }
 
-/// Runs `guest` (real mode) and blocks until it reports a status, resets, or fails.
+/// Runs `guest` (real mode) and blocks until it reports a status, resets, fails, or is
+/// stopped.
 pub fn run_raw(guest: RawGuest<'_>) -> Result<VmExit, VmError> {
     let machine = Machine::new(
         guest.vcpus,
         guest.memory_mib,
         guest.serial,
-        Box::new(io::sink()),
+        Console::new(Box::new(io::sink()), ConsoleInput::new()),
+        guest.stopper.unwrap_or_default(),
     )?;
     let addr = u64::from(guest.load_addr);
     machine
@@ -236,6 +255,9 @@ struct Machine {
     pio: Bus,
     mmio: Bus,
     serial: Arc<Mutex<SerialPort>>,
+    console: Arc<Mutex<MmioTransport>>,
+    // Dropped with the machine, which ends the console input on every path out of `run`.
+    pump: InputPump,
     stop: Arc<VmStop>,
     device_args: Vec<String>,
 }
@@ -245,8 +267,10 @@ impl Machine {
         vcpus: u8,
         memory_mib: u64,
         serial_out: Box<dyn Write + Send>,
-        console_out: Box<dyn Write + Send>,
+        console: Console,
+        stopper: VmStopper,
     ) -> Result<Self, VmError> {
+        let pump = InputPump::new(console.input().clone());
         let mem_size = check_shape(vcpus, memory_mib)?;
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let max = kvm.get_max_vcpus();
@@ -276,7 +300,7 @@ impl Machine {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let stop = Arc::new(VmStop::new());
+        let stop = stopper.shared();
         let mut pio = Bus::new();
         let serial_irq = irqfd(&vm, "serial", layout::SERIAL_IRQ)?;
         let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, serial_out)));
@@ -298,23 +322,18 @@ impl Machine {
 
         let mut mmio = Bus::new();
         let mut device_args = Vec::new();
-        let virtio: [(&'static str, Box<dyn VirtioDevice>); 2] = [
-            ("virtio-rng", Box::new(Rng::new())),
-            ("virtio-console", Box::new(Console::new(console_out))),
-        ];
-        for (slot, (name, device)) in (0u32..).zip(virtio) {
+        let mut place = |slot: u32, name, device: Box<dyn VirtioDevice>| {
             let addr = layout::virtio_mmio_addr(slot);
             let irq = layout::VIRTIO_FIRST_IRQ + slot;
             let evt = irqfd(&vm, name, irq)?;
-            let transport = MmioTransport::new(mem.clone(), device, evt);
-            mmio.insert(
-                Arc::new(Mutex::new(transport)),
-                addr,
-                layout::VIRTIO_MMIO_SIZE,
-            )?;
+            let transport = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), device, evt)));
+            mmio.insert(transport.clone(), addr, layout::VIRTIO_MMIO_SIZE)?;
             // CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES: "<size>@<base>:<irq>".
             device_args.push(format!("virtio_mmio.device=4K@0x{addr:x}:{irq}"));
-        }
+            Ok::<_, VmError>(transport)
+        };
+        place(0, "virtio-rng", Box::new(Rng::new()))?;
+        let console = place(1, "virtio-console", Box::new(console))?;
 
         Ok(Self {
             kvm,
@@ -325,6 +344,8 @@ impl Machine {
             pio,
             mmio,
             serial,
+            console,
+            pump,
             stop,
             device_args,
         })
@@ -340,7 +361,7 @@ impl Machine {
         parts.join(" ")
     }
 
-    fn run(self, entry: EntryPoint) -> Result<VmExit, VmError> {
+    fn run(mut self, entry: EntryPoint) -> Result<VmExit, VmError> {
         let vcpu_err = |index| move |source| VmError::Vcpu { index, source };
         vcpu::install_kick_handler().map_err(vcpu_err(0))?;
         mptable::write(&self.mem, self.vcpus)?;
@@ -364,6 +385,18 @@ impl Machine {
             vcpu::configure(&fd, index, &setup).map_err(vcpu_err(index))?;
             fds.push(fd);
         }
+
+        // Host input reaches the guest even while no vCPU exits (a guest spinning in user
+        // space, or idle in HLT inside KVM): the io thread runs receiveq0 itself.
+        let console = self.console.clone();
+        self.pump
+            .start(move || {
+                console
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .run_queue(CONSOLE_RECEIVE_QUEUE);
+            })
+            .map_err(VmError::IoThread)?;
 
         let running = Arc::new(AtomicBool::new(true));
         let pio = Arc::new(self.pio.clone());
@@ -401,6 +434,7 @@ impl Machine {
                 triple_fault,
                 panic: serial.panic_line(),
             }),
+            StopReason::Stopped => Ok(VmExit::Stopped),
             StopReason::VcpuFailed(index) => {
                 let source = results
                     .into_iter()

@@ -1,14 +1,15 @@
 //! Hand-assembled real-mode guests on this host's /dev/kvm, through the same devices, buses
 //! and vCPU loop as a Linux VM: they print on COM1, report a status word, reset through the
-//! i8042 or triple-fault, and must always end the VM (no hang).
+//! i8042 or triple-fault, and must always end the VM (no hang); a guest that never ends
+//! is stopped from the host.
 
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use vmm::{check_kvm, run_raw, KvmKind, RawGuest, VmExit};
+use vmm::{check_kvm, run_raw, KvmKind, RawGuest, VmExit, VmStopper};
 
 /// Where the test code is loaded (CS = 0, IP = this).
 const LOAD_ADDR: u16 = 0x1000;
@@ -90,6 +91,11 @@ impl Asm {
         self.0.push(0xcc);
         self
     }
+    /// `jmp $`: spins without ever exiting to the VMM.
+    fn spin(mut self) -> Self {
+        self.0.extend_from_slice(&[0xeb, 0xfe]);
+        self
+    }
 }
 
 fn have_kvm() -> bool {
@@ -100,26 +106,44 @@ fn have_kvm() -> bool {
     false
 }
 
+/// A VM running on its own thread; `exit` is sent when it ends.
+struct Running {
+    exit: mpsc::Receiver<Result<VmExit, vmm::VmError>>,
+    serial: Captured,
+}
+
+impl Running {
+    fn start(code: Asm, vcpus: u8, stopper: Option<VmStopper>) -> Self {
+        let serial = Captured::default();
+        let out = serial.clone();
+        let (done, exit) = mpsc::channel();
+        std::thread::spawn(move || {
+            let exit = run_raw(RawGuest {
+                code: &code.0,
+                load_addr: LOAD_ADDR,
+                vcpus,
+                memory_mib: 64,
+                serial: Box::new(out),
+                stopper,
+            });
+            let _ = done.send(exit);
+        });
+        Self { exit, serial }
+    }
+
+    fn wait(&self, limit: Duration) -> VmExit {
+        self.exit
+            .recv_timeout(limit)
+            .expect("the VM ended in time")
+            .expect("the VM ran")
+    }
+}
+
 /// Runs `code` on `vcpus` vCPUs, failing the test if the VM does not end in 30 s.
 fn run_guest(code: Asm, vcpus: u8) -> (VmExit, String) {
-    let serial = Captured::default();
-    let out = serial.clone();
-    let (done, result) = mpsc::channel();
-    std::thread::spawn(move || {
-        let exit = run_raw(RawGuest {
-            code: &code.0,
-            load_addr: LOAD_ADDR,
-            vcpus,
-            memory_mib: 64,
-            serial: Box::new(out),
-        });
-        let _ = done.send(exit);
-    });
-    let exit = result
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the VM ended within 30 s")
-        .expect("the VM ran");
-    (exit, serial.text())
+    let vm = Running::start(code, vcpus, None);
+    let exit = vm.wait(Duration::from_secs(30));
+    (exit, vm.serial.text())
 }
 
 #[test]
@@ -220,4 +244,44 @@ fn a_triple_fault_is_a_reset() {
             panic: None,
         }
     );
+}
+
+#[test]
+fn a_spinning_guest_is_stopped_from_another_thread() {
+    if !have_kvm() {
+        return;
+    }
+    // Two vCPUs: the BSP spins in the guest, the AP waits for a SIPI that never comes.
+    let stopper = VmStopper::new();
+    let code = Asm::default().mov_dx(COM1).print("spinning\n").spin();
+    let vm = Running::start(code, 2, Some(stopper.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vm.serial.text() != "spinning\n" {
+        assert!(Instant::now() < deadline, "the guest never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        vm.exit.recv_timeout(Duration::from_millis(200)).is_err(),
+        "the guest ended on its own"
+    );
+
+    let asked = Instant::now();
+    std::thread::spawn(move || stopper.stop());
+    let exit = vm.wait(Duration::from_secs(5));
+
+    assert_eq!(exit, VmExit::Stopped);
+    let took = asked.elapsed();
+    eprintln!("stopped {took:?} after the request");
+    assert!(took < Duration::from_secs(1), "stopping took {took:?}");
+}
+
+#[test]
+fn a_stop_requested_before_the_start_ends_the_vm_at_once() {
+    if !have_kvm() {
+        return;
+    }
+    let stopper = VmStopper::new();
+    stopper.stop();
+    let vm = Running::start(Asm::default().spin(), 1, Some(stopper));
+    assert_eq!(vm.wait(Duration::from_secs(10)), VmExit::Stopped);
 }

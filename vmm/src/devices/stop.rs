@@ -1,9 +1,9 @@
-//! The one place a running VM records why it must end. Devices (status port, reset line)
-//! and vCPU threads request a stop; the first reason wins and later ones are ignored; the
-//! thread that started the VM sleeps on it until then.
+//! The one place a running VM records why it must end. Devices (status port, reset line),
+//! vCPU threads and the host (through a [`VmStopper`]) request a stop; the first reason
+//! wins and later ones are ignored; the thread that started the VM sleeps on it until then.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Why the VM ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +17,8 @@ pub enum StopReason {
     },
     /// vCPU `index` failed; its thread returns the error.
     VcpuFailed(u8),
+    /// The host asked for the VM to end ([`VmStopper::stop`]).
+    Stopped,
 }
 
 /// Shared stop request: set once, waited on by the VM's owner.
@@ -70,6 +72,35 @@ impl VmStop {
     }
 }
 
+/// Ends a VM from outside it, from any thread: e.g. one that waits for signals and gives
+/// up on the guest after a grace period. Clones share one VM; a stopper serves one VM.
+///
+/// Not async-signal-safe (it takes a lock): call it from a thread, not a signal handler.
+#[derive(Debug, Clone, Default)]
+pub struct VmStopper {
+    stop: Arc<VmStop>,
+}
+
+impl VmStopper {
+    /// A stopper for a VM that has yet to be started.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ends the VM at once: the guest is not told, its vCPUs are kicked out of KVM_RUN,
+    /// and `run` returns `VmExit::Stopped` unless the guest had already ended. Called
+    /// before the VM starts, it ends the VM as soon as it starts; afterwards, it does
+    /// nothing.
+    pub fn stop(&self) {
+        self.stop.request(StopReason::Stopped);
+    }
+
+    /// The stop request the VM waits on.
+    pub(crate) fn shared(&self) -> Arc<VmStop> {
+        self.stop.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +128,20 @@ mod tests {
         };
         assert_eq!(stop.wait(), StopReason::VcpuFailed(1));
         requester.join().expect("join");
+    }
+
+    #[test]
+    fn a_stopper_requests_stopped_unless_the_guest_ended_first() {
+        let stopper = VmStopper::new();
+        let vm_side = stopper.shared();
+        stopper.clone().stop();
+        vm_side.request(StopReason::Status(0));
+        assert_eq!(vm_side.wait(), StopReason::Stopped);
+
+        let stopper = VmStopper::new();
+        let vm_side = stopper.shared();
+        vm_side.request(StopReason::Status(3));
+        stopper.stop();
+        assert_eq!(vm_side.wait(), StopReason::Status(3));
     }
 }

@@ -3,10 +3,14 @@
 //! config space and how to consume a notified queue, so new devices never touch MMIO.
 
 mod console;
+mod console_input;
 mod mmio;
 mod rng;
 
 pub use console::Console;
+pub(crate) use console::RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE;
+pub(crate) use console_input::InputPump;
+pub use console_input::{ConsoleInput, InputError};
 pub use mmio::MmioTransport;
 pub use rng::Rng;
 
