@@ -105,6 +105,9 @@ pub fn resolve(
 /// `/var/lib/katalite`, else `$XDG_CACHE_HOME/katalite`).
 pub fn open_store() -> Result<Store> {
     let root = Store::default_root().context("no cache directory")?;
+    // Before any thread exists: this may set SSL_CERT_FILE for hosts without a CA store.
+    imagebuilder::tls_roots::provide_if_missing(&root.join("tls"))
+        .context("cannot write the bundled CA roots")?;
     Store::open(&root).with_context(|| format!("cannot open the image cache {}", root.display()))
 }
 

@@ -15,6 +15,7 @@ pub mod progress;
 pub mod registry;
 pub mod source;
 pub mod store;
+pub mod tls_roots;
 
 pub use cpio::{CpioError, CpioWriter, Entry, EntryKind};
 pub use rootfs_dir::{pack_dir, PackError};

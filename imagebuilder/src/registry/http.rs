@@ -38,7 +38,6 @@ impl Http {
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.stall_timeout)
             .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS));
-        let mut extra = Vec::new();
         for path in &endpoint.ca {
             let pem = read_ca(path)?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
@@ -47,19 +46,8 @@ impl Http {
                     source: Box::new(source),
                 }
             })?;
-            extra.extend(certs);
+            builder = builder.tls_certs_merge(certs);
         }
-        builder = match bundled_roots_without_system_store() {
-            // The bundled roots are DER from a maintained crate; one that fails to parse
-            // is skipped rather than failing every pull.
-            Some(roots) => builder.tls_certs_only(
-                roots
-                    .iter()
-                    .filter_map(|der| reqwest::Certificate::from_der(der).ok())
-                    .chain(extra),
-            ),
-            None => builder.tls_certs_merge(extra),
-        };
         let client = builder.build().map_err(RegistryError::Client)?;
         let scheme = if endpoint.plain_http { "http" } else { "https" };
         Ok(Self {
@@ -165,33 +153,6 @@ impl Http {
         }
         Ok(out)
     }
-}
-
-/// Where Linux distributions keep their CA bundle.
-const SYSTEM_CA_FILES: [&str; 4] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
-
-/// Mozilla's root certificates (DER) when this host has no CA store of its own (a minimal
-/// edge system, an initramfs), else `None`: the system store is used, as Docker does.
-pub(crate) fn bundled_roots_without_system_store() -> Option<Vec<&'static [u8]>> {
-    let has_system_store = std::env::var_os("SSL_CERT_FILE").is_some()
-        || std::env::var_os("SSL_CERT_DIR").is_some()
-        || SYSTEM_CA_FILES
-            .iter()
-            .any(|f| std::path::Path::new(f).is_file());
-    if has_system_store {
-        return None;
-    }
-    Some(
-        webpki_root_certs::TLS_SERVER_ROOT_CERTS
-            .iter()
-            .map(|c| c.as_ref())
-            .collect(),
-    )
 }
 
 /// reqwest needs a process-wide rustls provider when built without its default one; `ring`

@@ -207,29 +207,13 @@ async fn oci_client(
     auth: &Auth,
 ) -> Result<oci_client::Client, RegistryError> {
     http::ensure_crypto_provider();
-    // Without a system CA store, trust the bundled roots plus the configured CAs only.
-    let (tls_certs_only, extra_root_certificates) = match http::bundled_roots_without_system_store()
-    {
-        Some(roots) => {
-            let bundled = roots.into_iter().map(|der| Certificate {
-                encoding: CertificateEncoding::Der,
-                data: der.to_vec(),
-            });
-            (
-                bundled.chain(certificates.iter().cloned()).collect(),
-                Vec::new(),
-            )
-        }
-        None => (Vec::new(), certificates.to_vec()),
-    };
     let client_config = ClientConfig {
         protocol: if endpoint.plain_http {
             ClientProtocol::HttpsExcept(vec![endpoint.host.clone()])
         } else {
             ClientProtocol::Https
         },
-        tls_certs_only,
-        extra_root_certificates,
+        extra_root_certificates: certificates.to_vec(),
         read_timeout: Some(config.stall_timeout),
         connect_timeout: Some(config.connect_timeout),
         user_agent: http::USER_AGENT,

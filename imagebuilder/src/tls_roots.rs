@@ -1,0 +1,73 @@
+//! CA roots for hosts without a CA store (a minimal edge system, an initramfs such as the
+//! lab's). rustls' platform verifier refuses to build any HTTP client there — even one for
+//! a plain-http mirror, and oci-client builds a default client internally — so katalite
+//! writes Mozilla's roots (the maintained `webpki-root-certs` bundle) as a PEM file in its
+//! own directory and points `SSL_CERT_FILE` at it. Hosts with a CA store are left alone.
+
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+
+/// Where Linux distributions keep their CA bundle.
+const SYSTEM_CA_FILES: [&str; 4] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+
+/// True when the host has a CA store the platform verifier can load.
+pub fn host_has_ca_store() -> bool {
+    std::env::var_os("SSL_CERT_FILE").is_some()
+        || std::env::var_os("SSL_CERT_DIR").is_some()
+        || SYSTEM_CA_FILES.iter().any(|f| Path::new(f).is_file())
+}
+
+/// On a host without a CA store, writes the bundled roots to `dir/ca-roots.pem` (atomically)
+/// and sets `SSL_CERT_FILE` to it; returns the path, or `None` when the host has a store.
+/// Must run before other threads start: it changes the process environment.
+pub fn provide_if_missing(dir: &Path) -> std::io::Result<Option<PathBuf>> {
+    if host_has_ca_store() {
+        return Ok(None);
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let path = dir.join("ca-roots.pem");
+    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+    temp.write_all(&bundle_pem())?;
+    temp.as_file().sync_all()?;
+    temp.persist(&path).map_err(|e| e.error)?;
+    std::env::set_var("SSL_CERT_FILE", &path);
+    Ok(Some(path))
+}
+
+/// The bundled roots as one PEM document.
+fn bundle_pem() -> Vec<u8> {
+    let mut pem = Vec::new();
+    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+        pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in encoded.as_bytes().chunks(64) {
+            pem.extend_from_slice(line);
+            pem.push(b'\n');
+        }
+        pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    pem
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_is_pem_that_reqwest_accepts() {
+        let pem = bundle_pem();
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).expect("valid PEM");
+        assert!(certs.len() > 50, "Mozilla's store has well over 50 roots");
+    }
+}
