@@ -1,240 +1,271 @@
-//! The PID-1 steps. Every failure of init itself is reported as `InitFailed` (the host
-//! turns it into exit code 125); workload failures map to Docker's codes (126, 127, 128+n).
+//! The PID-1 steps, in order: mount the kernel filesystems, open the host channel, read
+//! the run config, write the identity files, resolve the user, start the workload, relay
+//! its stdio and signals until it exits, stop what is left, report the status, power off.
+//! Failures of init itself are reported as `InitFailed` (the host exits 125).
 
-use std::ffi::CString;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+mod console;
+mod env;
+mod etc_files;
+mod mounts;
+mod relay;
+mod report;
+mod signals;
+mod users;
+mod workload;
 
-use guest_init::{GuestStatus, RunConfig, CONFIG_PATH, STATUS_PORT};
+use std::io;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-/// Docker's default PATH when the config sets none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use guest_init::{GuestStatus, RunConfig, CONFIG_PATH};
+use nix::poll::PollTimeout;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
-/// Where the workload's output goes: the virtio console, else the kernel console.
-const OUTPUT_DEVICES: [&str; 2] = ["/dev/hvc0", "/dev/console"];
+use console::ConsoleError;
+use etc_files::EtcError;
+use mounts::MountError;
+use relay::{Relay, RelayError};
+use signals::{SignalError, Signals};
+use users::UserError;
+use workload::WorkloadError;
 
+/// With `-t`, how long init waits for the host's first terminal size before starting the
+/// workload anyway. The host queues it before boot, so it normally arrives at once.
+const INITIAL_SIZE_WAIT: Duration = Duration::from_secs(1);
+
+/// After the workload exits and the rest is killed, how long output may stay silent
+/// before init stops waiting for end of file (a process stuck in the kernel keeps a pipe).
+const DRAIN_IDLE: Duration = Duration::from_secs(5);
+
+/// A failure of init itself.
+#[derive(Debug, thiserror::Error)]
+enum InitError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Signals(#[from] SignalError),
+    #[error(transparent)]
+    Etc(#[from] EtcError),
+    #[error(transparent)]
+    User(#[from] UserError),
+    #[error(transparent)]
+    Workload(#[from] WorkloadError),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+    #[error("cannot read {CONFIG_PATH}")]
+    ReadConfig(#[source] io::Error),
+    #[error("invalid {CONFIG_PATH}")]
+    ParseConfig(#[source] serde_json::Error),
+    #[error("the run config has no command")]
+    NoCommand,
+    #[error("cannot read {0}")]
+    ImageFile(&'static str, #[source] io::Error),
+}
+
+/// Runs init and never returns.
 pub fn main() {
-    let status = match run() {
-        Ok(status) => status,
-        Err(err) => {
-            log(&format!("katalite-init: {err}"));
-            GuestStatus::InitFailed
-        }
-    };
-    finish(status)
+    let status = run().unwrap_or_else(|err| {
+        console::log(&chain(&err));
+        GuestStatus::InitFailed
+    });
+    report::finish(status)
 }
 
-fn run() -> Result<GuestStatus, String> {
-    mount_kernel_filesystems()?;
+fn run() -> Result<GuestStatus, InitError> {
+    mounts::mount_kernel_filesystems()?;
+    console::ensure_std_fds();
+    let signals = Signals::install()?;
+    let channel = console::open_channel()?;
     let config = read_config()?;
-    if !config.hostname.is_empty() {
-        set_hostname(&config.hostname)?;
+
+    let hostname = etc_files::choose_hostname(&config.hostname)?;
+    etc_files::set_hostname(&hostname)?;
+    etc_files::write_all(Path::new("/"), &hostname)?;
+    mounts::ensure_tmp()?;
+    let user = users::resolve(
+        &config.user,
+        read_image_file("/etc/passwd")?.as_deref(),
+        read_image_file("/etc/group")?.as_deref(),
+    )?;
+    let workdir = workload::normalise_workdir(&config.working_dir);
+    workload::create_workdir(&workdir)?;
+    if config.read_only {
+        mounts::remount_root_read_only()?;
     }
-    let output = open_output()?;
-    let pid = match spawn_workload(&config, &output) {
+    let env = env::assemble(&config.env, &hostname, &user.home, config.tty);
+
+    let (child_stdio, streams) = workload::stdio(config.tty, config.open_stdin)?;
+    let mut relay = Relay::new(channel, streams);
+    if config.tty {
+        await_initial_size(&mut relay, &signals)?;
+    }
+    let spec = workload::Spec {
+        args: &config.args,
+        env: &env,
+        workdir: &workdir,
+        user: &user,
+    };
+    let pid = match workload::spawn(&spec, child_stdio) {
         Ok(pid) => pid,
-        Err(status) => return Ok(status),
-    };
-    let status = reap_until(pid);
-    stop_remaining_processes();
-    Ok(status)
-}
-
-fn mount_kernel_filesystems() -> Result<(), String> {
-    for (source, target, fstype) in [
-        ("proc", "/proc", "proc"),
-        ("sysfs", "/sys", "sysfs"),
-        ("devtmpfs", "/dev", "devtmpfs"),
-    ] {
-        std::fs::create_dir_all(target).map_err(|e| format!("create {target}: {e}"))?;
-        mount(source, target, fstype)?;
-    }
-    Ok(())
-}
-
-fn mount(source: &str, target: &str, fstype: &str) -> Result<(), String> {
-    let c = |s: &str| CString::new(s).map_err(|_| format!("bad mount argument {s:?}"));
-    let (source_c, target_c, fstype_c) = (c(source)?, c(target)?, c(fstype)?);
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; no data.
-    let rc = unsafe {
-        libc::mount(
-            source_c.as_ptr(),
-            target_c.as_ptr(),
-            fstype_c.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        // An already-mounted devtmpfs (CONFIG_DEVTMPFS_MOUNT) is fine.
-        if err.raw_os_error() != Some(libc::EBUSY) {
-            return Err(format!("mount {fstype} on {target}: {err}"));
+        Err(err) => {
+            console::log(&err.to_string());
+            return Ok(GuestStatus::Exited(err.code));
         }
-    }
-    Ok(())
+    };
+    let code = supervise(&mut relay, &signals, pid)?;
+    Ok(GuestStatus::Exited(code))
 }
 
-fn read_config() -> Result<RunConfig, String> {
-    let text = std::fs::read(CONFIG_PATH).map_err(|e| format!("read {CONFIG_PATH}: {e}"))?;
-    let config: RunConfig =
-        serde_json::from_slice(&text).map_err(|e| format!("parse {CONFIG_PATH}: {e}"))?;
+/// Reads the run config, then removes init's directory so the workload sees only the image.
+fn read_config() -> Result<RunConfig, InitError> {
+    let text = std::fs::read(CONFIG_PATH).map_err(InitError::ReadConfig)?;
+    let config: RunConfig = serde_json::from_slice(&text).map_err(InitError::ParseConfig)?;
     if config.args.is_empty() {
-        return Err("the run config has no command".into());
+        return Err(InitError::NoCommand);
+    }
+    if let Some(dir) = Path::new(CONFIG_PATH).parent() {
+        // Unlinking the running init is fine; a leftover directory is only cosmetic.
+        let _ = std::fs::remove_dir_all(dir);
     }
     Ok(config)
 }
 
-fn set_hostname(name: &str) -> Result<(), String> {
-    // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
-    let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
-    if rc != 0 {
-        return Err(format!("set hostname: {}", io::Error::last_os_error()));
+/// The text of one of the image's files, `None` when it has none.
+fn read_image_file(path: &'static str) -> Result<Option<String>, InitError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(InitError::ImageFile(path, err)),
+    }
+}
+
+/// Relays until the host's first terminal size is applied, so a workload asking for its
+/// size at once (`stty size`) sees the real one; gives up after [`INITIAL_SIZE_WAIT`].
+fn await_initial_size(relay: &mut Relay, signals: &Signals) -> Result<(), InitError> {
+    let deadline = Instant::now() + INITIAL_SIZE_WAIT;
+    while !relay.resized() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let turn = relay.turn(signals.fd(), timeout(left))?;
+        log_problems(relay);
+        if turn.extra_ready {
+            // No workload yet: nothing to forward to or reap.
+            signals.drain()?;
+        }
     }
     Ok(())
 }
 
-fn open_output() -> Result<File, String> {
-    OUTPUT_DEVICES
-        .iter()
-        .find_map(|path| OpenOptions::new().write(true).open(path).ok())
-        .ok_or_else(|| "no output device (/dev/hvc0, /dev/console)".to_string())
-}
-
-/// Starts the workload as a child in its own session. Exec failures come back as the
-/// status Docker gives them: 127 not found, 126 not executable.
-fn spawn_workload(config: &RunConfig, output: &File) -> Result<libc::pid_t, GuestStatus> {
-    let mut command = Command::new(&config.args[0]);
-    command.args(&config.args[1..]).env_clear();
-    if !config.env.iter().any(|e| e.starts_with("PATH=")) {
-        command.env("PATH", DEFAULT_PATH);
-    }
-    for entry in &config.env {
-        // Entries without '=' are dropped, as Docker drops them for unset host variables.
-        if let Some((name, value)) = entry.split_once('=') {
-            command.env(name, value);
+/// Relays stdio and signals until the workload exits, then kills every other process,
+/// drains the output to end of file, and flushes it to the host. Returns Docker's status.
+fn supervise(relay: &mut Relay, signals: &Signals, workload: Pid) -> Result<u8, InitError> {
+    let status = loop {
+        let turn = relay.turn(signals.fd(), PollTimeout::NONE)?;
+        log_problems(relay);
+        for number in relay.take_signals() {
+            // Docker signals the main process only, with or without a terminal.
+            if let Ok(signal) = Signal::try_from(number) {
+                let _ = kill(workload, signal);
+            }
         }
-    }
-    let workdir = if config.working_dir.is_empty() {
-        "/"
-    } else {
-        &config.working_dir
+        if turn.extra_ready {
+            for signal in signals.drain()? {
+                let _ = kill(workload, signal);
+            }
+            if let Some(status) = signals::reap(workload) {
+                break status;
+            }
+        }
     };
-    command.current_dir(workdir);
-    let stdio = |f: &File| f.try_clone().map(Stdio::from);
-    let (Ok(out), Ok(err)) = (stdio(output), stdio(output)) else {
-        log("katalite-init: cannot duplicate the output device");
-        return Err(GuestStatus::InitFailed);
-    };
-    command.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    match command.spawn() {
-        Ok(child) => Ok(child.id() as libc::pid_t),
-        Err(err) => {
-            // Docker: 127 when the command does not exist, 126 when it cannot be run
-            // (permission, wrong format, ...).
-            let code = if err.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            let mut out = output;
-            let _ = writeln!(out, "katalite: {}: {err}", config.args[0]);
-            Err(GuestStatus::Exited(code))
+
+    // Like the end of a container's PID namespace: the rest dies with the workload. The
+    // pipes then reach end of file once what the processes wrote has been read.
+    relay.close_input();
+    signals::kill_all();
+    let mut last_progress = Instant::now();
+    while relay.outputs_open() || !relay.flushed() {
+        let left = DRAIN_IDLE.saturating_sub(last_progress.elapsed());
+        if left.is_zero() {
+            if !relay.outputs_open() {
+                break;
+            }
+            relay.abandon_outputs();
+            last_progress = Instant::now();
+            continue;
+        }
+        let turn = relay.turn(signals.fd(), timeout(left))?;
+        log_problems(relay);
+        if turn.progressed {
+            last_progress = Instant::now();
+        }
+        if turn.extra_ready {
+            signals.drain()?;
+            signals::reap(workload);
         }
     }
+    signals::kill_all_and_reap();
+    // Written bytes may still sit in the hvc driver's buffer; the VMM must have them all
+    // before the status write ends the VM.
+    let _ = nix::sys::termios::tcdrain(relay.channel());
+    Ok(status)
 }
 
-/// Reaps every child (orphans are re-parented to us) until `workload` exits.
-fn reap_until(workload: libc::pid_t) -> GuestStatus {
-    loop {
-        let mut status = 0;
-        // SAFETY: `status` is a valid out-pointer for the duration of the call.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid == workload {
-            return exit_status(status);
-        }
-        if pid < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            log("katalite-init: lost track of the workload");
-            return GuestStatus::InitFailed;
-        }
+fn timeout(duration: Duration) -> PollTimeout {
+    // Round up so a sub-millisecond remainder does not become a busy poll.
+    let millis = duration.as_millis().saturating_add(1);
+    PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX)
+}
+
+fn log_problems(relay: &mut Relay) {
+    for problem in relay.take_problems() {
+        console::log(&chain(&problem));
     }
 }
 
-/// Docker's convention: the exit code, or 128+n for death by signal n.
-fn exit_status(status: libc::c_int) -> GuestStatus {
-    if libc::WIFEXITED(status) {
-        GuestStatus::Exited((libc::WEXITSTATUS(status) & 0xff) as u8)
-    } else if libc::WIFSIGNALED(status) {
-        GuestStatus::Exited((128 + libc::WTERMSIG(status)).clamp(0, 255) as u8)
-    } else {
-        GuestStatus::InitFailed
+/// An error and its sources on one line: `what: why: root cause`.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
     }
+    line
 }
 
-fn stop_remaining_processes() {
-    // SAFETY: kill(-1) signals every process but us; no memory is involved.
-    unsafe { libc::kill(-1, libc::SIGKILL) };
-    // SAFETY: a null status pointer is allowed; reap until no children remain.
-    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } > 0 {}
-}
-
-/// Syncs, reports `status` through the VMM's status port, and powers off.
-fn finish(status: GuestStatus) -> ! {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
-    report(status);
-    // The VMM stops the VM on the status write; a reboot is the fallback (the VMM sees the
-    // reset), because a PID 1 that returns would panic the kernel instead.
-    // SAFETY: reboot with a valid command; only returns on failure.
-    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
-    loop {
-        // SAFETY: pause has no preconditions.
-        unsafe { libc::pause() };
-    }
-}
-
-fn report(status: GuestStatus) {
-    let word = status.to_word();
-    // SAFETY: ioperm only changes this process's I/O permission bitmap; PID 1 runs as root.
-    if unsafe { libc::ioperm(libc::c_ulong::from(STATUS_PORT), 4, 1) } != 0 {
-        log(&format!(
-            "katalite-init: ioperm: {}",
-            io::Error::last_os_error()
-        ));
-        return;
-    }
-    // SAFETY: the port was granted above; the VMM's status device owns it and the write has
-    // no effect on this process's memory.
-    unsafe {
-        std::arch::asm!("out dx, eax", in("dx") STATUS_PORT, in("eax") word, options(nomem, nostack));
-    }
-}
-
-fn log(message: &str) {
-    if let Ok(mut console) = OpenOptions::new().write(true).open("/dev/console") {
-        let _ = writeln!(console, "{message}");
-    }
-}
+/// Serialises the tests that create or reap processes: reaping takes any child of the
+/// test binary, including another test's.
+#[cfg(test)]
+static CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn exit_statuses_follow_docker() {
-        assert_eq!(exit_status(42 << 8), GuestStatus::Exited(42));
-        assert_eq!(exit_status(0), GuestStatus::Exited(0));
-        // Killed by SIGKILL (9) and SIGTERM (15).
-        assert_eq!(exit_status(9), GuestStatus::Exited(137));
-        assert_eq!(exit_status(15), GuestStatus::Exited(143));
+    fn errors_print_with_their_causes_on_one_line() {
+        let err = InitError::ImageFile(
+            "/etc/passwd",
+            io::Error::new(io::ErrorKind::PermissionDenied, "denied"),
+        );
+        assert_eq!(chain(&err), "cannot read /etc/passwd: denied");
+        let err = InitError::from(UserError::UnknownUser("bob".into()));
+        assert_eq!(
+            chain(&err),
+            "unable to find user bob: no matching entries in passwd file"
+        );
+    }
+
+    #[test]
+    fn poll_timeouts_round_up() {
+        assert_eq!(i32::from(timeout(Duration::from_micros(10))), 1);
+        assert_eq!(i32::from(timeout(Duration::from_millis(5))), 6);
+        assert_eq!(timeout(Duration::from_secs(u64::MAX)), PollTimeout::MAX);
     }
 }
