@@ -3,6 +3,9 @@
 //! They run inside the lab (`cargo xtask lab e2e`), which puts the static katalite on `PATH`
 //! and names the test rootfs trees in `KATALITE_E2E_ROOTFS`; elsewhere they fail loudly.
 
+#[path = "e2e/images.rs"]
+mod images;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -41,11 +44,19 @@ fn rootfs(name: &str) -> String {
 /// Runs `katalite run --rootfs <busybox> OPTIONS -- COMMAND` and waits at most
 /// [`RUN_TIMEOUT`], capturing both output streams.
 fn katalite_busybox(options: &[&str], command: &[&str]) -> Outcome {
+    let busybox = rootfs("busybox");
+    let mut args = vec!["run", "--rootfs", &busybox];
+    args.extend_from_slice(options);
+    args.push("--");
+    args.extend_from_slice(command);
+    katalite(&args)
+}
+
+/// Runs `katalite ARGS` and waits at most [`RUN_TIMEOUT`], capturing both output streams.
+fn katalite(args: &[&str]) -> Outcome {
+    let command = args;
     let mut child = Command::new("katalite")
-        .args(["run", "--rootfs", &rootfs("busybox")])
-        .args(options)
-        .arg("--")
-        .args(command)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

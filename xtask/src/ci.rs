@@ -23,32 +23,38 @@ pub fn run(args: &Args) -> Result<()> {
     let root = workspace_root()?;
     ensure_musl_target()?;
     step("format", cargo(&root, &["fmt", "--all", "--check"]))?;
-    step(
+    let clippy = [
         "clippy",
-        cargo(
-            &root,
-            &[
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--all-features",
-                "--",
-                "-D",
-                "warnings",
-            ],
-        ),
-    )?;
-    step(
-        "unit and host tests",
-        cargo(&root, &["test", "--workspace"]),
-    )?;
-    step("guest build", xtask(&root, &["build-guest"]))?;
-    step("static release build", static_release_build(&root))?;
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    step("clippy", cargo(&root, &clippy))?;
+    // The real registries (plain, and basic auth over TLS with a self-made CA) serve the
+    // integration tests on the host and, through QEMU's user network, the lab.
+    let registries = ["registry", "start", "--tls-auth"];
+    step("local test registries", xtask(&root, &registries))?;
+    let result = tests_with_registry(&root, args);
+    let stopped = xtask(&root, &["registry", "stop", "--tls-auth"]);
+    result.and(stopped)
+}
+
+fn tests_with_registry(root: &Path, args: &Args) -> Result<()> {
+    std::env::set_var("KATALITE_TEST_REGISTRY", "127.0.0.1:5000");
+    std::env::set_var("KATALITE_TEST_REGISTRY_TLS", "127.0.0.1:5443");
+    // The lab reaches the host's loopback as 10.0.2.2.
+    std::env::set_var("KATALITE_E2E_REGISTRY", "10.0.2.2:5000");
+    step("unit and host tests", cargo(root, &["test", "--workspace"]))?;
+    step("guest build", xtask(root, &["build-guest"]))?;
+    step("static release build", static_release_build(root))?;
     if args.no_e2e {
         println!("ci: end-to-end tests skipped (--no-e2e)");
         return Ok(());
     }
-    step("end-to-end tests in the lab", xtask(&root, &["lab", "e2e"]))
+    step("end-to-end tests in the lab", xtask(root, &["lab", "e2e"]))
 }
 
 fn step(name: &str, result: Result<()>) -> Result<()> {

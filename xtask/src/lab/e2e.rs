@@ -19,6 +19,10 @@ pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
         shell_quote(&paths.in_l1(&rootfs).to_string_lossy()),
         shell_quote(&paths.in_l1(&tests).to_string_lossy()),
     );
+    // The local test registry (`cargo xtask registry`), as the lab reaches the host.
+    if let Ok(registry) = std::env::var("KATALITE_E2E_REGISTRY") {
+        command = format!("KATALITE_E2E_REGISTRY={} {command}", shell_quote(&registry));
+    }
     for arg in test_args {
         command.push(' ');
         command.push_str(&shell_quote(arg));
