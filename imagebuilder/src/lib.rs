@@ -1,18 +1,19 @@
-//! Packs root filesystems into newc cpio archives the Linux kernel unpacks as its
-//! initramfs. Never sees KVM: its output is bytes the VMM places in guest memory.
+//! From image to initramfs: OCI references and registry pulls, local image sources, the
+//! content-addressed cache, and the packing of layers (or a host directory) into the
+//! compressed newc cpio the Linux kernel unpacks. Never sees KVM.
 
+pub mod config;
 pub mod cpio;
+pub mod digest;
 pub mod image;
 pub mod layers;
 pub mod limits;
-pub mod pack;
-pub mod rootfs_dir;
-pub mod config;
-pub mod digest;
-pub mod reference;
 pub mod manifest;
+pub mod pack;
 pub mod progress;
+pub mod reference;
 pub mod registry;
+pub mod rootfs_dir;
 pub mod source;
 pub mod store;
 pub mod tls_roots;
