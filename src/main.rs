@@ -5,6 +5,9 @@ mod cli;
 mod embedded;
 mod image_cmds;
 mod run;
+mod signals;
+mod stdio;
+mod terminal;
 
 use clap::Parser;
 
@@ -14,14 +17,14 @@ const EXIT_KATALITE_FAILED: u8 = 125;
 fn main() -> std::process::ExitCode {
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) => {
-            let code = if err.use_stderr() {
-                EXIT_KATALITE_FAILED
-            } else {
-                0
-            };
+        Err(err) if !err.use_stderr() => {
+            // --help and --version.
             let _ = err.print();
-            return std::process::ExitCode::from(code);
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("katalite: {}", cli::one_line(&err));
+            return std::process::ExitCode::from(EXIT_KATALITE_FAILED);
         }
     };
     let result = match &cli.command {

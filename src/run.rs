@@ -1,20 +1,25 @@
-//! `katalite run`: pack the root filesystem and the per-run init archive, boot the VM,
-//! and turn how it ended into Docker's exit codes.
+//! `katalite run`: pack the root filesystem and the per-run init archive, boot the VM with
+//! the workload's stdio, signals and terminal attached to katalite's, and turn how it ended
+//! into Docker's exit codes.
 
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use guest_init::channel::{encode, Message};
 use guest_init::{GuestStatus, RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
 use imagebuilder::pack::{packed_initramfs, PackOptions};
 use imagebuilder::progress::Progress;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
-use vmm::{VmConfig, VmExit};
+use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
 
 use crate::cli::RunArgs;
-use crate::{embedded, image_cmds};
+use crate::stdio::{self, Demux, Fault, STREAM};
+use crate::{embedded, image_cmds, signals, terminal};
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
 /// console's used-buffer interrupts often find nothing left to do, which is expected).
@@ -23,8 +28,20 @@ const GUEST_CMDLINE: &str = "noirqdebug rdinit=/.katalite/init";
 const QUIET_CMDLINE: &str = "quiet loglevel=3";
 const VERBOSE_CMDLINE: &str = "printk.time=1 loglevel=7";
 
+/// Docker's status for a container it killed (128 + SIGKILL).
+const EXIT_KILLED: u8 = 137;
+/// What a shell reports for a pipeline member whose reader went away (128 + SIGPIPE).
+const EXIT_BROKEN_PIPE: u8 = 141;
+/// Docker's CLI status for a usage problem it finds itself (`the input device is not a TTY`).
+const EXIT_CLI_ERROR: u8 = 1;
+
 /// Runs the workload and returns the exit code `katalite` should exit with.
 pub fn run(args: &RunArgs) -> Result<u8> {
+    if args.tty && args.interactive && !terminal::stdin_is_terminal() {
+        eprintln!("katalite: the input device is not a TTY");
+        return Ok(EXIT_CLI_ERROR);
+    }
+    let env_files = read_env_files(&args.env_file)?;
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
     let init = embedded::init().context(
@@ -32,7 +49,8 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     )?;
 
     let (rootfs, image_config) = root_filesystem(args)?;
-    let config = run_config(args, &image_config)?;
+    let id = container_id()?;
+    let config = run_config(args, &image_config, env_files, &id)?;
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
@@ -41,19 +59,134 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         (Box::new(ConsoleErrors::default()), QUIET_CMDLINE)
     };
     let cmdline = format!("{GUEST_CMDLINE} {verbosity}");
-    let exit = vmm::run(VmConfig {
+    let vm = VmConfig {
         vcpus: args.cpus,
         memory_mib: args.memory,
         kernel: &kernel,
         initramfs: &[&rootfs, &run_archive],
         cmdline: &cmdline,
-        console: Box::new(io::stdout()),
+        console: Box::new(io::sink()),
         console_input: None,
         stopper: None,
         serial,
-    })
-    .context("the VM failed")?;
-    exit_code(exit)
+    };
+    run_attached(args, vm)
+}
+
+/// Why katalite itself ended the VM, recorded before the stop so the exit code can say.
+#[derive(Debug)]
+enum StopCause {
+    /// A second SIGTERM/SIGINT, or the stop timeout after the first.
+    Killed,
+    /// The host's stdout or stderr reader went away.
+    BrokenPipe,
+    /// The guest broke the channel protocol.
+    Malformed(anyhow::Error),
+}
+
+/// Ends the VM for a [`StopCause`]; the first cause is kept.
+#[derive(Clone, Default)]
+struct Ending {
+    stopper: VmStopper,
+    cause: Arc<Mutex<Option<StopCause>>>,
+}
+
+impl Ending {
+    fn stop(&self, cause: StopCause) {
+        self.cause
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(cause);
+        self.stopper.stop();
+    }
+
+    fn take(&self) -> Option<StopCause> {
+        self.cause
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Boots `vm` with the channel attached: frames to fd 1/2, signals (and with `-i` stdin,
+/// with `-t` the terminal size) to the guest, the host terminal raw with `-it`.
+fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>) -> Result<u8> {
+    let input = ConsoleInput::new();
+    let ending = Ending::default();
+    let on_fault = {
+        let ending = ending.clone();
+        move |fault| {
+            ending.stop(match fault {
+                Fault::Malformed(err) => StopCause::Malformed(err),
+                Fault::BrokenPipe => StopCause::BrokenPipe,
+            })
+        }
+    };
+    if args.tty {
+        // Queued before boot: init waits for the first size before starting a terminal
+        // workload. 0x0 is what Docker's terminal gets without a host terminal.
+        let (rows, cols) = terminal::size().unwrap_or((0, 0));
+        let mut frame = Vec::new();
+        encode(STREAM, &Message::Resize { rows, cols }, &mut frame);
+        input
+            .send(&frame)
+            .context("cannot queue the terminal size")?;
+    }
+    let kill = {
+        let ending = ending.clone();
+        move || {
+            terminal::restore();
+            ending.stop(StopCause::Killed);
+        }
+    };
+    let timeout = Duration::from_secs(args.stop_timeout);
+    let forwarder = signals::Forwarder::start(args.tty, timeout, sender(&input), kill)
+        .context("cannot catch signals")?;
+    let raw = match attach_host_input(args, &input) {
+        Ok(raw) => raw,
+        Err(err) => {
+            forwarder.stop();
+            return Err(err);
+        }
+    };
+
+    vm.console = Box::new(Demux::new(io::stdout(), io::stderr(), on_fault));
+    vm.console_input = Some(input);
+    vm.stopper = Some(ending.stopper.clone());
+    let exit = vmm::run(vm);
+    // The terminal first, so every message after this prints normally.
+    drop(raw);
+    forwarder.stop();
+    exit_code(exit.context("the VM failed")?, ending.take())
+}
+
+/// With `-i`, starts feeding the host's stdin to the guest, in raw mode when `-t` too.
+fn attach_host_input(args: &RunArgs, input: &ConsoleInput) -> Result<Option<terminal::RawMode>> {
+    if !args.interactive {
+        return Ok(None);
+    }
+    let raw = if args.tty {
+        let raw =
+            terminal::RawMode::enter(io::stdin()).context("cannot put the terminal in raw mode")?;
+        Some(raw)
+    } else {
+        None
+    };
+    stdio::pump_stdin(sender(input)).context("cannot start the stdin thread")?;
+    Ok(raw)
+}
+
+/// A frame sink for host threads: false once the VM no longer takes input.
+fn sender(input: &ConsoleInput) -> impl FnMut(&[u8]) -> bool + Send + 'static {
+    let input = input.clone();
+    move |frame| input.send(frame).is_ok()
+}
+
+/// A random 12-hex-digit id for this run, Docker's short container id form.
+fn container_id() -> Result<String> {
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).context("cannot generate a container id")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The root filesystem archive (a packed `--rootfs` directory, or the image's cached
@@ -83,23 +216,78 @@ fn root_filesystem(args: &RunArgs) -> Result<(Vec<u8>, ImageConfig)> {
 }
 
 /// What init runs: the image's defaults overridden by the command line, by Docker's rules.
-fn run_config(args: &RunArgs, image: &ImageConfig) -> Result<RunConfig> {
+/// `env_files` are the `--env-file` entries, which `-e` overrides.
+fn run_config(
+    args: &RunArgs,
+    image: &ImageConfig,
+    env_files: Vec<String>,
+    id: &str,
+) -> Result<RunConfig> {
     let argv = combine_command(image, args.entrypoint.as_deref(), args.command());
     if argv.is_empty() {
         bail!("no command specified (the image has no entrypoint or command)");
     }
     let host_env = |name: &str| std::env::var(name).ok();
+    let overrides: Vec<String> = env_files.into_iter().chain(args.env.clone()).collect();
+    let hostname = args.hostname.as_ref().or(args.name.as_ref());
     Ok(RunConfig {
         args: argv,
-        env: merge_env(&image.env, &args.env, host_env),
+        env: merge_env(&image.env, &overrides, host_env),
         working_dir: args
             .workdir
             .clone()
             .unwrap_or_else(|| image.working_dir.clone()),
-        hostname: args.hostname.clone(),
-        user: image.user.clone(),
-        ..RunConfig::default()
+        hostname: hostname.cloned().unwrap_or_else(|| id.to_string()),
+        // `-u ""` leaves the image's user, as in Docker.
+        user: match &args.user {
+            Some(user) if !user.is_empty() => user.clone(),
+            _ => image.user.clone(),
+        },
+        tty: args.tty,
+        open_stdin: args.interactive,
+        read_only: args.read_only,
     })
+}
+
+/// The entries of every `--env-file`, in order.
+fn read_env_files(paths: &[PathBuf]) -> Result<Vec<String>> {
+    let mut env = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read env file {}", path.display()))?;
+        let entries = parse_env_file(&text, |name| std::env::var(name).ok())
+            .with_context(|| format!("invalid env file {}", path.display()))?;
+        env.extend(entries);
+    }
+    Ok(env)
+}
+
+/// Docker's env-file format: `NAME=VALUE` lines (the value verbatim), `NAME` alone for the
+/// host's value (skipped when unset), blank lines and `#` comments skipped, leading
+/// whitespace ignored, a name containing whitespace refused.
+fn parse_env_file(text: &str, host: impl Fn(&str) -> Option<String>) -> Result<Vec<String>> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut env = Vec::new();
+    for line in text.lines().map(str::trim_start) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = match line.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (line, None),
+        };
+        if name.contains([' ', '\t']) {
+            bail!("variable '{name}' contains whitespaces");
+        }
+        if name.is_empty() {
+            bail!("no variable name on line '{line}'");
+        }
+        match value {
+            Some(value) => env.push(format!("{name}={value}")),
+            None => env.extend(host(name).map(|value| format!("{name}={value}"))),
+        }
+    }
+    Ok(env)
 }
 
 /// Docker's entrypoint/cmd rules: `--entrypoint` replaces the image's entrypoint and drops
@@ -194,9 +382,13 @@ fn run_archive(init: &[u8], config: &RunConfig) -> Result<Vec<u8>> {
     Ok(writer.finish()?)
 }
 
-/// Maps how the VM ended to the exit code, or an error (exit 125) for anything that is not
-/// a workload status.
-fn exit_code(exit: VmExit) -> Result<u8> {
+/// Maps how the VM ended (and why katalite stopped it, if it did) to the exit code, or an
+/// error (exit 125) for anything that is not a workload status.
+fn exit_code(exit: VmExit, cause: Option<StopCause>) -> Result<u8> {
+    // Output already lost to a broken protocol makes any status untrustworthy.
+    if let Some(StopCause::Malformed(err)) = cause {
+        return Err(err.context("the guest sent a malformed frame"));
+    }
     match exit {
         VmExit::Status(word) => match GuestStatus::from_word(word) {
             Some(GuestStatus::Exited(code)) => Ok(code),
@@ -212,7 +404,11 @@ fn exit_code(exit: VmExit) -> Result<u8> {
             triple_fault: true, ..
         } => bail!("the guest crashed (triple fault)"),
         VmExit::Reset { .. } => bail!("the guest rebooted without reporting an exit status"),
-        VmExit::Stopped => bail!("the VM was stopped"),
+        VmExit::Stopped => match cause {
+            Some(StopCause::Killed) => Ok(EXIT_KILLED),
+            Some(StopCause::BrokenPipe) => Ok(EXIT_BROKEN_PIPE),
+            _ => bail!("the VM was stopped"),
+        },
     }
 }
 
@@ -255,30 +451,174 @@ mod tests {
     #[test]
     fn workload_statuses_become_exit_codes() {
         assert_eq!(
-            exit_code(VmExit::Status(GuestStatus::Exited(42).to_word())).ok(),
+            exit_code(VmExit::Status(GuestStatus::Exited(42).to_word()), None).ok(),
             Some(42)
         );
         assert_eq!(
-            exit_code(VmExit::Status(GuestStatus::Exited(0).to_word())).ok(),
+            exit_code(VmExit::Status(GuestStatus::Exited(0).to_word()), None).ok(),
             Some(0)
         );
     }
 
     #[test]
     fn guest_failures_are_errors_not_statuses() {
-        assert!(exit_code(VmExit::Status(GuestStatus::InitFailed.to_word())).is_err());
-        assert!(exit_code(VmExit::Status(0xdead_beef)).is_err());
+        assert!(exit_code(VmExit::Status(GuestStatus::InitFailed.to_word()), None).is_err());
+        assert!(exit_code(VmExit::Status(0xdead_beef), None).is_err());
         let panic = VmExit::Reset {
             triple_fault: false,
             panic: Some("Kernel panic - not syncing: x".into()),
         };
-        let message = format!("{:#}", exit_code(panic).expect_err("panic is an error"));
+        let message = format!(
+            "{:#}",
+            exit_code(panic, None).expect_err("panic is an error")
+        );
         assert!(message.contains("panicked"), "{message}");
-        assert!(exit_code(VmExit::Reset {
-            triple_fault: true,
-            panic: None
-        })
+        assert!(exit_code(
+            VmExit::Reset {
+                triple_fault: true,
+                panic: None
+            },
+            None
+        )
         .is_err());
+        assert!(exit_code(VmExit::Stopped, None).is_err());
+    }
+
+    #[test]
+    fn katalites_own_stops_map_to_docker_codes() {
+        assert_eq!(
+            exit_code(VmExit::Stopped, Some(StopCause::Killed)).ok(),
+            Some(137)
+        );
+        assert_eq!(
+            exit_code(VmExit::Stopped, Some(StopCause::BrokenPipe)).ok(),
+            Some(141)
+        );
+        // The guest finished before the stop landed: its status stands.
+        let exited = VmExit::Status(GuestStatus::Exited(7).to_word());
+        assert_eq!(exit_code(exited, Some(StopCause::Killed)).ok(), Some(7));
+        let malformed = || StopCause::Malformed(anyhow::anyhow!("unknown channel frame kind 99"));
+        for exit in [
+            VmExit::Stopped,
+            VmExit::Status(GuestStatus::Exited(0).to_word()),
+        ] {
+            let err = exit_code(exit, Some(malformed())).expect_err("malformed is an error");
+            assert_eq!(
+                format!("{err:#}"),
+                "the guest sent a malformed frame: unknown channel frame kind 99"
+            );
+        }
+    }
+
+    #[test]
+    fn the_first_stop_cause_is_kept() {
+        let ending = Ending::default();
+        ending.stop(StopCause::BrokenPipe);
+        ending.stop(StopCause::Killed);
+        assert!(matches!(ending.take(), Some(StopCause::BrokenPipe)));
+        assert!(ending.take().is_none());
+    }
+
+    #[test]
+    fn env_files_read_as_docker_reads_them() {
+        let host = |name: &str| (name == "HOSTVAR").then(|| "from host".to_string());
+        let text = "\u{feff}# a comment\n\nA=1\n  B= spaced value \nHOSTVAR\nUNSET\r\nC=x=y\n\t#x\nEMPTY=\n";
+        let env = parse_env_file(text, host).expect("valid");
+        assert_eq!(
+            env,
+            strings(&[
+                "A=1",
+                "B= spaced value ",
+                "HOSTVAR=from host",
+                "C=x=y",
+                "EMPTY="
+            ])
+        );
+    }
+
+    #[test]
+    fn env_file_names_must_be_clean() {
+        let none = |_: &str| None;
+        let err = parse_env_file("MY VAR=1\n", none).expect_err("space in name");
+        assert_eq!(err.to_string(), "variable 'MY VAR' contains whitespaces");
+        let err = parse_env_file("=1\n", none).expect_err("no name");
+        assert_eq!(err.to_string(), "no variable name on line '=1'");
+        assert!(parse_env_file("TRAILING \n", none).is_err());
+    }
+
+    fn args(argv: &[&str]) -> RunArgs {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(["katalite", "run"].iter().chain(argv))
+            .expect("valid arguments");
+        match cli.command {
+            crate::cli::Command::Run(run) => *run,
+            _ => panic!("not a run"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_overrides_the_image_config() {
+        let image = ImageConfig {
+            cmd: strings(&["sh"]),
+            env: strings(&["PATH=/bin", "A=image", "F=image"]),
+            working_dir: "/image".into(),
+            user: "nobody".into(),
+            ..ImageConfig::default()
+        };
+        let run = args(&[
+            "-e",
+            "A=cli",
+            "-w",
+            "/cli",
+            "-u",
+            "1000:1000",
+            "-it",
+            "--read-only",
+            "img",
+        ]);
+        let config =
+            run_config(&run, &image, strings(&["F=file", "A=file"]), "0123456789ab").expect("ok");
+        assert_eq!(config.env, strings(&["PATH=/bin", "F=file", "A=cli"]));
+        assert_eq!(config.working_dir, "/cli");
+        assert_eq!(config.user, "1000:1000");
+        assert!(config.tty && config.open_stdin && config.read_only);
+        assert_eq!(config.hostname, "0123456789ab");
+
+        let config = run_config(&args(&["img"]), &image, Vec::new(), "id").expect("ok");
+        assert_eq!(
+            (config.user.as_str(), config.working_dir.as_str()),
+            ("nobody", "/image")
+        );
+        assert!(!config.tty && !config.open_stdin && !config.read_only);
+        let config = run_config(&args(&["-u", "", "img"]), &image, Vec::new(), "id").expect("ok");
+        assert_eq!(config.user, "nobody");
+    }
+
+    #[test]
+    fn hostname_is_the_flag_then_the_name_then_the_id() {
+        let image = ImageConfig {
+            cmd: strings(&["sh"]),
+            ..ImageConfig::default()
+        };
+        let hostname = |argv: &[&str]| {
+            run_config(&args(argv), &image, Vec::new(), "c0ffee123456")
+                .expect("ok")
+                .hostname
+        };
+        assert_eq!(hostname(&["-h", "box", "--name", "web", "img"]), "box");
+        assert_eq!(hostname(&["--name", "web", "img"]), "web");
+        assert_eq!(hostname(&["img"]), "c0ffee123456");
+    }
+
+    #[test]
+    fn container_ids_are_random_12_hex() {
+        let a = container_id().expect("id");
+        let b = container_id().expect("id");
+        assert_eq!(a.len(), 12);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
     }
 
     fn strings(items: &[&str]) -> Vec<String> {

@@ -1,0 +1,242 @@
+//! Signals sent to `katalite run` become Signal frames for the workload, as `docker run`
+//! proxies them; SIGWINCH becomes a Resize frame with `-t`. A second SIGTERM/SIGINT, or
+//! the stop timeout after the first, gives up on the guest: katalite ends the VM itself
+//! (exit 137, as Docker reports a killed container).
+
+use std::io;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use guest_init::channel::{encode, Message};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
+use signal_hook::iterator::{Handle, Signals};
+
+use crate::stdio::STREAM;
+use crate::terminal;
+
+/// The signals forwarded to the workload (Docker forwards these and more; these are the
+/// ones people send).
+pub const FORWARDED: [i32; 6] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
+
+/// What to do about one signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Pass it to the workload.
+    Forward,
+    /// Pass it to the workload and start the stop timeout.
+    ForwardAndArm,
+    /// The user insists: end the VM now.
+    Kill,
+}
+
+/// Which signal asks for what: the first SIGTERM or SIGINT is forwarded and arms the
+/// timeout; the next one kills. Every other signal is only forwarded.
+#[derive(Debug, Default)]
+struct Policy {
+    stopping: bool,
+}
+
+impl Policy {
+    fn on(&mut self, signal: i32) -> Action {
+        if signal != SIGTERM && signal != SIGINT {
+            return Action::Forward;
+        }
+        if std::mem::replace(&mut self.stopping, true) {
+            Action::Kill
+        } else {
+            Action::ForwardAndArm
+        }
+    }
+}
+
+/// The running forwarder: a `katalite-signals` thread reading the signals and a
+/// `katalite-signal-send` thread that queues the frames, so a full console input never
+/// delays a hard stop.
+pub struct Forwarder {
+    handle: Handle,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Forwarder {
+    /// Catches [`FORWARDED`] (and SIGWINCH when `tty`) from now on. Encoded frames go to
+    /// `send` (false: the VM is gone); `kill` ends the VM, after `timeout` or on a second
+    /// SIGTERM/SIGINT.
+    pub fn start(
+        tty: bool,
+        timeout: Duration,
+        send: impl FnMut(&[u8]) -> bool + Send + 'static,
+        kill: impl Fn() + Send + Sync + Clone + 'static,
+    ) -> io::Result<Self> {
+        let mut signals = Signals::new(FORWARDED)?;
+        if tty {
+            signals.add_signal(SIGWINCH)?;
+        }
+        let handle = signals.handle();
+        let (frames, queued) = mpsc::channel::<Message>();
+        let sender = std::thread::Builder::new()
+            .name("katalite-signal-send".into())
+            .spawn(move || send_frames(&queued, send))?;
+        let reader = std::thread::Builder::new()
+            .name("katalite-signals".into())
+            .spawn(move || {
+                let mut policy = Policy::default();
+                for signal in signals.forever() {
+                    if signal == SIGWINCH {
+                        if let Some((rows, cols)) = terminal::size() {
+                            let _ = frames.send(Message::Resize { rows, cols });
+                        }
+                        continue;
+                    }
+                    match policy.on(signal) {
+                        Action::Forward => {
+                            let _ = frames.send(Message::Signal(signal));
+                        }
+                        Action::ForwardAndArm => {
+                            let _ = frames.send(Message::Signal(signal));
+                            arm(timeout, kill.clone());
+                        }
+                        Action::Kill => kill(),
+                    }
+                }
+            });
+        let reader = match reader {
+            Ok(reader) => reader,
+            Err(err) => {
+                handle.close();
+                return Err(err);
+            }
+        };
+        Ok(Self {
+            handle,
+            threads: vec![reader, sender],
+        })
+    }
+
+    /// Stops catching signals and joins the threads. Call it once the VM has ended (so a
+    /// blocked send has been refused).
+    pub fn stop(self) {
+        self.handle.close();
+        for thread in self.threads {
+            // A panicked thread already reported itself; the run is over either way.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Queues each message as a frame until the forwarder ends or the VM refuses input.
+fn send_frames(queued: &mpsc::Receiver<Message>, mut send: impl FnMut(&[u8]) -> bool) {
+    let mut frame = Vec::new();
+    while let Ok(message) = queued.recv() {
+        frame.clear();
+        encode(STREAM, &message, &mut frame);
+        if !send(&frame) {
+            return;
+        }
+    }
+}
+
+/// Calls `kill` after `timeout` on a `katalite-stop-timer` thread (never joined: the
+/// process ends with the VM).
+fn arm(timeout: Duration, kill: impl Fn() + Send + 'static) {
+    let spawned = std::thread::Builder::new()
+        .name("katalite-stop-timer".into())
+        .spawn(move || {
+            std::thread::sleep(timeout);
+            kill();
+        });
+    // Without a timer only a second signal stops a guest that ignores the first.
+    if spawned.is_err() {
+        eprintln!("katalite: cannot start the stop timer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_init::channel::Decoder;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    #[test]
+    fn the_second_term_or_int_kills_and_others_only_forward() {
+        let mut policy = Policy::default();
+        assert_eq!(policy.on(SIGUSR1), Action::Forward);
+        assert_eq!(policy.on(SIGHUP), Action::Forward);
+        assert_eq!(policy.on(SIGTERM), Action::ForwardAndArm);
+        assert_eq!(policy.on(SIGQUIT), Action::Forward);
+        assert_eq!(policy.on(SIGINT), Action::Kill);
+        assert_eq!(policy.on(SIGTERM), Action::Kill);
+        let mut policy = Policy::default();
+        assert_eq!(policy.on(SIGINT), Action::ForwardAndArm);
+    }
+
+    fn decode(bytes: &[u8]) -> Vec<Message> {
+        let mut decoder = Decoder::new();
+        decoder.feed(bytes);
+        std::iter::from_fn(|| decoder.next_frame().expect("valid"))
+            .map(|frame| frame.message)
+            .collect()
+    }
+
+    /// Raises the test-only signals through the real handlers: SIGUSR1/SIGUSR2 are not
+    /// used by the test harness, and once a handler is installed they cannot kill it.
+    #[test]
+    fn raised_signals_arrive_as_frames_in_order() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let kills = Arc::new(AtomicUsize::new(0));
+        let forwarder = {
+            let sent = sent.clone();
+            let kills = kills.clone();
+            Forwarder::start(
+                false,
+                Duration::from_secs(60),
+                move |frame| {
+                    sent.lock().expect("lock").extend_from_slice(frame);
+                    true
+                },
+                move || {
+                    kills.fetch_add(1, Ordering::SeqCst);
+                },
+            )
+            .expect("start")
+        };
+        let expected = [Message::Signal(SIGUSR1), Message::Signal(SIGUSR2)];
+        let started = Instant::now();
+        for (count, signal) in [SIGUSR1, SIGUSR2].into_iter().enumerate() {
+            signal_hook::low_level::raise(signal).expect("raise");
+            while decode(&sent.lock().expect("lock")).len() <= count {
+                assert!(started.elapsed() < Duration::from_secs(10), "no frame");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        forwarder.stop();
+        assert_eq!(decode(&sent.lock().expect("lock")), expected);
+        assert_eq!(kills.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_timer_kills_after_the_timeout() {
+        let (fired, fire) = mpsc::channel();
+        let started = Instant::now();
+        arm(Duration::from_millis(50), move || {
+            let _ = fired.send(Instant::now());
+        });
+        let at = fire.recv_timeout(Duration::from_secs(10)).expect("fired");
+        assert!(at - started >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn frames_stop_when_the_vm_refuses_them() {
+        let (frames, queued) = mpsc::channel();
+        frames.send(Message::Signal(SIGTERM)).expect("queue");
+        frames.send(Message::Signal(SIGHUP)).expect("queue");
+        let mut calls = Vec::new();
+        send_frames(&queued, |frame| {
+            calls.push(decode(frame));
+            false
+        });
+        assert_eq!(calls, [vec![Message::Signal(SIGTERM)]]);
+    }
+}
