@@ -69,6 +69,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         console_input: None,
         stopper: None,
         serial,
+        network: None,
     };
     run_attached(args, vm)
 }

@@ -1,12 +1,14 @@
 //! katalite's virtual machine monitor: boots a Linux `vmlinux` with an initramfs on KVM,
-//! with an 8250 serial console, virtio-mmio devices (rng, console with host input) and a
-//! status port through which the guest reports how it ended; the caller may end it early.
+//! with an 8250 serial console, virtio-mmio devices (rng, console with host input, net on
+//! a user-mode network or a TAP device) and a status port through which the guest reports
+//! how it ended; the caller may end it early.
 //! It knows nothing about containers or images.
 
 pub mod bus;
 pub mod devices;
 pub mod host;
 pub mod layout;
+pub mod net;
 mod vcpu;
 pub mod virtio;
 mod vm;
@@ -15,6 +17,7 @@ mod x86;
 pub use bus::{Bus, BusDevice, BusError};
 pub use devices::stop::VmStopper;
 pub use host::{check_kvm, HostError, KvmKind};
+pub use net::{NetBackend, NetConfig};
 pub use vcpu::VcpuError;
 pub use virtio::{ConsoleInput, InputError};
 pub use vm::{

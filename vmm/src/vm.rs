@@ -1,7 +1,8 @@
 //! One VM from start to end: guest memory registered with KVM, the in-kernel irqchip and
-//! PIT, the devices on their buses (COM1, i8042, status port, virtio-mmio rng and
-//! console), the boot image, the vCPU threads and the console input thread; then wait for
-//! the first stop request, stop every vCPU, join them and report how the guest ended.
+//! PIT, the devices on their buses (COM1, i8042, status port, virtio-mmio rng, console
+//! and optionally net), the boot image, the vCPU threads, the console input thread and the
+//! network thread; then wait for the first stop request, stop every vCPU, join them and
+//! report how the guest ended.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,9 +20,10 @@ use crate::bus::{Bus, BusError};
 use crate::devices::stop::VmStopper;
 use crate::devices::{SerialPort, StatusPort, StopReason, VmStop, I8042};
 use crate::layout;
+use crate::net::{Link, NetConfig, NetPump, LINK_QUEUE_FRAMES};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
 use crate::virtio::{
-    Console, ConsoleInput, InputPump, MmioTransport, Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
+    Console, ConsoleInput, InputPump, MmioTransport, Net, Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
@@ -64,6 +66,9 @@ pub struct VmConfig<'a> {
     pub stopper: Option<VmStopper>,
     /// COM1 output (the kernel log).
     pub serial: Box<dyn Write + Send>,
+    /// A virtio-net NIC and the network behind it; `None` gives the guest no NIC. The
+    /// backend is dropped (its sockets and published ports closed) when the VM ends.
+    pub network: Option<NetConfig>,
 }
 
 /// A hand-written real-mode guest, for testing the VMM on hosts (like PVM) that cannot
@@ -162,7 +167,7 @@ pub enum VmError {
     /// Two devices were given overlapping addresses.
     #[error("cannot place a device on a bus")]
     Bus(#[from] BusError),
-    /// The console input thread could not be started.
+    /// The console input or network thread could not be started.
     #[error("cannot start the io thread")]
     IoThread(#[source] io::Error),
     /// A vCPU could not be set up or failed while running.
@@ -189,6 +194,7 @@ pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
         config.serial,
         Console::new(config.console, config.console_input.unwrap_or_default()),
         config.stopper.unwrap_or_default(),
+        config.network,
     )?;
     let cmdline = machine.cmdline(config.cmdline);
     let image = LinuxImage {
@@ -209,6 +215,7 @@ pub fn run_raw(guest: RawGuest<'_>) -> Result<VmExit, VmError> {
         guest.serial,
         Console::new(Box::new(io::sink()), ConsoleInput::new()),
         guest.stopper.unwrap_or_default(),
+        None,
     )?;
     let addr = u64::from(guest.load_addr);
     machine
@@ -258,6 +265,8 @@ struct Machine {
     console: Arc<Mutex<MmioTransport>>,
     // Dropped with the machine, which ends the console input on every path out of `run`.
     pump: InputPump,
+    // Likewise, dropping it stops the network thread and closes the backend's sockets.
+    net: Option<(Arc<Mutex<MmioTransport>>, NetPump)>,
     stop: Arc<VmStop>,
     device_args: Vec<String>,
 }
@@ -269,6 +278,7 @@ impl Machine {
         serial_out: Box<dyn Write + Send>,
         console: Console,
         stopper: VmStopper,
+        network: Option<NetConfig>,
     ) -> Result<Self, VmError> {
         let pump = InputPump::new(console.input().clone());
         let mem_size = check_shape(vcpus, memory_mib)?;
@@ -334,6 +344,19 @@ impl Machine {
         };
         place(0, "virtio-rng", Box::new(Rng::new()))?;
         let console = place(1, "virtio-console", Box::new(console))?;
+        let net = match network {
+            Some(NetConfig { mac, backend }) => {
+                let link = Link::new(LINK_QUEUE_FRAMES).map_err(|source| VmError::EventFd {
+                    device: "virtio-net",
+                    source,
+                })?;
+                let link = Arc::new(link);
+                let device = Box::new(Net::new(mac, link.clone()));
+                let transport = place(2, "virtio-net", device)?;
+                Some((transport, NetPump::new(link, backend)))
+            }
+            None => None,
+        };
 
         Ok(Self {
             kvm,
@@ -346,6 +369,7 @@ impl Machine {
             serial,
             console,
             pump,
+            net,
             stop,
             device_args,
         })
@@ -397,6 +421,17 @@ impl Machine {
                     .run_queue(CONSOLE_RECEIVE_QUEUE);
             })
             .map_err(VmError::IoThread)?;
+        // Frames from the network reach the guest the same way, from `katalite-net`.
+        if let Some((transport, pump)) = &mut self.net {
+            let transport = transport.clone();
+            pump.start(move |queue| {
+                transport
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .run_queue(queue);
+            })
+            .map_err(VmError::IoThread)?;
+        }
 
         let running = Arc::new(AtomicBool::new(true));
         let pio = Arc::new(self.pio.clone());

@@ -5,6 +5,7 @@
 mod console;
 mod console_input;
 mod mmio;
+mod net;
 mod rng;
 
 pub use console::Console;
@@ -12,6 +13,7 @@ pub(crate) use console::RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE;
 pub(crate) use console_input::InputPump;
 pub use console_input::{ConsoleInput, InputError};
 pub use mmio::MmioTransport;
+pub(crate) use net::{Net, NET_RX_QUEUE, NET_TX_QUEUE};
 pub use rng::Rng;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
