@@ -203,6 +203,9 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
         &[("lab/env", &env), ("lab/cmd.sh", &format!("{command}\n"))],
     )?;
     let machine = qemu::Machine::from_env()?;
+    // Unix socket paths are short (108 bytes): keep the monitor out of a deep target dir.
+    let scratch = tempfile::tempdir().context("cannot create a scratch dir")?;
+    let monitor = scratch.path().join("monitor");
     let prepared = began.elapsed();
     let outcome = qemu::run(
         &machine,
@@ -211,6 +214,7 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
             initrd: initrd.path(),
             repo: &paths.repo,
             token: &token,
+            monitor: &monitor,
         },
     )?;
     match outcome {

@@ -2,7 +2,8 @@
 //! console until the init reports the command's exit status, with a hard timeout.
 
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -15,8 +16,11 @@ use super::console::{Console, Ending};
 
 /// L1's kernel command line: serial console, little kernel chatter, and an L1 panic ends
 /// QEMU (`panic=1` reboots, `-no-reboot` turns that into an exit). Spectre mitigations only
-/// slow the emulator down.
-const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=1 mitigations=off";
+/// slow the emulator down. SysRq lets a timeout ask L1 what it is stuck on.
+const CMDLINE: &str = "console=ttyS0 quiet loglevel=1 panic=1 mitigations=off sysrq_always_enabled";
+
+/// How long L1 gets to print its backtraces after a timeout.
+const BACKTRACE_GRACE: Duration = Duration::from_secs(15);
 
 /// How long QEMU may take to power off after the command finished.
 const POWEROFF_GRACE: Duration = Duration::from_secs(60);
@@ -62,6 +66,8 @@ pub struct Boot<'a> {
     pub repo: &'a Path,
     /// The run's marker token (see `console.rs`).
     pub token: &'a str,
+    /// Where QEMU's human monitor listens (a Unix socket path).
+    pub monitor: &'a Path,
 }
 
 /// How a boot ended.
@@ -114,7 +120,24 @@ pub fn arguments(machine: &Machine, boot: &Boot) -> Vec<OsString> {
     args.extend(["-initrd".into(), boot.initrd.into()]);
     args.extend(["-virtfs".into(), virtfs(boot.repo, "src")]);
     args.extend(["-virtfs".into(), virtfs(Path::new("/"), "host")]);
+    let mut monitor = OsString::from("unix:");
+    monitor.push(boot.monitor);
+    monitor.push(",server=on,wait=off");
+    args.extend(["-monitor".into(), monitor]);
     args
+}
+
+/// Types magic SysRq keys on L1's PS/2 keyboard through the QEMU monitor: `9` raises the
+/// console log level so the dumps reach the serial console, `w` lists blocked tasks, `l`
+/// shows every CPU's backtrace. A timed-out run then leaves evidence of where L1 hung.
+fn request_backtraces(monitor: &Path) -> io::Result<()> {
+    let mut socket = UnixStream::connect(monitor)?;
+    for key in ["9", "w", "l"] {
+        writeln!(socket, "sendkey alt-sysrq-{key}")?;
+        // Let the key's handler run before the next one.
+        thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
 }
 
 /// A read-only 9p export; `multidevs=remap` keeps inode numbers unique when the export
@@ -159,7 +182,8 @@ pub fn run(machine: &Machine, boot: &Boot) -> Result<Outcome> {
 
     let mut console = Console::new(boot.token, io::stdout().lock());
     let mut ready = None;
-    let deadline = started + machine.timeout;
+    let mut deadline = started + machine.timeout;
+    let mut backtraces_requested = false;
     let ending = loop {
         match received.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) => {
@@ -169,6 +193,13 @@ pub fn run(machine: &Machine, boot: &Boot) -> Result<Outcome> {
                 }
                 if let Some(ending) = ending {
                     break Ok(ending);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if !backtraces_requested => {
+                backtraces_requested = true;
+                deadline = Instant::now() + BACKTRACE_GRACE;
+                if let Err(err) = request_backtraces(boot.monitor) {
+                    eprintln!("lab: cannot ask L1 for backtraces: {err}");
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -255,6 +286,7 @@ mod tests {
             initrd: Path::new("/k/l1.cpio"),
             repo: Path::new("/work/a,b"),
             token: "t",
+            monitor: Path::new("/tmp/m.sock"),
         };
         let args: Vec<String> = arguments(&machine(), &boot)
             .iter()
@@ -276,5 +308,6 @@ mod tests {
         assert!(shares[0].starts_with("local,path=/work/a,,b,mount_tag=src,"));
         assert!(shares[1].starts_with("local,path=/,mount_tag=host,"));
         assert!(shares.iter().all(|share| share.contains("readonly=on")));
+        assert_eq!(after("-monitor"), ["unix:/tmp/m.sock,server=on,wait=off"]);
     }
 }
