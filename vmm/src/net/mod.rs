@@ -5,12 +5,14 @@
 
 mod link;
 mod pump;
+mod tap;
 
 use std::os::fd::RawFd;
 use std::time::Duration;
 
 pub(crate) use link::{lock, Link, LINK_QUEUE_FRAMES};
 pub(crate) use pump::NetPump;
+pub use tap::{Tap, TapError};
 
 /// Largest Ethernet frame either direction carries: the 1500-byte MTU the device announces
 /// (VIRTIO_NET_F_MTU), the 14-byte header and room for one 802.1Q tag.
