@@ -117,6 +117,15 @@ pub struct RunArgs {
     #[arg(long)]
     pub kernel_log: bool,
 
+    /// For `cargo xtask bench`: init prints `katalite-init: probe ...` lines at boot phases.
+    #[arg(long, hide = true)]
+    pub boot_probe: bool,
+
+    /// For `cargo xtask bench`: write the initramfs this run would boot to FILE, then exit 0
+    /// without booting (so another VMM can boot the very same bytes).
+    #[arg(long, hide = true, value_name = "FILE")]
+    pub write_initramfs: Option<PathBuf>,
+
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,

@@ -42,16 +42,15 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         return Ok(EXIT_CLI_ERROR);
     }
     let env_files = read_env_files(&args.env_file)?;
+    if let Some(path) = &args.write_initramfs {
+        let (rootfs, run_archive) = initramfs(args, env_files)?;
+        std::fs::write(path, [rootfs, run_archive].concat())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(0);
+    }
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
-    let init = embedded::init().context(
-        "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
-    )?;
-
-    let (rootfs, image_config) = root_filesystem(args)?;
-    let id = container_id()?;
-    let config = run_config(args, &image_config, env_files, &id)?;
-    let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
+    let (rootfs, run_archive) = initramfs(args, env_files)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
         (Box::new(io::stderr()), VERBOSE_CMDLINE)
@@ -72,6 +71,19 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         network: None,
     };
     run_attached(args, vm)
+}
+
+/// What the guest kernel unpacks, in order: the root filesystem archive, then the per-run
+/// archive with init and its config.
+fn initramfs(args: &RunArgs, env_files: Vec<String>) -> Result<(Vec<u8>, Vec<u8>)> {
+    let init = embedded::init().context(
+        "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
+    )?;
+    let (rootfs, image_config) = root_filesystem(args)?;
+    let id = container_id()?;
+    let config = run_config(args, &image_config, env_files, &id)?;
+    let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
+    Ok((rootfs, run_archive))
 }
 
 /// Why katalite itself ended the VM, recorded before the stop so the exit code can say.
@@ -247,6 +259,7 @@ fn run_config(
         tty: args.tty,
         open_stdin: args.interactive,
         read_only: args.read_only,
+        boot_probe: args.boot_probe,
     })
 }
 
@@ -590,7 +603,9 @@ mod tests {
             (config.user.as_str(), config.working_dir.as_str()),
             ("nobody", "/image")
         );
-        assert!(!config.tty && !config.open_stdin && !config.read_only);
+        assert!(!config.tty && !config.open_stdin && !config.read_only && !config.boot_probe);
+        let config = run_config(&args(&["--boot-probe", "img"]), &image, Vec::new(), "id");
+        assert!(config.expect("ok").boot_probe);
         let config = run_config(&args(&["-u", "", "img"]), &image, Vec::new(), "id").expect("ok");
         assert_eq!(config.user, "nobody");
     }

@@ -80,6 +80,10 @@ pub struct RunConfig {
     /// Mount the root filesystem read-only (`--read-only`).
     #[serde(default)]
     pub read_only: bool,
+    /// Print `katalite-init: probe init` and `katalite-init: probe workload` on the kernel
+    /// console, so a benchmark can timestamp boot phases as the lines arrive on the host.
+    #[serde(default)]
+    pub boot_probe: bool,
 }
 
 #[cfg(test)]
@@ -115,9 +119,11 @@ mod tests {
             tty: true,
             open_stdin: true,
             read_only: false,
+            boot_probe: true,
         };
         let json = serde_json::to_string(&config).expect("serialize");
         assert!(json.contains("\"Args\"") && json.contains("\"WorkingDir\""));
+        assert!(json.contains("\"BootProbe\":true"));
         let back: RunConfig = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, config);
     }

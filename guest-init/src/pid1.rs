@@ -80,6 +80,9 @@ fn run() -> Result<GuestStatus, InitError> {
     let signals = Signals::install()?;
     let channel = console::open_channel()?;
     let config = read_config()?;
+    if config.boot_probe {
+        console::log("probe init");
+    }
 
     let hostname = etc_files::choose_hostname(&config.hostname)?;
     etc_files::set_hostname(&hostname)?;
@@ -108,6 +111,9 @@ fn run() -> Result<GuestStatus, InitError> {
         workdir: &workdir,
         user: &user,
     };
+    if config.boot_probe {
+        console::log("probe workload");
+    }
     let pid = match workload::spawn(&spec, child_stdio) {
         Ok(pid) => pid,
         Err(err) => {
