@@ -6,6 +6,7 @@
 mod link;
 mod pump;
 mod tap;
+pub mod usernet;
 
 use std::os::fd::RawFd;
 use std::time::Duration;

@@ -1,0 +1,145 @@
+//! Published ports, like `docker run -p`: host listeners whose connections (TCP) or
+//! datagram flows (UDP) the gateway carries to a port of the guest, arriving there from
+//! 10.0.2.2. The listeners live as long as the network and close with it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::{Interest, Registry};
+
+use super::{token, Kind};
+
+/// Transport protocol of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP: each accepted connection becomes a connection to the guest.
+    Tcp,
+    /// UDP: each client address becomes a flow to the guest.
+    Udp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+struct TcpPublish {
+    listener: TcpListener,
+    guest_port: u16,
+    /// Accepting stopped on an error (out of descriptors) rather than on EAGAIN.
+    retry: bool,
+}
+
+/// A published UDP port: the socket clients talk to, and where their datagrams go.
+pub(super) struct UdpPublish {
+    pub(super) socket: UdpSocket,
+    pub(super) guest_port: u16,
+    /// Edge-triggered readiness, cleared when the socket would block.
+    pub(super) readable: bool,
+}
+
+/// Every published port of one network.
+#[derive(Default)]
+pub(super) struct Listeners {
+    tcp: HashMap<usize, TcpPublish>,
+    udp: HashMap<usize, UdpPublish>,
+    next_id: usize,
+}
+
+impl Listeners {
+    /// Binds `host` (port 0 picks one) and forwards it to `guest_port`; returns the bound
+    /// address.
+    pub(super) fn add(
+        &mut self,
+        registry: &Registry,
+        host: SocketAddr,
+        guest_port: u16,
+        protocol: Protocol,
+    ) -> io::Result<SocketAddr> {
+        self.next_id += 1;
+        let id = self.next_id;
+        match protocol {
+            Protocol::Tcp => {
+                let mut listener = TcpListener::bind(host)?;
+                let token = token(Kind::TcpListener, id);
+                registry.register(&mut listener, token, Interest::READABLE)?;
+                let bound = listener.local_addr()?;
+                let publish = TcpPublish {
+                    listener,
+                    guest_port,
+                    retry: false,
+                };
+                self.tcp.insert(id, publish);
+                Ok(bound)
+            }
+            Protocol::Udp => {
+                let mut socket = UdpSocket::bind(host)?;
+                let token = token(Kind::UdpListener, id);
+                registry.register(&mut socket, token, Interest::READABLE)?;
+                let bound = socket.local_addr()?;
+                let publish = UdpPublish {
+                    socket,
+                    guest_port,
+                    readable: true,
+                };
+                self.udp.insert(id, publish);
+                Ok(bound)
+            }
+        }
+    }
+
+    /// Accepts every waiting client of TCP listener `id` (or of all listeners that hit an
+    /// error last time, with `id` None) and hands each to `adopt` with its guest port.
+    pub(super) fn accept(&mut self, id: Option<usize>, mut adopt: impl FnMut(TcpStream, u16)) {
+        for (&key, publish) in &mut self.tcp {
+            if id.map_or(!publish.retry, |id| id != key) {
+                continue;
+            }
+            publish.retry = false;
+            loop {
+                match publish.listener.accept() {
+                    Ok((stream, _)) => adopt(stream, publish.guest_port),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    // Out of descriptors or memory: the client stays queued in the kernel
+                    // and is tried again shortly.
+                    Err(_) => {
+                        publish.retry = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether some listener must be retried (see [`accept`](Self::accept)).
+    pub(super) fn needs_retry(&self) -> bool {
+        self.tcp.values().any(|publish| publish.retry)
+    }
+
+    /// Marks UDP listener `id` readable.
+    pub(super) fn on_udp_event(&mut self, id: usize) {
+        if let Some(publish) = self.udp.get_mut(&id) {
+            publish.readable = true;
+        }
+    }
+
+    /// The published UDP ports, by id.
+    pub(super) fn udp_mut(&mut self) -> impl Iterator<Item = (usize, &mut UdpPublish)> {
+        self.udp.iter_mut().map(|(&id, publish)| (id, publish))
+    }
+
+    /// Sends a guest's answer to `client` from UDP listener `id`; UDP may drop it.
+    pub(super) fn send_to(&self, id: usize, client: SocketAddr, payload: &[u8]) {
+        if let Some(publish) = self.udp.get(&id) {
+            let _ = publish.socket.send_to(payload, client);
+        }
+    }
+}
