@@ -44,7 +44,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     let env_files = read_env_files(&args.env_file)?;
     if let Some(path) = &args.write_initramfs {
         let (rootfs, run_archive) = initramfs(args, env_files)?;
-        std::fs::write(path, [rootfs, run_archive].concat())
+        std::fs::write(path, padded_concat(&[&rootfs, &run_archive]))
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(0);
     }
@@ -84,6 +84,18 @@ fn initramfs(args: &RunArgs, env_files: Vec<String>) -> Result<(Vec<u8>, Vec<u8>
     let config = run_config(args, &image_config, env_files, &id)?;
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
     Ok((rootfs, run_archive))
+}
+
+/// The archives laid out as the VMM places them in guest memory (vmm's x86 `boot.rs`):
+/// each one zero-padded to a multiple of 4 bytes, as the kernel's unpacker expects
+/// between concatenated archives (Documentation/driver-api/early-userspace/buffer-format.rst).
+fn padded_concat(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in parts {
+        out.extend_from_slice(part);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    out
 }
 
 /// Why katalite itself ended the VM, recorded before the stop so the exit code can say.
@@ -690,6 +702,12 @@ mod tests {
             host,
         );
         assert_eq!(env, strings(&["PATH=/bin", "A=2", "HOSTVAR=h", "B=x=y"]));
+    }
+
+    #[test]
+    fn written_initramfs_pads_each_archive_to_4_bytes() {
+        assert_eq!(padded_concat(&[b"abcde", b"fg"]), b"abcde\0\0\0fg\0\0");
+        assert_eq!(padded_concat(&[b"abcd", b""]), b"abcd");
     }
 
     #[test]
