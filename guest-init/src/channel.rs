@@ -29,6 +29,11 @@ pub enum Message {
         /// Columns of the host terminal.
         cols: u16,
     },
+    /// Guest → host, init's first frame: the channel is open, in raw mode and read. The host
+    /// must send nothing before it: the guest's console driver drops input that arrives
+    /// before its port is set up (drivers/char/virtio_console.c, `in_intr`), and the line
+    /// discipline would mangle what arrives before raw mode.
+    Ready,
 }
 
 const KIND_STDOUT: u8 = 1;
@@ -37,6 +42,7 @@ const KIND_STDIN: u8 = 3;
 const KIND_STDIN_CLOSED: u8 = 4;
 const KIND_SIGNAL: u8 = 5;
 const KIND_RESIZE: u8 = 6;
+const KIND_READY: u8 = 7;
 
 /// A malformed frame: the peer is broken or hostile and the channel must be closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +91,7 @@ pub fn encode(stream: u32, message: &Message, out: &mut Vec<u8>) {
         Message::Stderr(data) => push_data(KIND_STDERR, data),
         Message::Stdin(data) => push_data(KIND_STDIN, data),
         Message::StdinClosed => push_data(KIND_STDIN_CLOSED, &[]),
+        Message::Ready => push_data(KIND_READY, &[]),
         Message::Signal(signal) => push_data(KIND_SIGNAL, &signal.to_le_bytes()),
         Message::Resize { rows, cols } => {
             let mut payload = [0u8; 4];
@@ -127,7 +134,7 @@ impl Decoder {
         let kind = self.buf[0];
         let stream = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
         let len = u32::from_le_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
-        if !(KIND_STDOUT..=KIND_RESIZE).contains(&kind) {
+        if !(KIND_STDOUT..=KIND_READY).contains(&kind) {
             return Err(ChannelError::UnknownKind(kind));
         }
         let len_usize = usize::try_from(len).map_err(|_| ChannelError::TooLarge(len))?;
@@ -150,7 +157,7 @@ impl Decoder {
                     .map_err(|_| ChannelError::Malformed(kind))?;
                 Message::Signal(i32::from_le_bytes(bytes))
             }
-            _ => {
+            KIND_RESIZE => {
                 let bytes: [u8; 4] = payload
                     .try_into()
                     .map_err(|_| ChannelError::Malformed(kind))?;
@@ -159,6 +166,8 @@ impl Decoder {
                     cols: u16::from_le_bytes([bytes[2], bytes[3]]),
                 }
             }
+            KIND_READY if payload.is_empty() => Message::Ready,
+            _ => return Err(ChannelError::Malformed(kind)),
         };
         Ok(Some(Frame { stream, message }))
     }
@@ -195,6 +204,7 @@ mod tests {
             Message::StdinClosed,
             Message::Signal(15),
             Message::Resize { rows: 24, cols: 80 },
+            Message::Ready,
         ];
         let frames = round_trip(&messages);
         let decoded: Vec<Message> = frames.iter().map(|f| f.message.clone()).collect();
@@ -230,6 +240,18 @@ mod tests {
         assert_eq!(
             decoder.next_frame(),
             Err(ChannelError::Malformed(KIND_SIGNAL))
+        );
+        let mut decoder = Decoder::new();
+        decoder.feed(&[KIND_READY, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(ChannelError::Malformed(KIND_READY))
+        );
+        let mut decoder = Decoder::new();
+        decoder.feed(&[KIND_READY + 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(ChannelError::UnknownKind(KIND_READY + 1))
         );
     }
 }

@@ -1,13 +1,18 @@
 //! init's two terminals: the frame channel to the host (`/dev/hvc0`, virtio console, put in
-//! raw mode before a byte is written so frames pass unmangled) and the kernel console
-//! (the serial port), where init's own one-line messages go.
+//! raw mode before a byte is written so frames pass unmangled, then announced with a
+//! `Ready` frame) and the kernel console (the serial port), where init's own one-line
+//! messages go.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use guest_init::channel::{encode, Message};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use nix::unistd::write;
 
 /// The host<->init channel: the first virtio console port.
 const CHANNEL: &str = "/dev/hvc0";
@@ -21,10 +26,14 @@ pub enum ConsoleError {
     /// Putting it in raw mode failed.
     #[error("cannot put {CHANNEL} in raw mode")]
     Raw(#[source] nix::Error),
+    /// Writing the `Ready` frame failed.
+    #[error("cannot write to {CHANNEL}")]
+    Announce(#[source] nix::Error),
 }
 
 /// Opens the channel non-blocking and in raw mode: no echo, no line discipline, no CR/LF
-/// translation, no flow-control or signal characters (termios(3), `cfmakeraw`).
+/// translation, no flow-control or signal characters (termios(3), `cfmakeraw`); then
+/// tells the host it may send.
 pub fn open_channel() -> Result<OwnedFd, ConsoleError> {
     let file = OpenOptions::new()
         .read(true)
@@ -36,6 +45,20 @@ pub fn open_channel() -> Result<OwnedFd, ConsoleError> {
     let mut termios = tcgetattr(&fd).map_err(ConsoleError::Raw)?;
     cfmakeraw(&mut termios);
     tcsetattr(&fd, SetArg::TCSANOW, &termios).map_err(ConsoleError::Raw)?;
+    let mut frame = Vec::new();
+    encode(0, &Message::Ready, &mut frame);
+    let mut rest = frame.as_slice();
+    while !rest.is_empty() {
+        match write(&fd, rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(Errno::EAGAIN) => {
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+                poll(&mut fds, PollTimeout::NONE).map_err(ConsoleError::Announce)?;
+            }
+            Err(Errno::EINTR) => {}
+            Err(err) => return Err(ConsoleError::Announce(err)),
+        }
+    }
     Ok(fd)
 }
 

@@ -110,8 +110,13 @@ const DEV_LINKS: [(&str, &str); 5] = [
     ("/dev/stderr", "/proc/self/fd/2"),
 ];
 
-/// Mounts the kernel filesystems and creates the /dev links.
+/// Gives the root its usual mode, then mounts the kernel filesystems and creates the /dev
+/// links.
 pub fn mount_kernel_filesystems() -> Result<(), MountError> {
+    // The kernel creates the initramfs root as a 1777 tmpfs; an image's root is 0755, and a
+    // world-writable / would let any user of the workload create files there.
+    fs::set_permissions("/", fs::Permissions::from_mode(0o755))
+        .map_err(|source| MountError::Create { path: "/", source })?;
     for m in &MOUNTS {
         create_dir(m.target, 0o755)?;
         let data = (!m.data.is_empty()).then_some(m.data);

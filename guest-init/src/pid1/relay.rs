@@ -290,8 +290,8 @@ impl Relay {
                     self.resized |= set_window_size(master.as_fd(), rows, cols).is_ok();
                 }
             }
-            // Output kinds only travel from the guest to the host.
-            Message::Stdout(_) | Message::Stderr(_) => {}
+            // These only travel from the guest to the host.
+            Message::Stdout(_) | Message::Stderr(_) | Message::Ready => {}
         }
     }
 
