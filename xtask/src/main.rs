@@ -1,5 +1,6 @@
 //! `cargo xtask`: the developer commands of katalite (guest build, lab, CI).
 
+mod bench;
 mod build_guest;
 mod ci;
 mod dist;
@@ -31,6 +32,8 @@ enum Command {
     Images(images::Args),
     /// Start or stop the local test registry (docker-registry) serving the test images.
     Registry(registry::Args),
+    /// Measure katalite beside QEMU microvm in the lab; writes target/bench/latest.json.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -41,5 +44,6 @@ fn main() -> Result<()> {
         Command::Dist(args) => dist::run(&args),
         Command::Images(args) => images::run(&args),
         Command::Registry(args) => registry::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

@@ -1,0 +1,277 @@
+//! The lab half of `cargo xtask bench`: a small static program that runs inside L1, executes
+//! the jobs of a plan written by xtask (ready-made argv lists), timestamps what the processes
+//! print and when they exit, and prints one `@@bench:{json}` line per job. It interprets
+//! nothing: marker parsing and statistics live in xtask, where they are unit-tested.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+/// Prefix of the result lines xtask looks for on the lab console.
+const RESULT_PREFIX: &str = "@@bench:";
+
+/// Output lines kept per sample (the probe lines come first; the rest is for diagnosis).
+const MAX_LINES: usize = 40;
+
+/// Characters kept per output line.
+const MAX_LINE_CHARS: usize = 300;
+
+/// Longest a single process may run before it is killed and its sample marked failed.
+const PROCESS_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How often exits are polled; small against boot times of seconds.
+const POLL: Duration = Duration::from_millis(2);
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("bench-runner: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let path = std::env::args()
+        .nth(1)
+        .context("usage: bench_runner PLAN.json")?;
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {path}"))?;
+    let plan: Value = serde_json::from_slice(&text).context("invalid plan")?;
+    let jobs = plan["jobs"].as_array().context("the plan has no jobs")?;
+    for job in jobs {
+        let id = job["id"].as_str().context("a job has no id")?;
+        let samples = run_job(id, job).with_context(|| format!("job {id}"))?;
+        println!("{RESULT_PREFIX}{}", json!({ "id": id, "samples": samples }));
+    }
+    Ok(())
+}
+
+/// Runs one job `warmup + repeat` times and returns the samples after the warm-up.
+fn run_job(id: &str, job: &Value) -> Result<Vec<Value>> {
+    let argv: Vec<String> = serde_json::from_value(job["argv"].clone()).context("bad argv")?;
+    if argv.is_empty() {
+        bail!("empty argv");
+    }
+    let warmup = job["warmup"].as_u64().unwrap_or(0);
+    let repeat = job["repeat"].as_u64().unwrap_or(1);
+    let mut samples = Vec::new();
+    for round in 0..warmup + repeat {
+        eprintln!("bench-runner: {id} {}/{}", round + 1, warmup + repeat);
+        let sample = match job["kind"].as_str() {
+            Some("timed") => timed(&argv, false)?,
+            Some("throughput") => timed(&argv, true)?,
+            Some("memory") => memory(
+                &argv,
+                job["trigger"]
+                    .as_str()
+                    .context("memory job without trigger")?,
+                Duration::from_millis(job["settle_ms"].as_u64().unwrap_or(500)),
+            )?,
+            Some("parallel") => parallel(&argv, job["count"].as_u64().unwrap_or(1))?,
+            other => bail!("unknown job kind {other:?}"),
+        };
+        if round >= warmup {
+            samples.push(sample);
+        }
+    }
+    Ok(samples)
+}
+
+/// Milliseconds since `start`, rounded to microseconds.
+fn ms(start: Instant) -> f64 {
+    (start.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// One timestamped output line.
+struct Line {
+    at_ms: f64,
+    text: String,
+}
+
+/// Forwards `stream` line by line, timestamped against `start`.
+fn read_lines(stream: impl Read + Send + 'static, start: Instant, lines: Sender<Line>) {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let at_ms = ms(start);
+            let text = String::from_utf8_lossy(&buf);
+            let text = text.trim_end_matches(['\r', '\n']);
+            let text: String = text.chars().take(MAX_LINE_CHARS).collect();
+            if lines.send(Line { at_ms, text }).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+}
+
+/// Byte count of a stream and when its first and last bytes arrived.
+#[derive(Default)]
+struct Volume {
+    bytes: u64,
+    first_ms: Option<f64>,
+    last_ms: Option<f64>,
+}
+
+/// Counts `stream` to end of file, as a fast sink would.
+fn count_bytes(mut stream: impl Read + Send + 'static, start: Instant) -> Receiver<Volume> {
+    let (done, result) = mpsc::channel();
+    thread::spawn(move || {
+        let mut volume = Volume::default();
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = stream.read(&mut buf) {
+            let now = ms(start);
+            volume.first_ms.get_or_insert(now);
+            volume.last_ms = Some(now);
+            volume.bytes += n as u64;
+        }
+        let _ = done.send(volume);
+    });
+    result
+}
+
+fn spawn(argv: &[String], stdout: Stdio, stderr: Stdio) -> Result<(Child, Instant)> {
+    let start = Instant::now();
+    let child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("cannot start {}", argv[0]))?;
+    Ok((child, start))
+}
+
+/// Waits for `child` until `deadline`, killing it then; returns its status (None if killed).
+fn wait(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait().context("cannot wait")? {
+            return Ok(Some(status));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(POLL);
+    }
+}
+
+fn code(status: Option<ExitStatus>) -> Value {
+    status
+        .and_then(|s| s.code())
+        .map_or(Value::Null, Value::from)
+}
+
+/// Runs `argv` once: every output line timestamped (or, with `count_stdout`, stdout only
+/// counted), and the exit time, all in ms since just before the spawn.
+fn timed(argv: &[String], count_stdout: bool) -> Result<Value> {
+    let (mut child, start) = spawn(argv, Stdio::piped(), Stdio::piped())?;
+    let (sender, lines) = mpsc::channel();
+    let stdout = child.stdout.take().context("no stdout")?;
+    let volume = if count_stdout {
+        Some(count_bytes(stdout, start))
+    } else {
+        read_lines(stdout, start, sender.clone());
+        None
+    };
+    read_lines(child.stderr.take().context("no stderr")?, start, sender);
+    let status = wait(&mut child, start + PROCESS_TIMEOUT)?;
+    let exit_ms = ms(start);
+    // The readers end at end of file, which follows the exit (no grandchildren hold pipes).
+    let lines: Vec<Value> = lines
+        .iter()
+        .take(MAX_LINES)
+        .map(|line| json!([line.at_ms, line.text]))
+        .collect();
+    let mut sample = json!({ "status": code(status), "exit_ms": exit_ms, "lines": lines });
+    if let Some(volume) = volume {
+        let volume = volume.recv().unwrap_or_default();
+        sample["stdout_bytes"] = volume.bytes.into();
+        sample["first_byte_ms"] = volume.first_ms.into();
+        sample["last_byte_ms"] = volume.last_ms.into();
+    }
+    Ok(sample)
+}
+
+/// Runs `argv` and, `settle` after a stderr line containing `trigger`, reads the process's
+/// `/proc/PID/status` (its `Vm*` lines) and the size and resident size of every mapping
+/// in `/proc/PID/smaps` (kB each).
+fn memory(argv: &[String], trigger: &str, settle: Duration) -> Result<Value> {
+    let (mut child, start) = spawn(argv, Stdio::null(), Stdio::piped())?;
+    let (sender, lines) = mpsc::channel();
+    read_lines(child.stderr.take().context("no stderr")?, start, sender);
+    let deadline = start + PROCESS_TIMEOUT;
+    let triggered = loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.text.contains(trigger) => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    let mut sample = json!({ "triggered": triggered });
+    if triggered {
+        thread::sleep(settle);
+        let proc = format!("/proc/{}", child.id());
+        let status = std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default();
+        let vm: Vec<&str> = status.lines().filter(|l| l.starts_with("Vm")).collect();
+        let smaps = std::fs::read_to_string(format!("{proc}/smaps")).unwrap_or_default();
+        sample["proc_status"] = vm.join("\n").into();
+        sample["mappings"] = mappings(&smaps).into();
+    }
+    sample["status"] = code(wait(&mut child, deadline)?);
+    Ok(sample)
+}
+
+/// `[size_kb, rss_kb]` of each mapping, from the `Size:` and `Rss:` fields of smaps.
+fn mappings(smaps: &str) -> Vec<Value> {
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.strip_prefix(name)?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    let mut out = Vec::new();
+    let mut size = None;
+    for line in smaps.lines() {
+        if let Some(kb) = field(line, "Size:") {
+            size = Some(kb);
+        } else if let (Some(rss), Some(kb)) = (field(line, "Rss:"), size.take()) {
+            out.push(json!([kb, rss]));
+        }
+    }
+    out
+}
+
+/// Starts `count` copies of `argv` at once and returns each status and the wall time until
+/// the last one exited.
+fn parallel(argv: &[String], count: u64) -> Result<Value> {
+    let start = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..count {
+        children.push(Some(spawn(argv, Stdio::null(), Stdio::null())?.0));
+    }
+    let deadline = start + PROCESS_TIMEOUT;
+    let mut statuses = vec![Value::Null; children.len()];
+    while children.iter().any(Option::is_some) {
+        for (slot, status) in children.iter_mut().zip(&mut statuses) {
+            let Some(child) = slot else { continue };
+            if let Some(exited) = child.try_wait().context("cannot wait")? {
+                *status = code(Some(exited));
+                *slot = None;
+            } else if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                *slot = None;
+            }
+        }
+        thread::sleep(POLL);
+    }
+    Ok(json!({ "statuses": statuses, "wall_ms": ms(start) }))
+}

@@ -1,0 +1,318 @@
+//! `cargo xtask bench`: katalite measured side by side with QEMU `-M microvm` booting the
+//! same kernel and initramfs, plus packing, memory, throughput, parallel starts and sizes.
+//! Host-side figures are taken here; the VM figures come from one lab boot in which the
+//! static runner (`tests/bench_runner.rs`) executes a plan of commands and timestamps them.
+//! Writes `target/bench/latest.json`, `boot.svg` and `latest.md`; numbers are never asserted.
+
+mod chart;
+mod host;
+mod plan;
+mod readme;
+mod report;
+mod results;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+
+use crate::ci::{static_release_build, workspace_root, xtask, MUSL_TARGET};
+use plan::{LabInputs, Settings};
+use report::{Binaries, Compressed, Environment, LabResults, Report};
+
+/// The test registry as the host reaches it, and as L1 does (QEMU user network).
+const REGISTRY_HOST: &str = "127.0.0.1:5000";
+const REGISTRY_LAB: &str = "10.0.2.2:5000";
+
+/// Images measured on the host (busybox is also the one booted).
+const IMAGES: [&str; 2] = ["busybox", "nginx"];
+
+/// Options of `bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// More samples (about four times as long as the quick default).
+    #[arg(long)]
+    full: bool,
+    /// Use the guest and the static katalite already built.
+    #[arg(long)]
+    no_build: bool,
+    /// Rewrite README.md's benchmark section with this run's table.
+    #[arg(long)]
+    readme: bool,
+}
+
+/// Runs every measurement and writes the report files.
+pub fn run(args: &Args) -> Result<()> {
+    let root = workspace_root()?;
+    let target = root.join("target");
+    let out = target.join("bench");
+    fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let settings = if args.full {
+        Settings::full()
+    } else {
+        Settings::quick()
+    };
+    let host_load_1m = load_average();
+
+    let runner = build_runner(&root)?;
+    if !args.no_build {
+        xtask(&root, &["build-guest"])?;
+        static_release_build(&root)?;
+    }
+    xtask(&root, &["registry", "start"])?;
+
+    let katalite = target.join(MUSL_TARGET).join("release/katalite");
+    let vmlinux = target.join("guest/vmlinux");
+    let binaries = Binaries {
+        katalite_bytes: host::file_bytes(&katalite)?,
+        vmlinux_bytes: host::file_bytes(&vmlinux)?,
+        init_bytes: host::file_bytes(&target.join("guest/katalite-init"))?,
+    };
+
+    let samples = if args.full { 5 } else { 3 };
+    let work = tempfile::tempdir_in(&out).context("cannot create a scratch dir")?;
+    let mut pack = BTreeMap::new();
+    let mut compression = BTreeMap::new();
+    let mut initrds = Vec::new();
+    for image in IMAGES {
+        eprintln!("bench: pull+pack {image} on the host");
+        let keep = (image == "busybox").then_some(out.as_path());
+        let measured =
+            host::measure_image(&katalite, REGISTRY_HOST, image, samples, work.path(), keep)?;
+        pack.insert(image.to_string(), measured.pack);
+        compression.insert(image.to_string(), measured.variants);
+        if !measured.initrds.is_empty() {
+            initrds = measured.initrds;
+        }
+    }
+    drop(work);
+
+    let lab_initrds: Vec<(String, PathBuf)> = initrds
+        .iter()
+        .map(|(name, path)| (name.clone(), in_lab(&root, path)))
+        .collect();
+    let inputs = LabInputs {
+        registry: REGISTRY_LAB,
+        vmlinux: &in_lab(&root, &vmlinux),
+        initrds: &lab_initrds,
+    };
+    let plan_file = out.join("plan.json");
+    fs::write(
+        &plan_file,
+        serde_json::to_vec_pretty(&plan::plan(&inputs, &settings))?,
+    )?;
+    eprintln!("bench: running the plan in the lab (one boot)");
+    let (console, lab_error) = run_in_lab(&root, &runner, &plan_file)?;
+
+    let mut lab = LabResults::new(results::parse_console(&console)?);
+    if let Some(error) = lab_error {
+        lab.errors.push(error);
+    }
+    lab.check_setup("pull");
+    let boot = lab.boot();
+    let compression = compression
+        .into_iter()
+        .map(|(image, variants)| {
+            let variants = variants
+                .into_iter()
+                .map(|(name, variant)| {
+                    let qemu_boot_ms = (image == "busybox").then(|| lab.qemu_boot(&name)).flatten();
+                    let compressed = Compressed {
+                        variant,
+                        qemu_boot_ms,
+                    };
+                    (name, compressed)
+                })
+                .collect();
+            (image, variants)
+        })
+        .collect();
+    let memory = lab.memory();
+    let throughput = lab.throughput(settings.throughput_bytes);
+    let parallel = settings
+        .parallel_counts
+        .iter()
+        .filter_map(|&count| lab.parallel(count))
+        .collect();
+    let report = Report {
+        date: report::utc_date(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        ),
+        mode: if args.full { "full" } else { "quick" }.into(),
+        note: report::NOTE.into(),
+        environment: Environment {
+            host_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            host_load_1m,
+            qemu: qemu_version(),
+            lab: "L1: Debian's kernel under qemu-system-x86_64 TCG (-cpu EPYC, emulated \
+                  AMD-V), kvm-amd inside; both VMMs run in L1 on its /dev/kvm"
+                .into(),
+        },
+        boot,
+        pack,
+        compression,
+        rss_overhead_mib: report::rss_overhead(memory.as_ref()),
+        memory,
+        throughput,
+        parallel,
+        binary_bytes: binaries.katalite_bytes,
+        binaries,
+        errors: lab.errors,
+    };
+    write_outputs(&root, &out, &report, args.readme)
+}
+
+/// Writes latest.json, boot.svg and latest.md (and README's section with `readme`), prints
+/// the table, and fails if any measurement did.
+fn write_outputs(root: &Path, out: &Path, report: &Report, readme: bool) -> Result<()> {
+    let json = out.join("latest.json");
+    fs::write(&json, serde_json::to_vec_pretty(report)?)
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    if let Some(boot) = &report.boot {
+        let series = |name: &str, key: &str| {
+            boot.phases.get(key).map(|p| chart::BootSeries {
+                name: name.into(),
+                phases: [p.init_ms, p.workload_ms, p.exit_ms],
+            })
+        };
+        let data = chart::ChartData {
+            boot: [
+                series("katalite", "katalite"),
+                series("QEMU microvm", "qemu_microvm"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+            parallel: report.parallel.iter().map(|p| (p.vms, p.wall_ms)).collect(),
+            caption: format!(
+                "{}, `cargo xtask bench` in the lab: KVM nested in QEMU TCG; compare ratios, \
+                 not absolute times",
+                report.date
+            ),
+        };
+        chart::write(&data, &out.join("boot.svg"))?;
+    }
+    let table = readme::table(report);
+    fs::write(out.join("latest.md"), &table)?;
+    if readme {
+        let path = root.join("README.md");
+        let text = fs::read_to_string(&path).context("cannot read README.md")?;
+        fs::write(&path, readme::replace_section(&text, &table)?)
+            .context("cannot write README.md")?;
+    }
+    println!("{table}");
+    eprintln!("bench: wrote {}", json.display());
+    if !report.errors.is_empty() {
+        bail!(
+            "{} measurement(s) failed:\n{}",
+            report.errors.len(),
+            report.errors.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Builds the static lab runner and returns its executable (named with a hash by cargo).
+fn build_runner(root: &Path) -> Result<PathBuf> {
+    let output = Command::new(env!("CARGO"))
+        .current_dir(root)
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+        .args(["test", "--release", "--target", MUSL_TARGET])
+        .args(["--features", "bench", "--test", "bench_runner", "--no-run"])
+        .arg("--message-format=json")
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run cargo test --no-run")?;
+    if !output.status.success() {
+        bail!("building the bench runner failed ({})", output.status);
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact")
+        .filter(|msg| msg["target"]["name"] == "bench_runner")
+        .find_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .context("cargo reported no bench_runner executable")
+}
+
+/// Boots the lab once running the runner on `plan`; returns the console output and, if the
+/// lab run failed, why. Progress lines are shown on stderr as they come.
+fn run_in_lab(root: &Path, runner: &Path, plan: &Path) -> Result<(String, Option<String>)> {
+    let command = format!(
+        "{} {}",
+        in_lab(root, runner).display(),
+        in_lab(root, plan).display()
+    );
+    let mut child = Command::new(std::env::current_exe().context("no own executable")?)
+        .args(["lab", "run", "--no-build", "--", &command])
+        .current_dir(root)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot start the lab")?;
+    let stdout = child.stdout.take().context("the lab has no stdout")?;
+    let mut console = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("cannot read the lab's output")?;
+        if !line.contains(results::RESULT_PREFIX) {
+            eprintln!("{line}");
+        }
+        console.push_str(&line);
+        console.push('\n');
+    }
+    let status = child.wait().context("cannot wait for the lab")?;
+    let error = (!status.success()).then(|| format!("the lab run failed ({status})"));
+    Ok((console, error))
+}
+
+/// Where L1 sees a host path: under `/src` inside the repository, else under `/host`
+/// (the lab's read-only shares).
+fn in_lab(repo: &Path, path: &Path) -> PathBuf {
+    match path.strip_prefix(repo) {
+        Ok(inside) => Path::new("/src").join(inside),
+        Err(_) => Path::new("/host").join(path.strip_prefix("/").unwrap_or(path)),
+    }
+}
+
+/// The host's 1-minute load average.
+fn load_average() -> Option<f64> {
+    let text = fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// QEMU's version line (the peer), or why it is unknown.
+fn qemu_version() -> String {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines().next().map(str::to_owned)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_into_the_lab_shares() {
+        let repo = Path::new("/work/main");
+        assert_eq!(
+            in_lab(repo, Path::new("/work/main/target/bench/plan.json")),
+            Path::new("/src/target/bench/plan.json")
+        );
+        assert_eq!(
+            in_lab(repo, Path::new("/var/tmp/x")),
+            Path::new("/host/var/tmp/x")
+        );
+    }
+}

@@ -1,0 +1,376 @@
+//! What the lab runner (`tests/bench_runner.rs`) executes inside L1: every command as a
+//! ready argv, built here so the runner stays a dumb timer and the command lines are tested.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+/// Line init prints once it has read its config (`--boot-probe`).
+pub const PROBE_INIT: &str = "katalite-init: probe init";
+/// Line init prints right before it starts the workload (`--boot-probe`).
+pub const PROBE_WORKLOAD: &str = "katalite-init: probe workload";
+
+/// Guest memory of the boot comparison, for katalite (its default) and QEMU alike.
+pub const BOOT_MEMORY_MIB: u32 = 512;
+/// Guest memory of the memory-overhead runs; its mapping is found by this size.
+pub const MEMORY_RUN_MIB: u32 = 256;
+/// Guest memory of each parallel VM (katalite's minimum).
+pub const PARALLEL_MEMORY_MIB: u32 = 64;
+
+/// The host's Debian QEMU as L1 runs it: through the host's dynamic loader and libraries,
+/// shared read-only at `/host` (see `lab.rs`).
+const QEMU: [&str; 6] = [
+    "/host/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+    "--library-path",
+    "/host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu",
+    "/host/usr/bin/qemu-system-x86_64",
+    "-L",
+    "/host/usr/share/qemu",
+];
+
+/// The guest command line katalite uses (vmm's `BASE_CMDLINE`, then run.rs's quiet one),
+/// with `reboot=t`: microvm has no i8042 for `reboot=k`, and the triple fault ends QEMU
+/// under `-no-reboot`. microvm appends the `virtio_mmio.device=` entries itself.
+const QEMU_GUEST_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=t panic=-1 noirqdebug \
+                                  rdinit=/.katalite/init quiet loglevel=3";
+
+/// How many samples of what.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Boots per VMM for the comparison.
+    pub boot_samples: u32,
+    /// QEMU boots per extra compression variant.
+    pub variant_samples: u32,
+    /// Memory-overhead runs.
+    pub memory_samples: u32,
+    /// Throughput runs, and bytes per run.
+    pub throughput_samples: u32,
+    /// Bytes written by the throughput workload.
+    pub throughput_bytes: u64,
+    /// VM counts started at once.
+    pub parallel_counts: Vec<u32>,
+    /// Runs per VM count.
+    pub parallel_samples: u32,
+}
+
+impl Settings {
+    /// A few minutes in the lab.
+    pub fn quick() -> Self {
+        Self {
+            boot_samples: 5,
+            variant_samples: 3,
+            memory_samples: 3,
+            throughput_samples: 3,
+            throughput_bytes: 32 << 20,
+            parallel_counts: vec![1, 4, 16],
+            parallel_samples: 1,
+        }
+    }
+
+    /// More samples for steadier medians.
+    pub fn full() -> Self {
+        Self {
+            boot_samples: 20,
+            variant_samples: 10,
+            memory_samples: 5,
+            throughput_samples: 5,
+            throughput_bytes: 128 << 20,
+            parallel_counts: vec![1, 4, 16],
+            parallel_samples: 3,
+        }
+    }
+}
+
+/// Paths and addresses as L1 sees them.
+pub struct LabInputs<'a> {
+    /// The test registry (`cargo xtask registry`), e.g. `10.0.2.2:5000`.
+    pub registry: &'a str,
+    /// The guest kernel QEMU boots (katalite embeds the same file).
+    pub vmlinux: &'a Path,
+    /// Busybox initramfs files written by `--write-initramfs`, per compression; the first
+    /// is the one katalite boots (zstd).
+    pub initrds: &'a [(String, std::path::PathBuf)],
+}
+
+/// What the runner does with a job's argv.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Timestamp every output line and the exit.
+    Timed,
+    /// Like `Timed`, but stdout is only counted.
+    Throughput,
+    /// Read the process's memory figures after a trigger line.
+    Memory,
+    /// Start `count` copies at once; wall time until all exited.
+    Parallel,
+}
+
+/// One job of the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    /// Names the result.
+    pub id: String,
+    /// How to run it.
+    pub kind: Kind,
+    /// The command.
+    pub argv: Vec<String>,
+    /// Unrecorded runs first (cold caches, first loads over 9p).
+    pub warmup: u32,
+    /// Recorded runs.
+    pub repeat: u32,
+    /// `Memory`: the stderr line to wait for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// `Memory`: how long after the trigger to read the figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settle_ms: Option<u64>,
+    /// `Parallel`: how many copies.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+}
+
+impl Job {
+    fn new(id: impl Into<String>, kind: Kind, argv: Vec<String>, repeat: u32) -> Self {
+        Self {
+            id: id.into(),
+            kind,
+            argv,
+            warmup: 0,
+            repeat,
+            trigger: None,
+            settle_ms: None,
+            count: None,
+        }
+    }
+}
+
+/// The runner's input, serialized as JSON.
+#[derive(Debug, Serialize)]
+pub struct Plan {
+    /// In order.
+    pub jobs: Vec<Job>,
+}
+
+/// The image every lab run boots.
+pub fn image(registry: &str) -> String {
+    format!("{registry}/library/busybox")
+}
+
+/// `katalite run` of the cached busybox image with `options`, then `command`.
+fn katalite_run(registry: &str, options: &[&str], command: &[&str]) -> Vec<String> {
+    let mut argv = strings(&["katalite", "run", "-q", "--pull", "never"]);
+    argv.extend(strings(options));
+    argv.push(image(registry));
+    argv.extend(strings(command));
+    argv
+}
+
+/// QEMU `-M microvm` booting `vmlinux` with `initrd`: the same memory and vCPU count as
+/// katalite, the serial console on stdout, and a virtio console on virtio-mmio as init's
+/// `/dev/hvc0` (its frames go to a null chardev).
+pub fn qemu_microvm(vmlinux: &Path, initrd: &Path) -> Vec<String> {
+    let mut argv = strings(&QEMU);
+    argv.extend(strings(&[
+        // Without ACPI (our kernel has none) microvm puts its virtio-mmio devices on the
+        // kernel command line itself; with it, the kernel would not find the console.
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-m",
+        &BOOT_MEMORY_MIB.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-chardev",
+        "null,id=channel",
+        "-device",
+        "virtio-serial-device",
+        "-device",
+        "virtconsole,chardev=channel",
+        "-append",
+        QEMU_GUEST_CMDLINE,
+    ]));
+    argv.extend(["-kernel".into(), vmlinux.to_string_lossy().into_owned()]);
+    argv.extend(["-initrd".into(), initrd.to_string_lossy().into_owned()]);
+    argv
+}
+
+/// Every lab job, in the order they run.
+pub fn plan(inputs: &LabInputs, settings: &Settings) -> Plan {
+    let registry = inputs.registry;
+    let mut pull = strings(&["katalite", "pull", "-q", "--insecure-registry", registry]);
+    pull.push(image(registry));
+    let mut jobs = vec![Job::new("pull", Kind::Timed, pull, 1)];
+
+    let probe = ["--boot-probe"];
+    let mut boot = Job::new(
+        "boot-katalite",
+        Kind::Timed,
+        katalite_run(registry, &probe, &["true"]),
+        settings.boot_samples,
+    );
+    // The first run packs the image into L1's cache; later ones find it packed.
+    boot.warmup = 1;
+    jobs.push(boot);
+    for (index, (variant, initrd)) in inputs.initrds.iter().enumerate() {
+        let mut job = Job::new(
+            format!("boot-qemu-{variant}"),
+            Kind::Timed,
+            qemu_microvm(inputs.vmlinux, initrd),
+            if index == 0 {
+                settings.boot_samples
+            } else {
+                settings.variant_samples
+            },
+        );
+        // QEMU's libraries and the files come over 9p: the first load is not a boot.
+        job.warmup = u32::from(index == 0);
+        jobs.push(job);
+    }
+
+    let memory = format!("{MEMORY_RUN_MIB}m");
+    let mut job = Job::new(
+        "memory",
+        Kind::Memory,
+        katalite_run(
+            registry,
+            &["--boot-probe", "--memory", &memory],
+            &["sleep", "2"],
+        ),
+        settings.memory_samples,
+    );
+    job.trigger = Some(PROBE_WORKLOAD.into());
+    job.settle_ms = Some(500);
+    jobs.push(job);
+
+    let bytes = settings.throughput_bytes.to_string();
+    jobs.push(Job::new(
+        "throughput",
+        Kind::Throughput,
+        katalite_run(registry, &probe, &["head", "-c", &bytes, "/dev/zero"]),
+        settings.throughput_samples,
+    ));
+
+    let memory = format!("{PARALLEL_MEMORY_MIB}m");
+    for &count in &settings.parallel_counts {
+        let mut job = Job::new(
+            format!("parallel-{count}"),
+            Kind::Parallel,
+            katalite_run(registry, &["--memory", &memory], &["true"]),
+            settings.parallel_samples,
+        );
+        job.count = Some(count);
+        jobs.push(job);
+    }
+    Plan { jobs }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn plan_for(settings: &Settings) -> Plan {
+        let initrds = [
+            (
+                "zstd".to_string(),
+                PathBuf::from("/src/target/bench/zstd.img"),
+            ),
+            (
+                "gzip".to_string(),
+                PathBuf::from("/src/target/bench/gzip.img"),
+            ),
+        ];
+        let inputs = LabInputs {
+            registry: "10.0.2.2:5000",
+            vmlinux: Path::new("/src/target/guest/vmlinux"),
+            initrds: &initrds,
+        };
+        plan(&inputs, settings)
+    }
+
+    #[test]
+    fn katalite_and_qemu_boot_the_same_kernel_memory_and_probe() {
+        let plan = plan_for(&Settings::quick());
+        let job = |id: &str| {
+            plan.jobs
+                .iter()
+                .find(|job| job.id == id)
+                .unwrap_or_else(|| panic!("no job {id}"))
+        };
+        let katalite = job("boot-katalite");
+        assert_eq!(
+            katalite.argv.join(" "),
+            "katalite run -q --pull never --boot-probe 10.0.2.2:5000/library/busybox true"
+        );
+        assert_eq!((katalite.warmup, katalite.repeat), (1, 5));
+        let qemu = job("boot-qemu-zstd");
+        let after = |flag: &str| {
+            let at = qemu.argv.iter().position(|a| a == flag);
+            at.and_then(|i| qemu.argv.get(i + 1)).map(String::as_str)
+        };
+        assert_eq!(after("-M"), Some("microvm,acpi=off"));
+        assert_eq!(after("-m"), Some("512"));
+        assert_eq!(after("-kernel"), Some("/src/target/guest/vmlinux"));
+        assert_eq!(after("-initrd"), Some("/src/target/bench/zstd.img"));
+        assert!(qemu.argv.iter().any(|a| a == "-no-reboot"));
+        assert!(after("-append")
+            .is_some_and(|c| c.contains("reboot=t") && c.contains("rdinit=/.katalite/init")));
+        assert_eq!((qemu.warmup, qemu.repeat), (1, 5));
+        assert_eq!(
+            (job("boot-qemu-gzip").warmup, job("boot-qemu-gzip").repeat),
+            (0, 3)
+        );
+    }
+
+    #[test]
+    fn memory_parallel_and_throughput_jobs_are_sized() {
+        let plan = plan_for(&Settings::full());
+        let memory = plan
+            .jobs
+            .iter()
+            .find(|j| j.kind == Kind::Memory)
+            .expect("memory");
+        assert!(memory.argv.windows(2).any(|w| w == ["--memory", "256m"]));
+        assert_eq!(memory.trigger.as_deref(), Some(PROBE_WORKLOAD));
+        let counts: Vec<u32> = plan
+            .jobs
+            .iter()
+            .filter(|j| j.kind == Kind::Parallel)
+            .filter_map(|j| j.count)
+            .collect();
+        assert_eq!(counts, [1, 4, 16]);
+        let throughput = plan.jobs.iter().find(|j| j.kind == Kind::Throughput);
+        let argv = &throughput.expect("throughput").argv;
+        assert_eq!(
+            argv[argv.len() - 4..],
+            ["head", "-c", "134217728", "/dev/zero"]
+        );
+    }
+
+    #[test]
+    fn the_plan_serializes_as_the_runner_reads_it() {
+        let json = serde_json::to_value(plan_for(&Settings::quick())).expect("json");
+        let first = &json["jobs"][0];
+        assert_eq!(first["id"], "pull");
+        assert_eq!(first["kind"], "timed");
+        assert!(first.get("count").is_none());
+        let parallel = json["jobs"]
+            .as_array()
+            .and_then(|jobs| jobs.iter().find(|j| j["kind"] == "parallel"))
+            .expect("parallel job");
+        assert_eq!(parallel["count"], 1);
+    }
+}

@@ -1,0 +1,263 @@
+//! The report as a Markdown table (`target/bench/latest.md`), and with `--readme` in
+//! README.md between the `<!-- bench:start -->` and `<!-- bench:end -->` markers.
+
+use anyhow::{ensure, Result};
+
+use super::report::{Report, NOTE};
+use super::stats::Stats;
+
+/// Opens README's generated section.
+pub const START: &str = "<!-- bench:start -->";
+/// Closes it.
+pub const END: &str = "<!-- bench:end -->";
+
+fn secs(stats: &Stats) -> String {
+    format!(
+        "{:.2} s ({:.2}–{:.2})",
+        stats.median / 1000.0,
+        stats.min / 1000.0,
+        stats.max / 1000.0
+    )
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+fn ms(value: f64) -> String {
+    if value >= 1000.0 {
+        format!("{:.2} s", value / 1000.0)
+    } else {
+        format!("{value:.0} ms")
+    }
+}
+
+/// The Markdown tables of `report`.
+pub fn table(report: &Report) -> String {
+    let mut out = format!(
+        "Measured {} with `cargo xtask bench{}` (min–max in parentheses; raw numbers in \
+         `target/bench/latest.json`, chart in `target/bench/boot.svg`). {NOTE}\n\n",
+        report.date,
+        if report.mode == "full" { " --full" } else { "" },
+    );
+    if let Some(boot) = &report.boot {
+        out.push_str(&format!(
+            "Boot of busybox `true` from the image cache, same kernel and initramfs, \
+             {} MiB, 1 vCPU; median of {} runs each:\n\n",
+            boot.memory_mib, boot.katalite_ms.n
+        ));
+        out.push_str("| process start → | katalite | QEMU `-M microvm` | katalite / QEMU |\n");
+        out.push_str("| --- | --- | --- | --- |\n");
+        let (katalite, qemu) = (boot.phases.get("katalite"), boot.phases.get("qemu_microvm"));
+        if let (Some(k), Some(q)) = (katalite, qemu) {
+            for (name, k, q) in [
+                ("init (config read)", &k.init_ms, &q.init_ms),
+                ("workload start", &k.workload_ms, &q.workload_ms),
+                ("exit", &k.exit_ms, &q.exit_ms),
+            ] {
+                out.push_str(&format!(
+                    "| {name} | {} | {} | {:.2} |\n",
+                    secs(k),
+                    secs(q),
+                    k.median / q.median
+                ));
+            }
+        }
+        out.push('\n');
+    }
+    out.push_str("| measure | result |\n| --- | --- |\n");
+    for (image, pack) in &report.pack {
+        out.push_str(&format!(
+            "| pull+pack {image} (host), cold / cached | {} / {}, packed (zstd) {} |\n",
+            ms(pack.cold_ms.median),
+            ms(pack.cached_ms.median),
+            mib(pack.packed_bytes)
+        ));
+    }
+    for (image, variants) in &report.compression {
+        let cells: Vec<String> = variants
+            .iter()
+            .map(|(name, v)| {
+                let boot = v
+                    .qemu_boot_ms
+                    .as_ref()
+                    .map(|s| format!(", boots in {}", ms(s.median)))
+                    .unwrap_or_default();
+                format!(
+                    "{name} {} (packed in {}{boot})",
+                    mib(v.variant.bytes),
+                    ms(v.variant.pack_ms)
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "| {image} initramfs by compression | {} |\n",
+            cells.join("; ")
+        ));
+    }
+    if let Some(memory) = &report.memory {
+        out.push_str(&format!(
+            "| VMM memory overhead, {} MiB guest | {:.1} MiB (VmRSS {:.1} − guest RAM touched \
+             {:.1}); peak (VmHWM) {:.1} MiB |\n",
+            memory.guest_mib,
+            memory.overhead_mib.median,
+            memory.rss_mib.median,
+            memory.guest_touched_mib.median,
+            memory.peak_overhead_mib.median
+        ));
+    }
+    if let Some(throughput) = &report.throughput {
+        out.push_str(&format!(
+            "| stdout guest → host ({}) | {:.1} MiB/s ({:.1}–{:.1}) |\n",
+            mib(throughput.bytes),
+            throughput.mib_per_s.median,
+            throughput.mib_per_s.min,
+            throughput.mib_per_s.max
+        ));
+    }
+    if !report.parallel.is_empty() {
+        let counts: Vec<String> = report.parallel.iter().map(|p| p.vms.to_string()).collect();
+        let walls: Vec<String> = report
+            .parallel
+            .iter()
+            .map(|p| format!("{:.2}", p.wall_ms.median / 1000.0))
+            .collect();
+        out.push_str(&format!(
+            "| {} VMs started at once ({} MiB each), all exited after | {} s |\n",
+            counts.join(" / "),
+            report.parallel[0].memory_mib,
+            walls.join(" / ")
+        ));
+    }
+    out.push_str(&format!(
+        "| static release katalite (kernel + init embedded) / vmlinux | {} / {} |\n",
+        mib(report.binaries.katalite_bytes),
+        mib(report.binaries.vmlinux_bytes)
+    ));
+    if !report.errors.is_empty() {
+        out.push_str("\nNot measured this time:\n\n");
+        for error in &report.errors {
+            let first = error.lines().next().unwrap_or_default();
+            out.push_str(&format!("- {first}\n"));
+        }
+    }
+    out
+}
+
+/// `readme` with the text between the bench markers replaced by `table`.
+pub fn replace_section(readme: &str, table: &str) -> Result<String> {
+    let start = readme.find(START);
+    let end = readme.find(END);
+    let (Some(start), Some(end)) = (start, end) else {
+        anyhow::bail!("README.md has no {START} ... {END} section");
+    };
+    ensure!(start < end, "README.md's bench markers are out of order");
+    Ok(format!(
+        "{}{START}\n{table}{}",
+        &readme[..start],
+        &readme[end..]
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::host::{PackResult, Variant};
+    use crate::bench::report::{Binaries, Boot, Compressed, Environment, Parallel, Phases};
+    use std::collections::BTreeMap;
+
+    fn stats(median: f64) -> Stats {
+        Stats::of(&[median - 100.0, median, median + 100.0]).expect("stats")
+    }
+
+    fn report() -> Report {
+        let phases = |base: f64| Phases {
+            init_ms: stats(base),
+            workload_ms: stats(base + 200.0),
+            exit_ms: stats(base + 400.0),
+        };
+        Report {
+            date: "2026-01-02".into(),
+            mode: "quick".into(),
+            note: NOTE.into(),
+            environment: Environment {
+                host_cpus: 2,
+                host_load_1m: Some(1.0),
+                qemu: "QEMU emulator version 7.2".into(),
+                lab: "lab".into(),
+            },
+            boot: Some(Boot {
+                katalite_ms: stats(1400.0),
+                qemu_microvm_ms: stats(2800.0),
+                ratio_median: Some(0.5),
+                phases: BTreeMap::from([
+                    ("katalite".into(), phases(1000.0)),
+                    ("qemu_microvm".into(), phases(2400.0)),
+                ]),
+                memory_mib: 512,
+                workload: "busybox".into(),
+            }),
+            pack: BTreeMap::from([(
+                "busybox".into(),
+                PackResult {
+                    cold_ms: stats(300.0),
+                    cached_ms: stats(150.0),
+                    packed_bytes: 2 << 20,
+                },
+            )]),
+            compression: BTreeMap::from([(
+                "busybox".into(),
+                BTreeMap::from([(
+                    "gzip".into(),
+                    Compressed {
+                        variant: Variant {
+                            bytes: 3 << 20,
+                            pack_ms: 250.0,
+                        },
+                        qemu_boot_ms: Some(stats(3000.0)),
+                    },
+                )]),
+            )]),
+            rss_overhead_mib: None,
+            memory: None,
+            throughput: None,
+            parallel: vec![Parallel {
+                vms: 4,
+                memory_mib: 64,
+                wall_ms: stats(5000.0),
+            }],
+            binary_bytes: 27 << 20,
+            binaries: Binaries {
+                katalite_bytes: 27 << 20,
+                vmlinux_bytes: 17 << 20,
+                init_bytes: 1 << 20,
+            },
+            errors: vec!["memory: the workload never started\ndetails".into()],
+        }
+    }
+
+    #[test]
+    fn the_table_has_the_date_the_caveat_and_each_measure() {
+        let text = table(&report());
+        assert!(text.starts_with("Measured 2026-01-02 with `cargo xtask bench`"));
+        assert!(text.contains("ratios"), "the lab caveat is missing");
+        assert!(text.contains("| exit | 1.40 s (1.30–1.50) | 2.80 s (2.70–2.90) | 0.50 |"));
+        assert!(text.contains("| pull+pack busybox (host), cold / cached | 300 ms / 150 ms"));
+        assert!(text.contains("gzip 3.00 MiB (packed in 250 ms, boots in 3.00 s)"));
+        assert!(text.contains("| 4 VMs started at once (64 MiB each), all exited after | 5.00 s |"));
+        assert!(text.contains("- memory: the workload never started\n"));
+        assert!(!text.contains("details"));
+    }
+
+    #[test]
+    fn only_the_marked_section_is_replaced() {
+        let readme = format!("# x\n\n## Benchmarks\n\n{START}\nold\n{END}\n\n## Next\n");
+        let new = replace_section(&readme, "new table\n").expect("replaced");
+        assert_eq!(
+            new,
+            format!("# x\n\n## Benchmarks\n\n{START}\nnew table\n{END}\n\n## Next\n")
+        );
+        assert!(replace_section("# no markers\n", "t").is_err());
+        assert!(replace_section(&format!("{END}{START}"), "t").is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! Reading what the lab runner printed: its `@@bench:` result lines, and per sample the
+//! boot-probe timestamps, memory figures, throughput and parallel wall times.
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+
+use super::plan::{PROBE_INIT, PROBE_WORKLOAD};
+
+/// Prefix of the runner's result lines.
+pub const RESULT_PREFIX: &str = "@@bench:";
+
+/// The samples of one job.
+#[derive(Debug, Deserialize)]
+pub struct JobResult {
+    /// The job's id from the plan.
+    pub id: String,
+    /// One JSON object per recorded run (shape depends on the job kind).
+    pub samples: Vec<serde_json::Value>,
+}
+
+/// The result lines in the lab's console output (other lines are the runner's progress and
+/// any kernel chatter).
+pub fn parse_console(output: &str) -> Result<Vec<JobResult>> {
+    output
+        .lines()
+        .filter_map(|line| {
+            line.find(RESULT_PREFIX)
+                .map(|at| &line[at + RESULT_PREFIX.len()..])
+        })
+        .map(|json| serde_json::from_str(json.trim_end()).context("malformed bench result line"))
+        .collect()
+}
+
+/// A `timed` or `throughput` sample as the runner reports it.
+#[derive(Debug, Deserialize)]
+struct TimedSample {
+    status: Option<i32>,
+    exit_ms: f64,
+    lines: Vec<(f64, String)>,
+    #[serde(default)]
+    stdout_bytes: Option<u64>,
+    #[serde(default)]
+    last_byte_ms: Option<f64>,
+}
+
+impl TimedSample {
+    fn parse(sample: &serde_json::Value) -> Result<Self> {
+        let parsed: Self = serde_json::from_value(sample.clone()).context("malformed sample")?;
+        if parsed.status != Some(0) {
+            let output: Vec<&str> = parsed.lines.iter().map(|(_, l)| l.as_str()).collect();
+            bail!(
+                "the run exited with {:?}; its output:\n{}",
+                parsed.status,
+                output.join("\n")
+            );
+        }
+        Ok(parsed)
+    }
+
+    /// When the first line containing `marker` arrived.
+    fn line_at(&self, marker: &str) -> Result<f64> {
+        self.lines
+            .iter()
+            .find(|(_, line)| line.contains(marker))
+            .map(|(at, _)| *at)
+            .with_context(|| format!("no {marker:?} line in the output"))
+    }
+}
+
+/// The three boot phases of one run, in ms since the process was started.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BootPhases {
+    /// Init has read its config.
+    pub init_ms: f64,
+    /// The workload is about to start.
+    pub workload_ms: f64,
+    /// The VMM process exited.
+    pub exit_ms: f64,
+}
+
+/// The boot phases of a successful `timed` run with `--boot-probe`.
+pub fn boot_phases(sample: &serde_json::Value) -> Result<BootPhases> {
+    let sample = TimedSample::parse(sample)?;
+    let phases = BootPhases {
+        init_ms: sample.line_at(PROBE_INIT)?,
+        workload_ms: sample.line_at(PROBE_WORKLOAD)?,
+        exit_ms: sample.exit_ms,
+    };
+    ensure!(
+        phases.init_ms <= phases.workload_ms && phases.workload_ms <= phases.exit_ms,
+        "probe lines out of order: {phases:?}"
+    );
+    Ok(phases)
+}
+
+/// Exit time of a successful `timed` run.
+pub fn exit_ms(sample: &serde_json::Value) -> Result<f64> {
+    Ok(TimedSample::parse(sample)?.exit_ms)
+}
+
+/// Guest→host stdout throughput in MiB/s: the bytes received over the time from the
+/// workload's start (probe line) to the last byte.
+pub fn throughput_mib_s(sample: &serde_json::Value, expected_bytes: u64) -> Result<f64> {
+    let sample = TimedSample::parse(sample)?;
+    let bytes = sample.stdout_bytes.unwrap_or(0);
+    ensure!(
+        bytes == expected_bytes,
+        "received {bytes} of {expected_bytes} bytes"
+    );
+    let start = sample.line_at(PROBE_WORKLOAD)?;
+    let end = sample.last_byte_ms.context("no byte arrived")?;
+    ensure!(
+        end > start,
+        "the last byte came before the workload started"
+    );
+    Ok(bytes as f64 / (1 << 20) as f64 / ((end - start) / 1000.0))
+}
+
+/// Memory figures of one katalite process while its workload ran, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryFigures {
+    /// Resident set size (VmRSS).
+    pub rss_kib: u64,
+    /// Peak resident set size so far (VmHWM).
+    pub hwm_kib: u64,
+    /// Resident part of the guest RAM mapping: the guest memory it touched.
+    pub guest_kib: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct MemorySample {
+    triggered: bool,
+    status: Option<i32>,
+    #[serde(default)]
+    proc_status: String,
+    #[serde(default)]
+    mappings: Vec<(u64, u64)>,
+}
+
+/// Reads a memory sample of a VM with `guest_mib` of RAM: VmRSS and VmHWM from
+/// `/proc/PID/status`, and the guest's touched RAM as the resident size of the one
+/// anonymous mapping of exactly that size (vmm maps RAM below 3 GiB as one region).
+pub fn memory_figures(sample: &serde_json::Value, guest_mib: u32) -> Result<MemoryFigures> {
+    let sample: MemorySample =
+        serde_json::from_value(sample.clone()).context("malformed sample")?;
+    ensure!(sample.triggered, "the workload never started");
+    ensure!(
+        sample.status == Some(0),
+        "the run exited with {:?}",
+        sample.status
+    );
+    let field = |name: &str| -> Result<u64> {
+        sample
+            .proc_status
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in /proc/PID/status"))
+    };
+    let guest_kib = u64::from(guest_mib) * 1024;
+    let guest: Vec<u64> = sample
+        .mappings
+        .iter()
+        .filter(|(size, _)| *size == guest_kib)
+        .map(|(_, rss)| *rss)
+        .collect();
+    ensure!(
+        guest.len() == 1,
+        "expected one {guest_mib} MiB mapping, found {}",
+        guest.len()
+    );
+    Ok(MemoryFigures {
+        rss_kib: field("VmRSS")?,
+        hwm_kib: field("VmHWM")?,
+        guest_kib: guest[0],
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct ParallelSample {
+    statuses: Vec<Option<i32>>,
+    wall_ms: f64,
+}
+
+/// Wall time of a parallel start in which every VM exited 0.
+pub fn parallel_wall_ms(sample: &serde_json::Value) -> Result<f64> {
+    let sample: ParallelSample =
+        serde_json::from_value(sample.clone()).context("malformed sample")?;
+    let failed = sample.statuses.iter().filter(|s| **s != Some(0)).count();
+    ensure!(
+        failed == 0,
+        "{failed} of {} VMs failed",
+        sample.statuses.len()
+    );
+    Ok(sample.wall_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn result_lines_are_found_among_console_noise() {
+        let console = "bench-runner: pull 1/1\n[   3.1] some kernel line\n\
+             @@bench:{\"id\":\"pull\",\"samples\":[{\"status\":0}]}\r\n\
+             noise@@bench:{\"id\":\"x\",\"samples\":[]}\n";
+        let results = parse_console(console).expect("parsed");
+        assert_eq!(results.len(), 2);
+        assert_eq!(results[0].id, "pull");
+        assert_eq!(results[0].samples[0]["status"], 0);
+        assert_eq!(results[1].id, "x");
+        assert!(parse_console("@@bench:{not json\n").is_err());
+    }
+
+    fn boot_sample(status: i32, lines: serde_json::Value) -> serde_json::Value {
+        json!({ "status": status, "exit_ms": 900.5, "lines": lines })
+    }
+
+    #[test]
+    fn probe_lines_give_the_boot_phases() {
+        let sample = boot_sample(
+            0,
+            json!([
+                [120.0, "reboot: noise"],
+                [400.25, "katalite-init: probe init"],
+                [650.0, "katalite-init: probe workload"]
+            ]),
+        );
+        let phases = boot_phases(&sample).expect("phases");
+        assert_eq!(
+            phases,
+            BootPhases {
+                init_ms: 400.25,
+                workload_ms: 650.0,
+                exit_ms: 900.5
+            }
+        );
+    }
+
+    #[test]
+    fn failed_or_unprobed_runs_are_errors() {
+        let failed = boot_sample(125, json!([[1.0, "katalite: the VM failed"]]));
+        let err = boot_phases(&failed).expect_err("status 125");
+        assert!(format!("{err:#}").contains("the VM failed"), "{err:#}");
+        let unprobed = boot_sample(0, json!([[1.0, "katalite-init: probe init"]]));
+        assert!(boot_phases(&unprobed).is_err());
+        let backwards = boot_sample(
+            0,
+            json!([
+                [5.0, "katalite-init: probe workload"],
+                [6.0, "katalite-init: probe init"]
+            ]),
+        );
+        assert!(boot_phases(&backwards).is_err());
+        assert_eq!(exit_ms(&boot_sample(0, json!([]))).ok(), Some(900.5));
+    }
+
+    #[test]
+    fn throughput_counts_from_the_workload_start_to_the_last_byte() {
+        let sample = json!({
+            "status": 0, "exit_ms": 5000.0, "stdout_bytes": 8 << 20,
+            "first_byte_ms": 1100.0, "last_byte_ms": 3000.0,
+            "lines": [[1000.0, "katalite-init: probe workload"]],
+        });
+        let rate = throughput_mib_s(&sample, 8 << 20).expect("rate");
+        assert!((rate - 4.0).abs() < 1e-9, "{rate}");
+        assert!(throughput_mib_s(&sample, 9 << 20).is_err());
+    }
+
+    #[test]
+    fn the_guest_mapping_is_picked_by_size() {
+        let sample = json!({
+            "triggered": true, "status": 0,
+            "proc_status": "VmPeak:\t 400000 kB\nVmHWM:\t   60000 kB\nVmRSS:\t   58000 kB",
+            "mappings": [[4, 4], [262144, 40000], [2048, 1500]],
+        });
+        let figures = memory_figures(&sample, 256).expect("figures");
+        assert_eq!(
+            figures,
+            MemoryFigures {
+                rss_kib: 58000,
+                hwm_kib: 60000,
+                guest_kib: 40000
+            }
+        );
+        assert!(memory_figures(&sample, 512).is_err(), "no such mapping");
+        let untriggered = json!({ "triggered": false, "status": 125 });
+        assert!(memory_figures(&untriggered, 256).is_err());
+    }
+
+    #[test]
+    fn a_parallel_start_counts_only_if_every_vm_succeeded() {
+        let ok = json!({ "statuses": [0, 0, 0, 0], "wall_ms": 8000.0 });
+        assert_eq!(parallel_wall_ms(&ok).ok(), Some(8000.0));
+        let one_failed = json!({ "statuses": [0, 125, 0, null], "wall_ms": 8000.0 });
+        let err = parallel_wall_ms(&one_failed).expect_err("failures");
+        assert_eq!(err.to_string(), "2 of 4 VMs failed");
+    }
+}
