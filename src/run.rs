@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use guest_init::channel::{encode, Message};
+use guest_init::channel::Message;
 use guest_init::{GuestStatus, RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
 use imagebuilder::pack::{packed_initramfs, PackOptions};
@@ -18,7 +18,7 @@ use vmm::host::KvmKind;
 use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
 
 use crate::cli::RunArgs;
-use crate::stdio::{self, Demux, Fault, STREAM};
+use crate::stdio::{self, Demux, Event, Fault, ToGuest};
 use crate::{embedded, image_cmds, signals, terminal};
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
@@ -137,26 +137,22 @@ impl Ending {
 /// with `-t` the terminal size) to the guest, the host terminal raw with `-it`.
 fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>) -> Result<u8> {
     let input = ConsoleInput::new();
+    let to_guest = ToGuest::new(input.clone());
     let ending = Ending::default();
-    let on_fault = {
-        let ending = ending.clone();
-        move |fault| {
-            ending.stop(match fault {
-                Fault::Malformed(err) => StopCause::Malformed(err),
-                Fault::BrokenPipe => StopCause::BrokenPipe,
-            })
+    let on_event = {
+        let (to_guest, ending) = (to_guest.clone(), ending.clone());
+        move |event| match event {
+            Event::Ready => to_guest.open(),
+            Event::Fault(Fault::Malformed(err)) => ending.stop(StopCause::Malformed(err)),
+            Event::Fault(Fault::BrokenPipe) => ending.stop(StopCause::BrokenPipe),
         }
     };
-    if args.tty {
-        // Queued before boot: init waits for the first size before starting a terminal
-        // workload. 0x0 is what Docker's terminal gets without a host terminal.
+    // Init waits for the first size before starting a terminal workload; 0x0 is what
+    // Docker's terminal gets without a host terminal.
+    let first_size = args.tty.then(|| {
         let (rows, cols) = terminal::size().unwrap_or((0, 0));
-        let mut frame = Vec::new();
-        encode(STREAM, &Message::Resize { rows, cols }, &mut frame);
-        input
-            .send(&frame)
-            .context("cannot queue the terminal size")?;
-    }
+        Message::Resize { rows, cols }
+    });
     let kill = {
         let ending = ending.clone();
         move || {
@@ -165,28 +161,34 @@ fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>) -> Result<u8> {
         }
     };
     let timeout = Duration::from_secs(args.stop_timeout);
-    let forwarder = signals::Forwarder::start(args.tty, timeout, sender(&input), kill)
+    let send = {
+        let to_guest = to_guest.clone();
+        move |message: Message| to_guest.send(&message)
+    };
+    let forwarder = signals::Forwarder::start(args.tty, timeout, first_size, send, kill)
         .context("cannot catch signals")?;
-    let raw = match attach_host_input(args, &input) {
+    let raw = match attach_host_input(args, &to_guest) {
         Ok(raw) => raw,
         Err(err) => {
+            to_guest.close();
             forwarder.stop();
             return Err(err);
         }
     };
 
-    vm.console = Box::new(Demux::new(io::stdout(), io::stderr(), on_fault));
+    vm.console = Box::new(Demux::new(io::stdout(), io::stderr(), on_event));
     vm.console_input = Some(input);
     vm.stopper = Some(ending.stopper.clone());
     let exit = vmm::run(vm);
     // The terminal first, so every message after this prints normally.
     drop(raw);
+    to_guest.close();
     forwarder.stop();
     exit_code(exit.context("the VM failed")?, ending.take())
 }
 
 /// With `-i`, starts feeding the host's stdin to the guest, in raw mode when `-t` too.
-fn attach_host_input(args: &RunArgs, input: &ConsoleInput) -> Result<Option<terminal::RawMode>> {
+fn attach_host_input(args: &RunArgs, to_guest: &ToGuest) -> Result<Option<terminal::RawMode>> {
     if !args.interactive {
         return Ok(None);
     }
@@ -197,14 +199,8 @@ fn attach_host_input(args: &RunArgs, input: &ConsoleInput) -> Result<Option<term
     } else {
         None
     };
-    stdio::pump_stdin(sender(input)).context("cannot start the stdin thread")?;
+    stdio::pump_stdin(to_guest.clone()).context("cannot start the stdin thread")?;
     Ok(raw)
-}
-
-/// A frame sink for host threads: false once the VM no longer takes input.
-fn sender(input: &ConsoleInput) -> impl FnMut(&[u8]) -> bool + Send + 'static {
-    let input = input.clone();
-    move |frame| input.send(frame).is_ok()
 }
 
 /// A random 12-hex-digit id for this run, Docker's short container id form.

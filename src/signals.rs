@@ -8,11 +8,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_init::channel::{encode, Message};
+use guest_init::channel::Message;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 use signal_hook::iterator::{Handle, Signals};
 
-use crate::stdio::STREAM;
 use crate::terminal;
 
 /// The signals forwarded to the workload (Docker forwards these and more; these are the
@@ -51,21 +50,22 @@ impl Policy {
 }
 
 /// The running forwarder: a `katalite-signals` thread reading the signals and a
-/// `katalite-signal-send` thread that queues the frames, so a full console input never
-/// delays a hard stop.
+/// `katalite-signal-send` thread that sends the messages, so a guest that is not ready or
+/// not reading never delays a hard stop.
 pub struct Forwarder {
     handle: Handle,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Forwarder {
-    /// Catches [`FORWARDED`] (and SIGWINCH when `tty`) from now on. Encoded frames go to
-    /// `send` (false: the VM is gone); `kill` ends the VM, after `timeout` or on a second
-    /// SIGTERM/SIGINT.
+    /// Catches [`FORWARDED`] (and SIGWINCH when `tty`) from now on. Messages, `first`
+    /// ahead of them, go to `send` (which may block; false: the VM is gone); `kill` ends
+    /// the VM, after `timeout` or on a second SIGTERM/SIGINT.
     pub fn start(
         tty: bool,
         timeout: Duration,
-        send: impl FnMut(&[u8]) -> bool + Send + 'static,
+        first: Option<Message>,
+        send: impl FnMut(Message) -> bool + Send + 'static,
         kill: impl Fn() + Send + Sync + Clone + 'static,
     ) -> io::Result<Self> {
         let mut signals = Signals::new(FORWARDED)?;
@@ -73,10 +73,14 @@ impl Forwarder {
             signals.add_signal(SIGWINCH)?;
         }
         let handle = signals.handle();
-        let (frames, queued) = mpsc::channel::<Message>();
+        let (messages, queued) = mpsc::channel::<Message>();
+        if let Some(message) = first {
+            // The receiver is alive: it is only dropped with the sending thread below.
+            let _ = messages.send(message);
+        }
         let sender = std::thread::Builder::new()
             .name("katalite-signal-send".into())
-            .spawn(move || send_frames(&queued, send))?;
+            .spawn(move || send_all(&queued, send))?;
         let reader = std::thread::Builder::new()
             .name("katalite-signals".into())
             .spawn(move || {
@@ -84,16 +88,16 @@ impl Forwarder {
                 for signal in signals.forever() {
                     if signal == SIGWINCH {
                         if let Some((rows, cols)) = terminal::size() {
-                            let _ = frames.send(Message::Resize { rows, cols });
+                            let _ = messages.send(Message::Resize { rows, cols });
                         }
                         continue;
                     }
                     match policy.on(signal) {
                         Action::Forward => {
-                            let _ = frames.send(Message::Signal(signal));
+                            let _ = messages.send(Message::Signal(signal));
                         }
                         Action::ForwardAndArm => {
-                            let _ = frames.send(Message::Signal(signal));
+                            let _ = messages.send(Message::Signal(signal));
                             arm(timeout, kill.clone());
                         }
                         Action::Kill => kill(),
@@ -113,8 +117,8 @@ impl Forwarder {
         })
     }
 
-    /// Stops catching signals and joins the threads. Call it once the VM has ended (so a
-    /// blocked send has been refused).
+    /// Stops catching signals and joins the threads. Call it once `send` refuses (the VM
+    /// has ended), so the sending thread is not blocked in it.
     pub fn stop(self) {
         self.handle.close();
         for thread in self.threads {
@@ -124,13 +128,10 @@ impl Forwarder {
     }
 }
 
-/// Queues each message as a frame until the forwarder ends or the VM refuses input.
-fn send_frames(queued: &mpsc::Receiver<Message>, mut send: impl FnMut(&[u8]) -> bool) {
-    let mut frame = Vec::new();
+/// Sends each message until the forwarder ends or the VM refuses input.
+fn send_all(queued: &mpsc::Receiver<Message>, mut send: impl FnMut(Message) -> bool) {
     while let Ok(message) = queued.recv() {
-        frame.clear();
-        encode(STREAM, &message, &mut frame);
-        if !send(&frame) {
+        if !send(message) {
             return;
         }
     }
@@ -154,7 +155,6 @@ fn arm(timeout: Duration, kill: impl Fn() + Send + 'static) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_init::channel::Decoder;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
@@ -172,14 +172,6 @@ mod tests {
         assert_eq!(policy.on(SIGINT), Action::ForwardAndArm);
     }
 
-    fn decode(bytes: &[u8]) -> Vec<Message> {
-        let mut decoder = Decoder::new();
-        decoder.feed(bytes);
-        std::iter::from_fn(|| decoder.next_frame().expect("valid"))
-            .map(|frame| frame.message)
-            .collect()
-    }
-
     /// Raises the test-only signals through the real handlers: SIGUSR1/SIGUSR2 are not
     /// used by the test harness, and once a handler is installed they cannot kill it.
     #[test]
@@ -192,8 +184,9 @@ mod tests {
             Forwarder::start(
                 false,
                 Duration::from_secs(60),
-                move |frame| {
-                    sent.lock().expect("lock").extend_from_slice(frame);
+                Some(Message::Resize { rows: 2, cols: 3 }),
+                move |message| {
+                    sent.lock().expect("lock").push(message);
                     true
                 },
                 move || {
@@ -202,17 +195,21 @@ mod tests {
             )
             .expect("start")
         };
-        let expected = [Message::Signal(SIGUSR1), Message::Signal(SIGUSR2)];
+        let expected = [
+            Message::Resize { rows: 2, cols: 3 },
+            Message::Signal(SIGUSR1),
+            Message::Signal(SIGUSR2),
+        ];
         let started = Instant::now();
         for (count, signal) in [SIGUSR1, SIGUSR2].into_iter().enumerate() {
             signal_hook::low_level::raise(signal).expect("raise");
-            while decode(&sent.lock().expect("lock")).len() <= count {
+            while sent.lock().expect("lock").len() <= count + 1 {
                 assert!(started.elapsed() < Duration::from_secs(10), "no frame");
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
         forwarder.stop();
-        assert_eq!(decode(&sent.lock().expect("lock")), expected);
+        assert_eq!(*sent.lock().expect("lock"), expected);
         assert_eq!(kills.load(Ordering::SeqCst), 0);
     }
 
@@ -228,15 +225,15 @@ mod tests {
     }
 
     #[test]
-    fn frames_stop_when_the_vm_refuses_them() {
-        let (frames, queued) = mpsc::channel();
-        frames.send(Message::Signal(SIGTERM)).expect("queue");
-        frames.send(Message::Signal(SIGHUP)).expect("queue");
+    fn sending_stops_when_the_vm_refuses() {
+        let (messages, queued) = mpsc::channel();
+        messages.send(Message::Signal(SIGTERM)).expect("queue");
+        messages.send(Message::Signal(SIGHUP)).expect("queue");
         let mut calls = Vec::new();
-        send_frames(&queued, |frame| {
-            calls.push(decode(frame));
+        send_all(&queued, |message| {
+            calls.push(message);
             false
         });
-        assert_eq!(calls, [vec![Message::Signal(SIGTERM)]]);
+        assert_eq!(calls, [Message::Signal(SIGTERM)]);
     }
 }

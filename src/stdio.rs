@@ -1,11 +1,14 @@
-//! The workload's stdio on the host side of the frame channel (`guest_init::channel`):
-//! [`Demux`] turns the guest's Stdout/Stderr frames back into bytes on fd 1 and fd 2, in
-//! order and with bounded memory; [`pump_stdin`] turns the host's stdin into Stdin frames.
+//! The host side of the frame channel (`guest_init::channel`): [`Demux`] turns the guest's
+//! Stdout/Stderr frames back into bytes on fd 1 and fd 2, in order and with bounded memory;
+//! [`ToGuest`] holds host-to-guest frames until init announces Ready; [`pump_stdin`] turns
+//! the host's stdin into Stdin frames.
 
 use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use anyhow::anyhow;
 use guest_init::channel::{encode, Decoder, Message, HEADER_LEN, MAX_PAYLOAD};
+use vmm::ConsoleInput;
 
 /// The stream of the `run` workload on the channel.
 pub const STREAM: u32 = 0;
@@ -13,6 +16,15 @@ pub const STREAM: u32 = 0;
 /// Bytes fed to the decoder at once: with at most one partial frame left over, the decoder
 /// never holds more than two frames' worth however large the console's writes are.
 const FEED: usize = HEADER_LEN + MAX_PAYLOAD;
+
+/// What the demux tells its owner.
+#[derive(Debug)]
+pub enum Event {
+    /// Init announced that it reads the channel: host-to-guest frames may flow.
+    Ready,
+    /// Something is wrong and the VM should end.
+    Fault(Fault),
+}
 
 /// Why the demux asks for the VM to end.
 #[derive(Debug)]
@@ -25,23 +37,24 @@ pub enum Fault {
 
 /// The virtio console's host side: decodes frames and writes Stdout payloads to `out` and
 /// Stderr payloads to `err`, flushing each, so the two stay in the order the guest sent
-/// them. On a [`Fault`] it calls `on_fault` once and discards everything after.
+/// them. It reports init's Ready to `on_event`; on a [`Fault`] it reports it once and
+/// discards everything after.
 pub struct Demux<O, E, F> {
     decoder: Decoder,
     out: O,
     err: E,
-    on_fault: F,
+    on_event: F,
     failed: bool,
 }
 
-impl<O: Write, E: Write, F: FnMut(Fault)> Demux<O, E, F> {
-    /// A demux writing to `out` and `err`, reporting faults to `on_fault`.
-    pub fn new(out: O, err: E, on_fault: F) -> Self {
+impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
+    /// A demux writing to `out` and `err`, reporting to `on_event`.
+    pub fn new(out: O, err: E, on_event: F) -> Self {
         Self {
             decoder: Decoder::new(),
             out,
             err,
-            on_fault,
+            on_event,
             failed: false,
         }
     }
@@ -62,6 +75,10 @@ impl<O: Write, E: Write, F: FnMut(Fault)> Demux<O, E, F> {
             let written = match &frame.message {
                 Message::Stdout(data) => write_flushed(&mut self.out, data),
                 Message::Stderr(data) => write_flushed(&mut self.err, data),
+                Message::Ready => {
+                    (self.on_event)(Event::Ready);
+                    Ok(())
+                }
                 other => {
                     return Err(Fault::Malformed(anyhow!(
                         "a host-to-guest message from the guest: {other:?}"
@@ -83,7 +100,7 @@ fn write_flushed(to: &mut impl Write, data: &[u8]) -> io::Result<()> {
     to.flush()
 }
 
-impl<O: Write, E: Write, F: FnMut(Fault)> Write for Demux<O, E, F> {
+impl<O: Write, E: Write, F: FnMut(Event)> Write for Demux<O, E, F> {
     /// Always takes all of `buf`: refusing would only make the console drop it.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         for chunk in buf.chunks(FEED) {
@@ -94,7 +111,7 @@ impl<O: Write, E: Write, F: FnMut(Fault)> Write for Demux<O, E, F> {
             if let Err(fault) = self.drain() {
                 self.failed = true;
                 self.decoder = Decoder::new();
-                (self.on_fault)(fault);
+                (self.on_event)(Event::Fault(fault));
             }
         }
         Ok(buf.len())
@@ -105,22 +122,94 @@ impl<O: Write, E: Write, F: FnMut(Fault)> Write for Demux<O, E, F> {
     }
 }
 
-/// Starts the `katalite-stdin` thread: it copies the host's stdin into Stdin frames for
-/// `send` and ends with a StdinClosed frame at end of file (or on a read error), or as soon
-/// as `send` refuses bytes (the VM ended). It is not joined: a read may block forever, and
-/// `docker run -i` does not wait for stdin either.
-pub fn pump_stdin(send: impl FnMut(&[u8]) -> bool + Send + 'static) -> io::Result<()> {
+/// Whether host-to-guest frames may flow yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Init has not announced Ready: the guest's console driver would drop input
+    /// (drivers/char/virtio_console.c discards data before the port is opened).
+    Waiting,
+    Open,
+    /// The VM ended; nothing more is sent.
+    Closed,
+}
+
+/// The host-to-guest direction of the channel, shared by the threads that send (signals,
+/// resizes, stdin): [`send`](Self::send) waits until init is ready, keeps each frame
+/// whole, and blocks while the guest's queue is full.
+#[derive(Clone)]
+pub struct ToGuest {
+    input: ConsoleInput,
+    gate: Arc<(Mutex<Gate>, Condvar)>,
+}
+
+impl ToGuest {
+    /// Frames for `input`, held until [`open`](Self::open).
+    pub fn new(input: ConsoleInput) -> Self {
+        Self {
+            input,
+            gate: Arc::new((Mutex::new(Gate::Waiting), Condvar::new())),
+        }
+    }
+
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        // A plain enum replaced whole: a panic elsewhere cannot leave it torn.
+        self.gate.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, to: Gate) {
+        let mut gate = self.gate();
+        if *gate != Gate::Closed {
+            *gate = to;
+        }
+        self.gate.1.notify_all();
+    }
+
+    /// Init is ready: let frames through.
+    pub fn open(&self) {
+        self.set(Gate::Open);
+    }
+
+    /// The VM ended: refuse frames from now on, waking every waiting sender.
+    pub fn close(&self) {
+        self.set(Gate::Closed);
+    }
+
+    /// Sends `message` on the workload's stream once init is ready; false when the VM has
+    /// ended (the caller should stop sending).
+    pub fn send(&self, message: &Message) -> bool {
+        let mut gate = self.gate();
+        while *gate == Gate::Waiting {
+            gate = self
+                .gate
+                .1
+                .wait(gate)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if *gate == Gate::Closed {
+            return false;
+        }
+        drop(gate);
+        let mut frame = Vec::new();
+        encode(STREAM, message, &mut frame);
+        self.input.send(&frame).is_ok()
+    }
+}
+
+/// Starts the `katalite-stdin` thread: it copies the host's stdin into Stdin frames and
+/// ends with a StdinClosed frame at end of file (or on a read error), or as soon as the VM
+/// refuses input. It is not joined: a read may block forever, and `docker run -i` does not
+/// wait for stdin either.
+pub fn pump_stdin(to_guest: ToGuest) -> io::Result<()> {
     std::thread::Builder::new()
         .name("katalite-stdin".into())
-        .spawn(move || pump(io::stdin().lock(), send))?;
+        .spawn(move || pump(io::stdin().lock(), |message| to_guest.send(&message)))?;
     Ok(())
 }
 
-/// Reads `from` until end of file, passing each read as encoded Stdin frames to `send`,
-/// then a StdinClosed frame. Stops early when `send` returns false.
-fn pump(mut from: impl Read, mut send: impl FnMut(&[u8]) -> bool) {
+/// Reads `from` until end of file, passing each read to `send` as a Stdin message, then
+/// StdinClosed. Stops early when `send` returns false.
+fn pump(mut from: impl Read, mut send: impl FnMut(Message) -> bool) {
     let mut buf = vec![0u8; MAX_PAYLOAD];
-    let mut frame = Vec::with_capacity(HEADER_LEN + MAX_PAYLOAD);
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => break,
@@ -128,21 +217,16 @@ fn pump(mut from: impl Read, mut send: impl FnMut(&[u8]) -> bool) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        frame.clear();
-        encode(STREAM, &Message::Stdin(buf[..n].to_vec()), &mut frame);
-        if !send(&frame) {
+        if !send(Message::Stdin(buf[..n].to_vec())) {
             return;
         }
     }
-    frame.clear();
-    encode(STREAM, &Message::StdinClosed, &mut frame);
-    send(&frame);
+    send(Message::StdinClosed);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guest_init::channel::Frame;
 
     fn frames(messages: &[(u32, Message)]) -> Vec<u8> {
         let mut bytes = Vec::new();
@@ -155,7 +239,10 @@ mod tests {
     /// Feeds `bytes` in `piece`-sized writes; returns stdout, stderr and the faults.
     fn demux(bytes: &[u8], piece: usize) -> (Vec<u8>, Vec<u8>, Vec<Fault>) {
         let (mut out, mut err, mut faults) = (Vec::new(), Vec::new(), Vec::new());
-        let mut demux = Demux::new(&mut out, &mut err, |f| faults.push(f));
+        let mut demux = Demux::new(&mut out, &mut err, |event| match event {
+            Event::Fault(fault) => faults.push(fault),
+            Event::Ready => {}
+        });
         for part in bytes.chunks(piece) {
             assert_eq!(demux.write(part).expect("write"), part.len());
         }
@@ -230,7 +317,7 @@ mod tests {
         let mut bytes = frames(&[(0, Message::Stdout(vec![5; MAX_PAYLOAD]))]);
         bytes.extend(frames(&[(0, Message::Stdout(vec![6; MAX_PAYLOAD]))]));
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let mut demux = Demux::new(&mut out, &mut err, |_| panic!("no fault"));
+        let mut demux = Demux::new(&mut out, &mut err, |_| panic!("no event"));
         // One huge write: the decoder is fed piecewise and drained between pieces.
         demux.write_all(&bytes).expect("write");
         assert_eq!(demux.decoder.pending(), 0);
@@ -251,39 +338,83 @@ mod tests {
                 Ok(())
             }
         }
-        let mut faults = Vec::new();
-        let mut demux = Demux::new(Closed, Vec::new(), |f| faults.push(f));
+        let mut events = Vec::new();
+        let mut demux = Demux::new(Closed, Vec::new(), |e| events.push(e));
         let bytes = frames(&[
             (0, Message::Stdout(b"x".to_vec())),
             (0, Message::Stdout(b"y".to_vec())),
         ]);
         demux.write_all(&bytes).expect("write");
         drop(demux);
-        assert!(matches!(faults.as_slice(), [Fault::BrokenPipe]));
-    }
-
-    fn decode_all(bytes: &[u8]) -> Vec<Frame> {
-        let mut decoder = Decoder::new();
-        decoder.feed(bytes);
-        std::iter::from_fn(|| decoder.next_frame().expect("valid")).collect()
+        assert!(matches!(
+            events.as_slice(),
+            [Event::Fault(Fault::BrokenPipe)]
+        ));
     }
 
     #[test]
-    fn stdin_becomes_frames_then_closed() {
+    fn ready_is_reported_in_order_with_the_output() {
+        let bytes = frames(&[(0, Message::Ready), (0, Message::Stdout(b"x".to_vec()))]);
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        let mut demux = Demux::new(&mut out, Vec::new(), |e| seen.push(format!("{e:?}")));
+        demux.write_all(&bytes[..HEADER_LEN]).expect("write");
+        demux.write_all(&bytes[HEADER_LEN..]).expect("write");
+        drop(demux);
+        assert_eq!(seen, ["Ready"]);
+        assert_eq!(out, b"x");
+    }
+
+    #[test]
+    fn frames_to_the_guest_wait_for_ready() {
+        let to_guest = ToGuest::new(ConsoleInput::new());
+        let (done, sent) = std::sync::mpsc::channel();
+        let sender = {
+            let to_guest = to_guest.clone();
+            std::thread::spawn(move || {
+                let _ = done.send(to_guest.send(&Message::Signal(15)));
+            })
+        };
+        let wait = std::time::Duration::from_millis(100);
+        assert!(sent.recv_timeout(wait).is_err(), "sent before Ready");
+        to_guest.open();
+        assert_eq!(sent.recv_timeout(wait * 50).ok(), Some(true));
+        sender.join().expect("join");
+        // Once the VM ended, nothing is sent, and closing wins over a late Ready.
+        to_guest.close();
+        to_guest.open();
+        assert!(!to_guest.send(&Message::StdinClosed));
+    }
+
+    #[test]
+    fn closing_wakes_senders_still_waiting_for_ready() {
+        let to_guest = ToGuest::new(ConsoleInput::new());
+        let sender = {
+            let to_guest = to_guest.clone();
+            std::thread::spawn(move || to_guest.send(&Message::Signal(2)))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        to_guest.close();
+        assert!(!sender.join().expect("join"));
+    }
+
+    #[test]
+    fn stdin_becomes_messages_then_closed() {
         let data: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
         let mut sent = Vec::new();
-        pump(&data[..], |frame| {
-            sent.extend_from_slice(frame);
+        pump(&data[..], |message| {
+            sent.push(message);
             true
         });
-        let frames = decode_all(&sent);
-        let (last, rest) = frames.split_last().expect("frames");
-        assert_eq!(last.message, Message::StdinClosed);
+        let (last, rest) = sent.split_last().expect("messages");
+        assert_eq!(*last, Message::StdinClosed);
         let mut joined = Vec::new();
-        for frame in rest {
-            assert_eq!(frame.stream, STREAM);
-            match &frame.message {
-                Message::Stdin(d) => joined.extend_from_slice(d),
+        for message in rest {
+            match message {
+                Message::Stdin(d) => {
+                    assert!(d.len() <= MAX_PAYLOAD);
+                    joined.extend_from_slice(d);
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -303,12 +434,10 @@ mod tests {
     #[test]
     fn empty_stdin_is_only_closed() {
         let mut sent = Vec::new();
-        pump(io::empty(), |frame| {
-            sent.extend_from_slice(frame);
+        pump(io::empty(), |message| {
+            sent.push(message);
             true
         });
-        let frames = decode_all(&sent);
-        assert_eq!(frames.len(), 1);
-        assert_eq!(frames[0].message, Message::StdinClosed);
+        assert_eq!(sent, [Message::StdinClosed]);
     }
 }
