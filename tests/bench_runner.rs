@@ -242,8 +242,10 @@ fn mappings(smaps: &str) -> Vec<Value> {
     for line in smaps.lines() {
         if let Some(kb) = field(line, "Size:") {
             size = Some(kb);
-        } else if let (Some(rss), Some(kb)) = (field(line, "Rss:"), size.take()) {
-            out.push(json!([kb, rss]));
+        } else if let Some(rss) = field(line, "Rss:") {
+            if let Some(kb) = size.take() {
+                out.push(json!([kb, rss]));
+            }
         }
     }
     out

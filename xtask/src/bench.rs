@@ -1,8 +1,8 @@
-//! `cargo xtask bench`: katalite measured side by side with QEMU `-M microvm` booting the
-//! same kernel and initramfs, plus packing, memory, throughput, parallel starts and sizes.
-//! Host-side figures are taken here; the VM figures come from one lab boot in which the
-//! static runner (`tests/bench_runner.rs`) executes a plan of commands and timestamps them.
-//! Writes `target/bench/latest.json`, `boot.svg` and `latest.md`; numbers are never asserted.
+//! `cargo xtask bench`: katalite beside QEMU `-M microvm` booting the same kernel and
+//! initramfs, plus packing, memory, throughput, parallel starts and sizes. Host figures are
+//! taken here; VM figures come from one lab boot in which `tests/bench_runner.rs` runs a plan
+//! and timestamps it. Writes latest.json, boot.svg, latest.md and the raw lab-console.log to
+//! `target/bench/`; numbers are never asserted.
 
 mod chart;
 mod host;
@@ -108,6 +108,8 @@ pub fn run(args: &Args) -> Result<()> {
     )?;
     eprintln!("bench: running the plan in the lab (one boot)");
     let (console, lab_error) = run_in_lab(&root, &runner, &plan_file)?;
+    // The raw samples, for a second look at any figure.
+    fs::write(out.join("lab-console.log"), &console)?;
 
     let mut lab = LabResults::new(results::parse_console(&console)?);
     if let Some(error) = lab_error {
@@ -250,7 +252,10 @@ fn run_in_lab(root: &Path, runner: &Path, plan: &Path) -> Result<(String, Option
         in_lab(root, runner).display(),
         in_lab(root, plan).display()
     );
-    let mut child = Command::new(std::env::current_exe().context("no own executable")?)
+    // Through cargo, as ci.rs runs xtask: our own executable may have been replaced by a
+    // rebuild since it started.
+    let mut child = Command::new(env!("CARGO"))
+        .args(["run", "--quiet", "--package", "xtask", "--"])
         .args(["lab", "run", "--no-build", "--", &command])
         .current_dir(root)
         .stdout(Stdio::piped())

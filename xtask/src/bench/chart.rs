@@ -189,12 +189,10 @@ fn draw_parallel<DB: DrawingBackend>(
             BLACK.stroke_width(1),
         )
     }))?;
+    // Labels sit up and to the right of their points, clear of the marker and whisker.
     chart.draw_series(points.iter().map(|&(n, secs)| {
-        Text::new(
-            format!("{secs:.1} s"),
-            (n, secs + top * 0.03),
-            ("sans-serif", 11),
-        )
+        EmptyElement::at((n, secs))
+            + Text::new(format!("{secs:.1} s"), (7, -16), ("sans-serif", 11))
     }))?;
     Ok(())
 }

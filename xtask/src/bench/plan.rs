@@ -61,7 +61,7 @@ impl Settings {
             variant_samples: 3,
             memory_samples: 3,
             throughput_samples: 3,
-            throughput_bytes: 32 << 20,
+            throughput_bytes: 8 << 20,
             parallel_counts: vec![1, 4, 16],
             parallel_samples: 1,
         }
@@ -74,7 +74,7 @@ impl Settings {
             variant_samples: 10,
             memory_samples: 5,
             throughput_samples: 5,
-            throughput_bytes: 128 << 20,
+            throughput_bytes: 32 << 20,
             parallel_counts: vec![1, 4, 16],
             parallel_samples: 3,
         }
@@ -356,7 +356,7 @@ mod tests {
         let argv = &throughput.expect("throughput").argv;
         assert_eq!(
             argv[argv.len() - 4..],
-            ["head", "-c", "134217728", "/dev/zero"]
+            ["head", "-c", "33554432", "/dev/zero"]
         );
     }
 
