@@ -130,14 +130,33 @@ pub fn arguments(machine: &Machine, boot: &Boot) -> Vec<OsString> {
 /// Types magic SysRq keys on L1's PS/2 keyboard through the QEMU monitor: `9` raises the
 /// console log level so the dumps reach the serial console, `w` lists blocked tasks, `l`
 /// shows every CPU's backtrace. A timed-out run then leaves evidence of where L1 hung.
-fn request_backtraces(monitor: &Path) -> io::Result<()> {
+/// Interrupts may be off in a hung L1, so the vCPU registers (RIP, CR3) come along too:
+/// match RIP against L1's `/proc/kallsyms` (no KASLR under PVH boot).
+fn request_backtraces(monitor: &Path) -> io::Result<Vec<String>> {
     let mut socket = UnixStream::connect(monitor)?;
     for key in ["9", "w", "l"] {
         writeln!(socket, "sendkey alt-sysrq-{key}")?;
         // Let the key's handler run before the next one.
         thread::sleep(Duration::from_millis(500));
     }
-    Ok(())
+    writeln!(socket, "info registers -a")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut reply = Vec::new();
+    // The monitor never closes the connection; the read timeout ends the reply.
+    let _ = socket.read_to_end(&mut reply);
+    Ok(vcpu_summary(&String::from_utf8_lossy(&reply)))
+}
+
+/// The lines of `info registers -a` that locate each vCPU: its number, RIP and flags, CR3.
+fn vcpu_summary(reply: &str) -> Vec<String> {
+    reply
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            line.starts_with("CPU#") || line.starts_with("RIP=") || line.starts_with("CR0=")
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A read-only 9p export; `multidevs=remap` keeps inode numbers unique when the export
@@ -198,8 +217,9 @@ pub fn run(machine: &Machine, boot: &Boot) -> Result<Outcome> {
             Err(RecvTimeoutError::Timeout) if !backtraces_requested => {
                 backtraces_requested = true;
                 deadline = Instant::now() + BACKTRACE_GRACE;
-                if let Err(err) = request_backtraces(boot.monitor) {
-                    eprintln!("lab: cannot ask L1 for backtraces: {err}");
+                match request_backtraces(boot.monitor) {
+                    Ok(vcpus) => eprintln!("lab: L1 vCPUs at the timeout:\n{}", vcpus.join("\n")),
+                    Err(err) => eprintln!("lab: cannot ask L1 for backtraces: {err}"),
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -270,6 +290,24 @@ fn stop(child: &mut Child, grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vcpu_summary_keeps_where_each_cpu_is() {
+        let reply = "(qemu) info registers -a\r\n\r\nCPU#0\r\nRAX=0 RBX=1\r\n\
+                     RIP=ffffffff81a5267b RFL=00000046 [---Z-P-] CPL=0\r\n\
+                     CR0=80050033 CR2=0 CR3=000000000903e000 CR4=003506f0\r\n\
+                     YMM00=0\r\n\r\nCPU#1\r\nRIP=ffffffff81c00ba0 RFL=00000046\r\n";
+        assert_eq!(
+            vcpu_summary(reply),
+            [
+                "CPU#0",
+                "RIP=ffffffff81a5267b RFL=00000046 [---Z-P-] CPL=0",
+                "CR0=80050033 CR2=0 CR3=000000000903e000 CR4=003506f0",
+                "CPU#1",
+                "RIP=ffffffff81c00ba0 RFL=00000046",
+            ]
+        );
+    }
 
     fn machine() -> Machine {
         Machine {
