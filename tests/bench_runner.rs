@@ -199,7 +199,7 @@ fn timed(argv: &[String], count_stdout: bool) -> Result<Value> {
 }
 
 /// Runs `argv` and, `settle` after a stderr line containing `trigger`, reads the process's
-/// `/proc/PID/status` (its `Vm*` lines) and the size and resident size of every mapping
+/// `/proc/PID/status` (its `Vm*` and `Rss*` lines) and the size and resident size of every mapping
 /// in `/proc/PID/smaps` (kB each).
 fn memory(argv: &[String], trigger: &str, settle: Duration) -> Result<Value> {
     let (mut child, start) = spawn(argv, Stdio::null(), Stdio::piped())?;
@@ -218,7 +218,10 @@ fn memory(argv: &[String], trigger: &str, settle: Duration) -> Result<Value> {
         thread::sleep(settle);
         let proc = format!("/proc/{}", child.id());
         let status = std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default();
-        let vm: Vec<&str> = status.lines().filter(|l| l.starts_with("Vm")).collect();
+        let vm: Vec<&str> = status
+            .lines()
+            .filter(|l| l.starts_with("Vm") || l.starts_with("Rss"))
+            .collect();
         let smaps = std::fs::read_to_string(format!("{proc}/smaps")).unwrap_or_default();
         sample["proc_status"] = vm.join("\n").into();
         sample["mappings"] = mappings(&smaps).into();

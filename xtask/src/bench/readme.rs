@@ -98,11 +98,14 @@ pub fn table(report: &Report) -> String {
     if let Some(memory) = &report.memory {
         out.push_str(&format!(
             "| VMM memory overhead, {} MiB guest | {:.1} MiB (VmRSS {:.1} − guest RAM touched \
-             {:.1}); peak (VmHWM) {:.1} MiB |\n",
+             {:.1}): file-backed {:.1} (the binary, embedded kernel included) + anonymous \
+             {:.1}; peak (VmHWM) {:.1} MiB |\n",
             memory.guest_mib,
             memory.overhead_mib.median,
             memory.rss_mib.median,
             memory.guest_touched_mib.median,
+            memory.file_mib.median,
+            memory.anon_overhead_mib.median,
             memory.peak_overhead_mib.median
         ));
     }

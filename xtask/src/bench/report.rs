@@ -112,6 +112,11 @@ pub struct Memory {
     pub overhead_mib: Stats,
     /// VmHWM minus guest touched: an upper bound (the peak may include freed buffers).
     pub peak_overhead_mib: Stats,
+    /// RssAnon minus guest touched: the VMM's own heap and stacks.
+    pub anon_overhead_mib: Stats,
+    /// RssFile: pages of the katalite executable, the embedded kernel and init included
+    /// (shared with other katalite processes and reclaimable).
+    pub file_mib: Stats,
     /// How it was measured.
     pub method: String,
 }
@@ -155,10 +160,14 @@ pub struct LabResults {
 }
 
 impl LabResults {
-    /// Indexes the runner's job results.
+    /// Indexes the runner's job results; jobs run in several rounds (same id) are merged.
     pub fn new(results: Vec<JobResult>) -> Self {
+        let mut jobs: HashMap<String, Vec<serde_json::Value>> = HashMap::new();
+        for result in results {
+            jobs.entry(result.id).or_default().extend(result.samples);
+        }
         Self {
-            jobs: results.into_iter().map(|r| (r.id, r.samples)).collect(),
+            jobs,
             errors: Vec::new(),
         }
     }
@@ -244,10 +253,13 @@ impl LabResults {
             guest_touched_mib: mib(&|f| signed(f.guest_kib))?,
             overhead_mib: mib(&|f| signed(f.rss_kib) - signed(f.guest_kib))?,
             peak_overhead_mib: mib(&|f| signed(f.hwm_kib) - signed(f.guest_kib))?,
+            anon_overhead_mib: mib(&|f| signed(f.anon_kib) - signed(f.guest_kib))?,
+            file_mib: mib(&|f| signed(f.file_kib))?,
             method: "katalite run --memory 256m busybox `sleep 2`, 0.5 s after the workload \
-                     started: VmRSS/VmHWM from /proc/PID/status minus the Rss of the 256 MiB \
-                     guest RAM mapping in /proc/PID/smaps (pages the guest touched); the \
-                     rest is the VMM's own code, heap, stacks and the initramfs copy"
+                     started: VmRSS/VmHWM/RssAnon/RssFile from /proc/PID/status; guest RAM \
+                     touched = Rss of the one 256 MiB anonymous mapping in /proc/PID/smaps; \
+                     overhead = VmRSS minus that, i.e. the executable's resident pages \
+                     (embedded kernel included) plus the VMM's heap and stacks"
                 .into(),
         })
     }
@@ -321,10 +333,11 @@ mod tests {
         LabResults::new(vec![
             JobResult {
                 id: "boot-katalite".into(),
-                samples: vec![
-                    boot_sample(100.0, 150.0, 200.0),
-                    boot_sample(110.0, 160.0, 220.0),
-                ],
+                samples: vec![boot_sample(100.0, 150.0, 200.0)],
+            },
+            JobResult {
+                id: "boot-katalite".into(),
+                samples: vec![boot_sample(110.0, 160.0, 220.0)],
             },
             JobResult {
                 id: "boot-qemu-zstd".into(),
@@ -367,7 +380,8 @@ mod tests {
     fn memory_overhead_is_rss_minus_the_touched_guest_ram() {
         let sample = json!({
             "triggered": true, "status": 0,
-            "proc_status": "VmHWM:\t 61440 kB\nVmRSS:\t 51200 kB",
+            "proc_status": "VmHWM:\t 61440 kB\nVmRSS:\t 51200 kB\n\
+                            RssAnon:\t 45056 kB\nRssFile:\t 6144 kB",
             "mappings": [[262144, 40960]],
         });
         let mut lab = LabResults::new(vec![JobResult {
@@ -378,6 +392,8 @@ mod tests {
         assert_eq!(memory.overhead_mib.median, 10.0);
         assert_eq!(memory.peak_overhead_mib.median, 20.0);
         assert_eq!(memory.guest_touched_mib.median, 40.0);
+        assert_eq!(memory.anon_overhead_mib.median, 4.0);
+        assert_eq!(memory.file_mib.median, 6.0);
         assert_eq!(rss_overhead(Some(&memory)), Some(10.0));
     }
 

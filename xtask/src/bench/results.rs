@@ -123,6 +123,11 @@ pub struct MemoryFigures {
     pub rss_kib: u64,
     /// Peak resident set size so far (VmHWM).
     pub hwm_kib: u64,
+    /// Resident anonymous memory (RssAnon): heap, stacks and the guest RAM.
+    pub anon_kib: u64,
+    /// Resident file-backed memory (RssFile): the executable's pages, embedded guest
+    /// kernel and init included.
+    pub file_kib: u64,
     /// Resident part of the guest RAM mapping: the guest memory it touched.
     pub guest_kib: u64,
 }
@@ -172,6 +177,8 @@ pub fn memory_figures(sample: &serde_json::Value, guest_mib: u32) -> Result<Memo
     Ok(MemoryFigures {
         rss_kib: field("VmRSS")?,
         hwm_kib: field("VmHWM")?,
+        anon_kib: field("RssAnon")?,
+        file_kib: field("RssFile")?,
         guest_kib: guest[0],
     })
 }
@@ -272,7 +279,8 @@ mod tests {
     fn the_guest_mapping_is_picked_by_size() {
         let sample = json!({
             "triggered": true, "status": 0,
-            "proc_status": "VmPeak:\t 400000 kB\nVmHWM:\t   60000 kB\nVmRSS:\t   58000 kB",
+            "proc_status": "VmPeak:\t 400000 kB\nVmHWM:\t   60000 kB\nVmRSS:\t   58000 kB\n\
+                            RssAnon:\t   45000 kB\nRssFile:\t   13000 kB",
             "mappings": [[4, 4], [262144, 40000], [2048, 1500]],
         });
         let figures = memory_figures(&sample, 256).expect("figures");
@@ -281,6 +289,8 @@ mod tests {
             MemoryFigures {
                 rss_kib: 58000,
                 hwm_kib: 60000,
+                anon_kib: 45000,
+                file_kib: 13000,
                 guest_kib: 40000
             }
         );
