@@ -135,7 +135,7 @@ fn two_cpus_are_what_the_guest_sees() {
 
 #[test]
 fn memory_limit_sizes_the_guest_ram() {
-    let run = katalite_busybox(&["--memory", "256"], &["cat", "/proc/meminfo"]);
+    let run = katalite_busybox(&["--memory", "256m"], &["cat", "/proc/meminfo"]);
     assert_eq!(run.status, Some(0), "{}", run.describe());
     let total_kib: u64 = run
         .stdout
