@@ -12,7 +12,8 @@ use std::thread::JoinHandle;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -24,6 +25,7 @@ use crate::net::{Link, NetConfig, NetPump, LINK_QUEUE_FRAMES};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
 use crate::virtio::{
     Console, ConsoleInput, InputPump, MmioTransport, Net, Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
+    NET_RX_QUEUE, NET_TX_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
@@ -352,8 +354,9 @@ impl Machine {
                 })?;
                 let link = Arc::new(link);
                 let device = Box::new(Net::new(mac, link.clone()));
-                let transport = place(2, "virtio-net", device)?;
-                Some((transport, NetPump::new(link, backend)))
+                let transport = place(NET_SLOT, "virtio-net", device)?;
+                let notify = net_notify_eventfds(&vm)?;
+                Some((transport, NetPump::new(link, backend, notify)))
             }
             None => None,
         };
@@ -517,6 +520,29 @@ fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
+}
+
+/// The virtio-mmio slot of the NIC.
+const NET_SLOT: u32 = 2;
+
+/// One eventfd per net queue that KVM signals when the guest writes that queue's index to
+/// QueueNotify (KVM_IOEVENTFD): the `katalite-net` thread serves the notification without
+/// the vCPU exiting to the VMM.
+fn net_notify_eventfds(vm: &VmFd) -> Result<Vec<(EventFd, u32)>, VmError> {
+    let notify = layout::virtio_mmio_addr(NET_SLOT) + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+    [NET_RX_QUEUE, NET_TX_QUEUE]
+        .into_iter()
+        .map(|queue| {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| VmError::EventFd {
+                device: "virtio-net",
+                source,
+            })?;
+            // The driver writes the queue index as a 32-bit value (§4.2.3.3).
+            vm.register_ioevent(&evt, &IoEventAddress::Mmio(notify), queue)
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            Ok((evt, queue))
+        })
+        .collect()
 }
 
 /// An eventfd registered as KVM irqfd for `gsi`: writing it raises the interrupt.

@@ -20,9 +20,10 @@ pub(crate) struct FrameQueue {
     frames: VecDeque<Vec<u8>>,
     capacity: usize,
     dropped: u64,
-    /// The device left transmit chains in the ring because this queue was full; the
-    /// thread must run the transmit queue again once it has made room.
-    stalled: bool,
+    /// The device wants its transmit queue run again once the thread has taken these
+    /// frames: it stopped on a full queue, or it turned the guest's notifications off
+    /// meanwhile.
+    rerun: bool,
 }
 
 impl FrameQueue {
@@ -31,7 +32,7 @@ impl FrameQueue {
             frames: VecDeque::with_capacity(capacity),
             capacity,
             dropped: 0,
-            stalled: false,
+            rerun: false,
         }
     }
 
@@ -83,14 +84,18 @@ impl FrameQueue {
         self.dropped
     }
 
-    pub(crate) fn set_stalled(&mut self) {
-        self.stalled = true;
+    pub(crate) fn set_rerun(&mut self) {
+        self.rerun = true;
     }
 
-    /// Takes every queued frame and whether the producer stalled on a full queue.
+    pub(crate) fn rerun(&self) -> bool {
+        self.rerun
+    }
+
+    /// Takes every queued frame and whether the producer asked to be run again.
     pub(crate) fn take_all(&mut self) -> (VecDeque<Vec<u8>>, bool) {
         let frames = std::mem::replace(&mut self.frames, VecDeque::with_capacity(self.capacity));
-        (frames, std::mem::take(&mut self.stalled))
+        (frames, std::mem::take(&mut self.rerun))
     }
 }
 
@@ -170,16 +175,16 @@ mod tests {
     }
 
     #[test]
-    fn take_all_empties_the_queue_and_reports_a_stall_once() {
+    fn take_all_empties_the_queue_and_reports_a_rerun_once() {
         let mut queue = FrameQueue::new(4);
         queue.push(vec![1]);
         queue.push(vec![2]);
-        queue.set_stalled();
+        queue.set_rerun();
 
-        let (frames, stalled) = queue.take_all();
+        let (frames, rerun) = queue.take_all();
 
         assert_eq!(frames, [vec![1], vec![2]]);
-        assert!(stalled);
+        assert!(rerun);
         assert!(queue.is_empty());
         assert!(!queue.take_all().1);
     }

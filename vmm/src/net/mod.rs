@@ -11,7 +11,7 @@ pub mod usernet;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-pub(crate) use link::{lock, Link, LINK_QUEUE_FRAMES};
+pub(crate) use link::{lock, FrameQueue, Link, LINK_QUEUE_FRAMES};
 pub(crate) use pump::NetPump;
 pub use tap::{Tap, TapError};
 

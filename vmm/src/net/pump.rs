@@ -1,36 +1,50 @@
 //! The `katalite-net` thread: one epoll loop that owns the VM's [`NetBackend`], waiting on
-//! the backend's descriptor and the link's wake eventfd. It feeds the guest's frames to the
-//! backend and the backend's frames to the guest, running the device's queues itself so
-//! frames arrive while no vCPU exits (a guest idle in HLT or spinning in user space).
+//! the backend's descriptor, the link's wake eventfd and the device's queue-notify
+//! ioeventfds. It feeds the guest's frames to the backend and the backend's frames to the
+//! guest, running the device's queues itself: frames arrive while no vCPU exits (a guest
+//! idle in HLT or spinning in user space), and the guest's notifications cost no exit to
+//! the VMM.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{lock, Link, NetBackend};
 use crate::virtio::{NET_RX_QUEUE, NET_TX_QUEUE};
 
 const WAKE: Token = Token(0);
 const BACKEND: Token = Token(1);
+/// Notify eventfd `i` is token `NOTIFY + i`.
+const NOTIFY: usize = 2;
 
 /// Runs one VM's backend. Dropping it stops and joins the thread, which drops the
 /// backend: every socket and listener it held is closed on every path out of the VM.
 pub(crate) struct NetPump {
     link: Arc<Link>,
     backend: Option<Box<dyn NetBackend>>,
+    notify: Vec<(EventFd, u32)>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl NetPump {
     /// Takes charge of `backend` for the device behind `link`; no thread runs yet.
-    pub(crate) fn new(link: Arc<Link>, backend: Box<dyn NetBackend>) -> Self {
+    /// `notify` pairs eventfds KVM signals when the guest notifies a queue
+    /// (KVM_IOEVENTFD) with that queue's index.
+    pub(crate) fn new(
+        link: Arc<Link>,
+        backend: Box<dyn NetBackend>,
+        notify: Vec<(EventFd, u32)>,
+    ) -> Self {
         Self {
             link,
             backend: Some(backend),
+            notify,
             thread: None,
         }
     }
@@ -54,10 +68,15 @@ impl NetPump {
             BACKEND,
             Interest::READABLE,
         )?;
+        let notify = std::mem::take(&mut self.notify);
+        for (i, (fd, _)) in notify.iter().enumerate() {
+            let token = Token(NOTIFY + i);
+            registry.register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)?;
+        }
         let link = self.link.clone();
         let thread = std::thread::Builder::new()
             .name("katalite-net".into())
-            .spawn(move || run(poll, &link, backend.as_mut(), kick))?;
+            .spawn(move || run(poll, &link, backend.as_mut(), kick, &notify))?;
         self.thread = Some(thread);
         Ok(())
     }
@@ -73,7 +92,13 @@ impl Drop for NetPump {
     }
 }
 
-fn run(mut poll: Poll, link: &Link, backend: &mut dyn NetBackend, mut kick: impl FnMut(u32)) {
+fn run(
+    mut poll: Poll,
+    link: &Link,
+    backend: &mut dyn NetBackend,
+    mut kick: impl FnMut(u32),
+    notify: &[(EventFd, u32)],
+) {
     let mut events = Events::with_capacity(8);
     let mut batch = Vec::new();
     // Work may be pending before the first edge (frames queued, a listener with clients).
@@ -88,10 +113,24 @@ fn run(mut poll: Poll, link: &Link, backend: &mut dyn NetBackend, mut kick: impl
             return;
         }
         link.clear_wake();
+        for event in &events {
+            let Some((fd, queue)) = event
+                .token()
+                .0
+                .checked_sub(NOTIFY)
+                .and_then(|i| notify.get(i))
+            else {
+                continue;
+            };
+            // Resets the counter; one run of the queue serves every notification so far.
+            let _ = fd.read();
+            kick(*queue);
+        }
 
-        let (frames, stalled) = lock(&link.tx).take_all();
-        if stalled {
-            // The device left chains in the ring for want of room, which there now is.
+        let (frames, rerun) = lock(&link.tx).take_all();
+        if rerun {
+            // Chains the device left in the ring for want of room, or that the guest added
+            // without notifying while we were busy.
             kick(NET_TX_QUEUE);
         }
         for frame in &frames {
@@ -173,7 +212,13 @@ mod tests {
             extra: extra.clone(),
         };
         let (kicked, kicks) = mpsc::channel();
-        let mut pump = NetPump::new(link.clone(), Box::new(backend));
+        let notify = EventFd::new(EFD_NONBLOCK).expect("notify");
+        let tx_notify = notify.try_clone().expect("clone");
+        let mut pump = NetPump::new(
+            link.clone(),
+            Box::new(backend),
+            vec![(notify, NET_TX_QUEUE)],
+        );
         pump.start(move |queue| {
             let _ = kicked.send(queue);
         })
@@ -191,9 +236,13 @@ mod tests {
         assert_eq!(wait_kick(), NET_RX_QUEUE);
         assert_eq!(lock(&link.rx).pop(), Some(vec![7]));
 
-        // A transmit stall is resumed by running the transmit queue.
-        lock(&link.tx).set_stalled();
+        // A device asking to be run again is.
+        lock(&link.tx).set_rerun();
         link.wake();
+        assert_eq!(wait_kick(), NET_TX_QUEUE);
+
+        // So is a queue the guest notified through its ioeventfd.
+        tx_notify.write(1).expect("notify");
         assert_eq!(wait_kick(), NET_TX_QUEUE);
 
         drop(pump);
@@ -211,7 +260,7 @@ mod tests {
             extra,
         };
         let (kicked, kicks) = mpsc::channel();
-        let mut pump = NetPump::new(link.clone(), Box::new(backend));
+        let mut pump = NetPump::new(link.clone(), Box::new(backend), Vec::new());
         pump.start(move |queue| {
             let _ = kicked.send(queue);
         })

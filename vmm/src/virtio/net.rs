@@ -13,7 +13,7 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
 use super::{DeviceError, VirtioDevice};
-use crate::net::{lock, Link, MAX_FRAME_LEN};
+use crate::net::{lock, FrameQueue, Link, MAX_FRAME_LEN};
 use crate::GuestMemory;
 
 /// Index of receiveq1 (§5.1.2).
@@ -53,35 +53,24 @@ impl Net {
     /// Fills available receive buffers with queued frames, in order, each behind a zeroed
     /// header whose num_buffers is 1 (§5.1.6.4: required without VIRTIO_NET_F_MRG_RXBUF).
     /// A frame larger than the buffer offered is dropped and the buffer kept for the next.
+    ///
+    /// The guest is only asked to notify new buffers while frames wait for them
+    /// (VRING_USED_F_NO_NOTIFY otherwise, §2.7.10): the thread delivering frames reads
+    /// the ring itself, so the guest's refills need not exit to the VMM.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
         let mut rx = lock(&self.link.rx);
         let was_full = rx.is_full();
         let mut used = false;
-        for _ in 0..queue.size() {
-            let Some(frame) = rx.front() else {
+        for _ in 0..2 {
+            used |= fill_buffers(queue, mem, &mut rx)?;
+            if rx.is_empty() {
+                queue.disable_notification(mem)?;
                 break;
-            };
-            let Some(chain) = queue.iter(mem)?.next() else {
+            }
+            // Out of buffers with frames waiting: have the guest tell us about new ones,
+            // and look again for any it added before it could see that.
+            if !queue.enable_notification(mem)? {
                 break;
-            };
-            let head = chain.head_index();
-            match write_frame(chain, mem, frame) {
-                Delivery::Written(len) => {
-                    queue.add_used(mem, head, len)?;
-                    used = true;
-                    rx.pop();
-                }
-                Delivery::TooSmall => {
-                    queue.go_to_previous_position();
-                    rx.pop();
-                    rx.count_drop();
-                }
-                // A chain reaching outside guest memory is used empty, which Linux counts
-                // as a length error; the frame waits for a sound buffer.
-                Delivery::BadChain => {
-                    queue.add_used(mem, head, 0)?;
-                    used = true;
-                }
             }
         }
         let freed = was_full && !rx.is_full();
@@ -95,30 +84,27 @@ impl Net {
 
     /// Moves transmitted frames to the link. When it is full the remaining chains stay in
     /// the ring (backpressure, no loss) and the thread runs this queue again later.
+    ///
+    /// While the thread has frames to take, the guest's notifications are off
+    /// (VRING_USED_F_NO_NOTIFY, §2.7.10) and the thread runs this queue again after taking
+    /// them, so a guest sending a stream exits to the VMM once per burst, not per frame.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
         let mut tx = lock(&self.link.tx);
         // The thread takes every queued frame at once, so a non-empty queue means a wake
         // is already on its way.
         let was_empty = tx.is_empty();
         let mut used = false;
-        for _ in 0..queue.size() {
-            if tx.is_full() {
-                tx.set_stalled();
+        for _ in 0..2 {
+            used |= take_frames(queue, mem, &mut tx)?;
+            if used || tx.rerun() {
+                queue.disable_notification(mem)?;
+                tx.set_rerun();
                 break;
             }
-            let Some(chain) = queue.iter(mem)?.next() else {
+            // Idle: notifications back on, then a last look for a chain that raced them.
+            if !queue.enable_notification(mem)? {
                 break;
-            };
-            let head = chain.head_index();
-            match read_frame(chain, mem) {
-                Some(frame) => {
-                    tx.push(frame);
-                }
-                None => tx.count_drop(),
             }
-            // Transmit buffers are only read: used length 0 (§2.7.8).
-            queue.add_used(mem, head, 0)?;
-            used = true;
         }
         let wake = was_empty && !tx.is_empty();
         drop(tx);
@@ -127,6 +113,73 @@ impl Net {
         }
         Ok(used)
     }
+}
+
+/// Moves queued frames into available receive buffers; whether any buffer was used.
+fn fill_buffers(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    rx: &mut FrameQueue,
+) -> Result<bool, DeviceError> {
+    let mut used = false;
+    for _ in 0..queue.size() {
+        let Some(frame) = rx.front() else {
+            break;
+        };
+        let Some(chain) = queue.iter(mem)?.next() else {
+            break;
+        };
+        let head = chain.head_index();
+        match write_frame(chain, mem, frame) {
+            Delivery::Written(len) => {
+                queue.add_used(mem, head, len)?;
+                used = true;
+                rx.pop();
+            }
+            Delivery::TooSmall => {
+                queue.go_to_previous_position();
+                rx.pop();
+                rx.count_drop();
+            }
+            // A chain reaching outside guest memory is used empty, which Linux counts as a
+            // length error; the frame waits for a sound buffer.
+            Delivery::BadChain => {
+                queue.add_used(mem, head, 0)?;
+                used = true;
+            }
+        }
+    }
+    Ok(used)
+}
+
+/// Moves transmit chains' frames to `tx` until the ring is empty or `tx` full (then asks
+/// for a rerun); whether any chain was used.
+fn take_frames(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    tx: &mut FrameQueue,
+) -> Result<bool, DeviceError> {
+    let mut used = false;
+    for _ in 0..queue.size() {
+        if tx.is_full() {
+            tx.set_rerun();
+            break;
+        }
+        let Some(chain) = queue.iter(mem)?.next() else {
+            break;
+        };
+        let head = chain.head_index();
+        match read_frame(chain, mem) {
+            Some(frame) => {
+                tx.push(frame);
+            }
+            None => tx.count_drop(),
+        }
+        // Transmit buffers are only read: used length 0 (§2.7.8).
+        queue.add_used(mem, head, 0)?;
+        used = true;
+    }
+    Ok(used)
 }
 
 impl VirtioDevice for Net {
@@ -213,6 +266,7 @@ mod tests {
     use crate::virtio::tests::{guest_memory, used_elem, DATA_ADDR};
     use crate::virtio::MmioTransport;
     use crate::BusDevice;
+    use std::collections::VecDeque;
     use virtio_bindings::virtio_config::{
         VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
         VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
@@ -368,6 +422,61 @@ mod tests {
         assert_eq!(vq.used().idx().load(), 3);
         assert_eq!(lock(&link.tx).len(), 1);
         assert_eq!(lock(&link.tx).dropped(), 0);
+    }
+
+    /// Whether the device asked the driver not to notify this queue (VRING_USED_F_NO_NOTIFY).
+    fn notifications_off(mem: &GuestMemory, vq: &MockSplitQueue<GuestMemory>) -> bool {
+        let flags: u16 = mem.read_obj(vq.used_addr()).expect("used flags");
+        u16::from_le(flags) & 1 == 1
+    }
+
+    #[test]
+    fn a_busy_transmit_side_turns_notifications_off_until_the_ring_is_idle() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        let (mut net, link) = device(8);
+        vq.add_desc_chains(&[desc(DATA_ADDR, NET_HDR_LEN + 60, 0, 0)], 0)
+            .expect("chain");
+
+        assert!(net.process_queue(1, &mut queue, &mem).expect("transmit"));
+        assert!(notifications_off(&mem, &vq), "the thread will come back");
+        let (frames, rerun) = lock(&link.tx).take_all();
+        assert_eq!((frames.len(), rerun), (1, true));
+
+        // The guest queued another frame without notifying; the thread's rerun finds it.
+        vq.add_desc_chains(&[desc(DATA_ADDR, NET_HDR_LEN + 60, 0, 1)], 1)
+            .expect("chain");
+        assert!(net.process_queue(1, &mut queue, &mem).expect("transmit"));
+        let (frames, rerun) = lock(&link.tx).take_all();
+        assert_eq!((frames.len(), rerun), (1, true));
+
+        // Nothing more: notifications are back on and no rerun is asked for.
+        assert!(!net.process_queue(1, &mut queue, &mem).expect("transmit"));
+        assert!(!notifications_off(&mem, &vq));
+        assert_eq!(lock(&link.tx).take_all(), (VecDeque::new(), false));
+    }
+
+    #[test]
+    fn receive_notifications_are_wanted_only_while_frames_wait_for_buffers() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        let (mut net, link) = device(8);
+        post_rx(&vq, 0, 1, NET_HDR_LEN + MAX_FRAME_LEN);
+
+        assert!(!net.process_queue(0, &mut queue, &mem).expect("receive"));
+        assert!(notifications_off(&mem, &vq), "nothing to deliver");
+
+        lock(&link.rx).push(frame(60, 1));
+        lock(&link.rx).push(frame(60, 2));
+        assert!(net.process_queue(0, &mut queue, &mem).expect("receive"));
+        assert!(!notifications_off(&mem, &vq), "a frame waits for a buffer");
+
+        post_rx(&vq, 1, 1, NET_HDR_LEN + MAX_FRAME_LEN);
+        assert!(net.process_queue(0, &mut queue, &mem).expect("receive"));
+        assert!(notifications_off(&mem, &vq));
+        assert!(lock(&link.rx).is_empty());
     }
 
     /// `count` writable receive buffers of `len` bytes at DATA_ADDR + 0x1000 * index.
