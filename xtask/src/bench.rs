@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 
 use crate::ci::{static_release_build, workspace_root, xtask, MUSL_TARGET};
+use host::{PackResult, Variant};
 use plan::{LabInputs, Settings};
 use report::{Binaries, Compressed, Environment, LabResults, Report};
 
@@ -74,66 +75,101 @@ pub fn run(args: &Args) -> Result<()> {
         init_bytes: host::file_bytes(&target.join("guest/katalite-init"))?,
     };
 
-    let samples = if args.full { 5 } else { 3 };
-    let work = tempfile::tempdir_in(&out).context("cannot create a scratch dir")?;
-    let mut pack = BTreeMap::new();
-    let mut compression = BTreeMap::new();
-    let mut initrds = Vec::new();
+    let host = measure_host(&katalite, &out, if args.full { 5 } else { 3 })?;
+    let lab = measure_lab(&root, &out, &runner, &vmlinux, &host.initrds, &settings)?;
+    let report = assemble(args, &settings, host, lab, binaries, host_load_1m);
+    write_outputs(&root, &out, &report, args.readme)
+}
+
+/// What the host measured, and the busybox initramfs files QEMU boots in the lab.
+struct HostFigures {
+    pack: BTreeMap<String, PackResult>,
+    compression: BTreeMap<String, BTreeMap<String, Variant>>,
+    initrds: Vec<(String, PathBuf)>,
+}
+
+/// Pull+pack and compression figures of every image, `samples` runs each.
+fn measure_host(katalite: &Path, out: &Path, samples: u32) -> Result<HostFigures> {
+    let work = tempfile::tempdir_in(out).context("cannot create a scratch dir")?;
+    let mut figures = HostFigures {
+        pack: BTreeMap::new(),
+        compression: BTreeMap::new(),
+        initrds: Vec::new(),
+    };
     for image in IMAGES {
         eprintln!("bench: pull+pack {image} on the host");
-        let keep = (image == "busybox").then_some(out.as_path());
+        let keep = (image == "busybox").then_some(out);
         let measured =
-            host::measure_image(&katalite, REGISTRY_HOST, image, samples, work.path(), keep)?;
-        pack.insert(image.to_string(), measured.pack);
-        compression.insert(image.to_string(), measured.variants);
+            host::measure_image(katalite, REGISTRY_HOST, image, samples, work.path(), keep)?;
+        figures.pack.insert(image.to_string(), measured.pack);
+        figures
+            .compression
+            .insert(image.to_string(), measured.variants);
         if !measured.initrds.is_empty() {
-            initrds = measured.initrds;
+            figures.initrds = measured.initrds;
         }
     }
-    drop(work);
+    Ok(figures)
+}
 
-    let lab_initrds: Vec<(String, PathBuf)> = initrds
+/// Writes the plan, runs it in one lab boot and reads the results; a failed lab run is
+/// recorded as an error next to whatever results it printed.
+fn measure_lab(
+    root: &Path,
+    out: &Path,
+    runner: &Path,
+    vmlinux: &Path,
+    initrds: &[(String, PathBuf)],
+    settings: &Settings,
+) -> Result<LabResults> {
+    let initrds: Vec<(String, PathBuf)> = initrds
         .iter()
-        .map(|(name, path)| (name.clone(), in_lab(&root, path)))
+        .map(|(name, path)| (name.clone(), in_lab(root, path)))
         .collect();
     let inputs = LabInputs {
         registry: REGISTRY_LAB,
-        vmlinux: &in_lab(&root, &vmlinux),
-        initrds: &lab_initrds,
+        vmlinux: &in_lab(root, vmlinux),
+        initrds: &initrds,
     };
     let plan_file = out.join("plan.json");
     fs::write(
         &plan_file,
-        serde_json::to_vec_pretty(&plan::plan(&inputs, &settings))?,
+        serde_json::to_vec_pretty(&plan::plan(&inputs, settings))?,
     )?;
     eprintln!("bench: running the plan in the lab (one boot)");
-    let (console, lab_error) = run_in_lab(&root, &runner, &plan_file)?;
+    let (console, lab_error) = run_in_lab(root, runner, &plan_file)?;
     // The raw samples, for a second look at any figure.
     fs::write(out.join("lab-console.log"), &console)?;
-
     let mut lab = LabResults::new(results::parse_console(&console)?);
-    if let Some(error) = lab_error {
-        lab.errors.push(error);
-    }
+    lab.errors.extend(lab_error);
     lab.check_setup("pull");
+    Ok(lab)
+}
+
+/// The report from the host figures and the lab's results.
+fn assemble(
+    args: &Args,
+    settings: &Settings,
+    host: HostFigures,
+    mut lab: LabResults,
+    binaries: Binaries,
+    host_load_1m: Option<f64>,
+) -> Report {
     let boot = lab.boot();
-    let compression = compression
-        .into_iter()
-        .map(|(image, variants)| {
-            let variants = variants
-                .into_iter()
-                .map(|(name, variant)| {
-                    let qemu_boot_ms = (image == "busybox").then(|| lab.qemu_boot(&name)).flatten();
-                    let compressed = Compressed {
-                        variant,
-                        qemu_boot_ms,
-                    };
-                    (name, compressed)
-                })
-                .collect();
-            (image, variants)
-        })
-        .collect();
+    let mut compression = BTreeMap::new();
+    for (image, variants) in host.compression {
+        let mut compressed = BTreeMap::new();
+        for (name, variant) in variants {
+            // Only busybox is booted per compression (by QEMU; katalite always packs zstd).
+            let qemu_boot_ms = (image == "busybox").then(|| lab.qemu_boot(&name)).flatten();
+            let entry = Compressed {
+                variant,
+                qemu_boot_ms,
+            };
+            compressed.insert(name, entry);
+        }
+        compression.insert(image, compressed);
+    }
     let memory = lab.memory();
     let throughput = lab.throughput(settings.throughput_bytes);
     let parallel = settings
@@ -141,12 +177,9 @@ pub fn run(args: &Args) -> Result<()> {
         .iter()
         .filter_map(|&count| lab.parallel(count))
         .collect();
-    let report = Report {
-        date: report::utc_date(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        ),
+    let now = SystemTime::now().duration_since(UNIX_EPOCH);
+    Report {
+        date: report::utc_date(now.map_or(0, |d| d.as_secs())),
         mode: if args.full { "full" } else { "quick" }.into(),
         note: report::NOTE.into(),
         environment: Environment {
@@ -158,7 +191,7 @@ pub fn run(args: &Args) -> Result<()> {
                 .into(),
         },
         boot,
-        pack,
+        pack: host.pack,
         compression,
         rss_overhead_mib: report::rss_overhead(memory.as_ref()),
         memory,
@@ -167,8 +200,7 @@ pub fn run(args: &Args) -> Result<()> {
         binary_bytes: binaries.katalite_bytes,
         binaries,
         errors: lab.errors,
-    };
-    write_outputs(&root, &out, &report, args.readme)
+    }
 }
 
 /// Writes latest.json, boot.svg and latest.md (and README's section with `readme`), prints

@@ -224,7 +224,7 @@ fn initrds_for(
     let mut files = Vec::new();
     for (compression, archive) in archives {
         let path = out.join(format!("initrd-{name}-{compression}.img"));
-        let mut bytes = if *compression == "zstd" {
+        let bytes = if *compression == "zstd" {
             written.clone()
         } else {
             let mut bytes = fs::read(archive)?;
@@ -235,7 +235,6 @@ fn initrds_for(
         File::create(&path)
             .and_then(|mut file| file.write_all(&bytes))
             .with_context(|| format!("cannot write {}", path.display()))?;
-        bytes.clear();
         files.push((compression.to_string(), path));
     }
     Ok(files)
