@@ -41,6 +41,8 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// Interrupt line of the first virtio-mmio device; the next ones follow.
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// The virtio-mmio slot of the NIC (rng and console take 0 and 1).
+pub const VIRTIO_NET_SLOT: u32 = 2;
 /// Number of virtio-mmio device slots (IRQs 5..=23 on the IOAPIC).
 pub const VIRTIO_MAX_DEVICES: u32 = 19;
 /// KVM's three-page TSS for real-mode emulation on Intel (KVM_SET_TSS_ADDR); in the gap.

@@ -12,8 +12,7 @@ use std::thread::JoinHandle;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -21,11 +20,10 @@ use crate::bus::{Bus, BusError};
 use crate::devices::stop::VmStopper;
 use crate::devices::{SerialPort, StatusPort, StopReason, VmStop, I8042};
 use crate::layout;
-use crate::net::{Link, NetConfig, NetPump, LINK_QUEUE_FRAMES};
+use crate::net::{nic, NetConfig, NetPump};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
 use crate::virtio::{
-    Console, ConsoleInput, InputPump, MmioTransport, Net, Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
-    NET_RX_QUEUE, NET_TX_QUEUE,
+    Console, ConsoleInput, InputPump, MmioTransport, Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
@@ -172,6 +170,9 @@ pub enum VmError {
     /// The console input or network thread could not be started.
     #[error("cannot start the io thread")]
     IoThread(#[source] io::Error),
+    /// The NIC's link or notification eventfds could not be set up.
+    #[error("cannot set up the network device")]
+    Net(#[source] io::Error),
     /// A vCPU could not be set up or failed while running.
     #[error("vcpu {index} failed")]
     Vcpu {
@@ -347,16 +348,10 @@ impl Machine {
         place(0, "virtio-rng", Box::new(Rng::new()))?;
         let console = place(1, "virtio-console", Box::new(console))?;
         let net = match network {
-            Some(NetConfig { mac, backend }) => {
-                let link = Link::new(LINK_QUEUE_FRAMES).map_err(|source| VmError::EventFd {
-                    device: "virtio-net",
-                    source,
-                })?;
-                let link = Arc::new(link);
-                let device = Box::new(Net::new(mac, link.clone()));
-                let transport = place(NET_SLOT, "virtio-net", device)?;
-                let notify = net_notify_eventfds(&vm)?;
-                Some((transport, NetPump::new(link, backend, notify)))
+            Some(config) => {
+                let window = layout::virtio_mmio_addr(layout::VIRTIO_NET_SLOT);
+                let (device, pump) = nic::build(&vm, window, config).map_err(VmError::Net)?;
+                Some((place(layout::VIRTIO_NET_SLOT, "virtio-net", device)?, pump))
             }
             None => None,
         };
@@ -426,14 +421,8 @@ impl Machine {
             .map_err(VmError::IoThread)?;
         // Frames from the network reach the guest the same way, from `katalite-net`.
         if let Some((transport, pump)) = &mut self.net {
-            let transport = transport.clone();
-            pump.start(move |queue| {
-                transport
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .run_queue(queue);
-            })
-            .map_err(VmError::IoThread)?;
+            pump.start(nic::run_queue(transport.clone()))
+                .map_err(VmError::IoThread)?;
         }
 
         let running = Arc::new(AtomicBool::new(true));
@@ -520,29 +509,6 @@ fn register_memory(vm: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
-}
-
-/// The virtio-mmio slot of the NIC.
-const NET_SLOT: u32 = 2;
-
-/// One eventfd per net queue that KVM signals when the guest writes that queue's index to
-/// QueueNotify (KVM_IOEVENTFD): the `katalite-net` thread serves the notification without
-/// the vCPU exiting to the VMM.
-fn net_notify_eventfds(vm: &VmFd) -> Result<Vec<(EventFd, u32)>, VmError> {
-    let notify = layout::virtio_mmio_addr(NET_SLOT) + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
-    [NET_RX_QUEUE, NET_TX_QUEUE]
-        .into_iter()
-        .map(|queue| {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| VmError::EventFd {
-                device: "virtio-net",
-                source,
-            })?;
-            // The driver writes the queue index as a 32-bit value (§4.2.3.3).
-            vm.register_ioevent(&evt, &IoEventAddress::Mmio(notify), queue)
-                .map_err(kvm_err("KVM_IOEVENTFD"))?;
-            Ok((evt, queue))
-        })
-        .collect()
 }
 
 /// An eventfd registered as KVM irqfd for `gsi`: writing it raises the interrupt.

@@ -4,6 +4,7 @@
 //! TAP device ([`Tap`], for root users who want line rate).
 
 mod link;
+pub(crate) mod nic;
 mod pump;
 mod tap;
 pub mod usernet;
