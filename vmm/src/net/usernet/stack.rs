@@ -25,6 +25,9 @@ const INPUT_FRAMES: usize = 512;
 /// Frames smoltcp may queue for the guest before it has to wait (its sockets keep the
 /// data meanwhile, so nothing is lost).
 const OUTPUT_FRAMES: usize = 128;
+/// Replies to guest frames (ARP, echo replies, resets) may go past OUTPUT_FRAMES up to
+/// here; beyond, as when a guest floods pings and never reads, they are dropped.
+const OUTPUT_LIMIT: usize = OUTPUT_FRAMES + INPUT_FRAMES;
 /// Each direction of each TCP connection buffers this much inside the gateway.
 const TCP_BUFFER: usize = 64 * 1024;
 /// A connection whose peer stops acknowledging what is in flight is dropped after this.
@@ -42,7 +45,11 @@ struct Wire {
 }
 
 struct RxToken(Vec<u8>);
-struct TxToken<'a>(&'a mut VecDeque<Vec<u8>>);
+/// Appends a frame to the output, or drops it when the output already holds `limit`.
+struct TxToken<'a> {
+    output: &'a mut VecDeque<Vec<u8>>,
+    limit: usize,
+}
 
 impl phy::RxToken for RxToken {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -54,7 +61,9 @@ impl phy::TxToken for TxToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut frame = vec![0; len];
         let result = f(&mut frame);
-        self.0.push_back(frame);
+        if self.output.len() < self.limit {
+            self.output.push_back(frame);
+        }
         result
     }
 }
@@ -63,15 +72,20 @@ impl Device for Wire {
     type RxToken<'a> = RxToken;
     type TxToken<'a> = TxToken<'a>;
 
-    // A reply to an input frame (an ARP reply, an echo reply, a reset) may exceed
-    // OUTPUT_FRAMES by one frame per input frame, which INPUT_FRAMES bounds.
     fn receive(&mut self, _now: Instant) -> Option<(RxToken, TxToken<'_>)> {
         let frame = self.input.pop_front()?;
-        Some((RxToken(frame), TxToken(&mut self.output)))
+        let reply = TxToken {
+            output: &mut self.output,
+            limit: OUTPUT_LIMIT,
+        };
+        Some((RxToken(frame), reply))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<TxToken<'_>> {
-        (self.output.len() < OUTPUT_FRAMES).then_some(TxToken(&mut self.output))
+        (self.output.len() < OUTPUT_FRAMES).then_some(TxToken {
+            output: &mut self.output,
+            limit: OUTPUT_FRAMES,
+        })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -174,9 +188,12 @@ impl Stack {
         self.wire.output.pop_front()
     }
 
-    /// Sends a hand-made frame to the guest.
+    /// Sends a hand-made frame (a reset) to the guest, like a reply: dropped past the
+    /// output's limit.
     pub(super) fn emit(&mut self, frame: Vec<u8>) {
-        self.wire.output.push_back(frame);
+        if self.wire.output.len() < OUTPUT_LIMIT {
+            self.wire.output.push_back(frame);
+        }
     }
 
     /// A new TCP socket with this network's buffers and timers, not yet open.

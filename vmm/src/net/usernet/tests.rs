@@ -114,6 +114,24 @@ fn the_gateway_answers_ping_and_other_addresses_stay_silent() {
 }
 
 #[test]
+fn a_guest_flooding_pings_without_reading_holds_a_bounded_backlog() {
+    let mut net = user_net(|_| {});
+    hello(&mut net);
+    for seq in 0..5000u16 {
+        net.send(&icmp_echo(GATEWAY, 1, seq, b"flood"));
+        if seq % 100 == 0 {
+            net.poll();
+        }
+    }
+    net.poll();
+    let mut queued = 0;
+    while net.recv().is_some() {
+        queued += 1;
+    }
+    assert!((100..=640).contains(&queued), "{queued} replies held");
+}
+
+#[test]
 fn a_guest_syn_to_the_gateway_reaches_a_host_loopback_server_and_bytes_flow_both_ways() {
     let listener = TcpListener::bind((LOCALHOST, 0)).expect("listen");
     let mut net = user_net(|_| {});
