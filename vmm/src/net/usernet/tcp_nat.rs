@@ -145,7 +145,7 @@ impl TcpNat {
         if stack.listen(handle, pending.syn.dst) {
             stack.ingest(pending.frame);
         }
-        if stack.tcp(handle).state() == State::Listen {
+        if stack.tcp(handle).state() != State::SynReceived {
             // The SYN did not take (malformed beyond the header): refuse the connection.
             stack.remove(handle);
             self.outbound.remove(&(pending.syn.src, pending.syn.dst));
