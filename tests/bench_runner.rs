@@ -254,13 +254,18 @@ fn mappings(smaps: &str) -> Vec<Value> {
     out
 }
 
-/// Starts `count` copies of `argv` at once and returns each status and the wall time until
-/// the last one exited.
+/// Starts `count` copies of `argv` at once and returns each status, the stderr of those
+/// that failed, and the wall time until the last one exited.
 fn parallel(argv: &[String], count: u64) -> Result<Value> {
     let start = Instant::now();
     let mut children = Vec::new();
+    let mut outputs = Vec::new();
     for _ in 0..count {
-        children.push(Some(spawn(argv, Stdio::null(), Stdio::null())?.0));
+        let (mut child, _) = spawn(argv, Stdio::null(), Stdio::piped())?;
+        let (sender, lines) = mpsc::channel();
+        read_lines(child.stderr.take().context("no stderr")?, start, sender);
+        children.push(Some(child));
+        outputs.push(lines);
     }
     let deadline = start + PROCESS_TIMEOUT;
     let mut statuses = vec![Value::Null; children.len()];
@@ -278,5 +283,15 @@ fn parallel(argv: &[String], count: u64) -> Result<Value> {
         }
         thread::sleep(POLL);
     }
-    Ok(json!({ "statuses": statuses, "wall_ms": ms(start) }))
+    let wall_ms = ms(start);
+    let failures: Vec<Value> = statuses
+        .iter()
+        .zip(outputs)
+        .filter(|(status, _)| status.as_i64() != Some(0))
+        .map(|(_, lines)| {
+            let text: Vec<String> = lines.iter().take(MAX_LINES).map(|l| l.text).collect();
+            Value::from(text.join("\n"))
+        })
+        .collect();
+    Ok(json!({ "statuses": statuses, "wall_ms": wall_ms, "failures": failures }))
 }

@@ -187,6 +187,9 @@ pub fn memory_figures(sample: &serde_json::Value, guest_mib: u32) -> Result<Memo
 struct ParallelSample {
     statuses: Vec<Option<i32>>,
     wall_ms: f64,
+    /// Stderr of each VM that failed.
+    #[serde(default)]
+    failures: Vec<String>,
 }
 
 /// Wall time of a parallel start in which every VM exited 0.
@@ -196,8 +199,9 @@ pub fn parallel_wall_ms(sample: &serde_json::Value) -> Result<f64> {
     let failed = sample.statuses.iter().filter(|s| **s != Some(0)).count();
     ensure!(
         failed == 0,
-        "{failed} of {} VMs failed",
-        sample.statuses.len()
+        "{failed} of {} VMs failed: {}",
+        sample.statuses.len(),
+        sample.failures.join(" | ")
     );
     Ok(sample.wall_ms)
 }
@@ -303,8 +307,14 @@ mod tests {
     fn a_parallel_start_counts_only_if_every_vm_succeeded() {
         let ok = json!({ "statuses": [0, 0, 0, 0], "wall_ms": 8000.0 });
         assert_eq!(parallel_wall_ms(&ok).ok(), Some(8000.0));
-        let one_failed = json!({ "statuses": [0, 125, 0, null], "wall_ms": 8000.0 });
+        let one_failed = json!({
+            "statuses": [0, 125, 0, null], "wall_ms": 8000.0,
+            "failures": ["katalite: cannot use KVM", ""],
+        });
         let err = parallel_wall_ms(&one_failed).expect_err("failures");
-        assert_eq!(err.to_string(), "2 of 4 VMs failed");
+        assert_eq!(
+            err.to_string(),
+            "2 of 4 VMs failed: katalite: cannot use KVM | "
+        );
     }
 }
