@@ -79,11 +79,10 @@ impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
                     (self.on_event)(Event::Ready);
                     Ok(())
                 }
-                other => {
-                    return Err(Fault::Malformed(anyhow!(
-                        "a host-to-guest message from the guest: {other:?}"
-                    )))
-                }
+                Message::Stdin(_) => return Err(host_to_guest("stdin")),
+                Message::StdinClosed => return Err(host_to_guest("stdin-closed")),
+                Message::Signal(_) => return Err(host_to_guest("signal")),
+                Message::Resize { .. } => return Err(host_to_guest("resize")),
             };
             // Any other host-side write error loses the bytes, as a full disk would;
             // stopping the workload for it would be worse.
@@ -93,6 +92,11 @@ impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
         }
         Ok(())
     }
+}
+
+/// The fault of a guest sending a frame only the host may send.
+fn host_to_guest(kind: &str) -> Fault {
+    Fault::Malformed(anyhow!("a host-to-guest {kind} frame came from the guest"))
 }
 
 fn write_flushed(to: &mut impl Write, data: &[u8]) -> io::Result<()> {
