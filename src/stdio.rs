@@ -83,6 +83,12 @@ impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
                 Message::StdinClosed => return Err(host_to_guest("stdin-closed")),
                 Message::Signal(_) => return Err(host_to_guest("signal")),
                 Message::Resize { .. } => return Err(host_to_guest("resize")),
+                Message::Exec(_) => return Err(host_to_guest("exec")),
+                Message::Exited(_) => {
+                    return Err(Fault::Malformed(anyhow!(
+                        "an exited frame on the workload's stream"
+                    )))
+                }
             };
             // Any other host-side write error loses the bytes, as a full disk would;
             // stopping the workload for it would be worse.

@@ -1,6 +1,7 @@
 //! Framing of the one host<->init channel (the guest's `/dev/hvc0`, in raw mode). Every
 //! message is a frame: kind (1 byte), stream (u32 LE), payload length (u32 LE), payload.
-//! Stream 0 is the `run` workload; later streams are `exec` sessions.
+//! Stream 0 is the `run` workload; every other stream is one `exec` session, opened by the
+//! host's `Exec` frame on a fresh stream id and closed by the guest's `Exited` frame.
 
 /// Largest payload a frame may carry; anything larger is a protocol violation (a broken or
 /// hostile peer), never buffered.
@@ -34,6 +35,12 @@ pub enum Message {
     /// before its port is set up (drivers/char/virtio_console.c, `in_intr`), and the line
     /// discipline would mangle what arrives before raw mode.
     Ready,
+    /// Host → guest, on a fresh stream id other than 0: start an exec session; the payload
+    /// is a JSON [`ExecConfig`](crate::contract::ExecConfig) and must fit in one frame.
+    Exec(Vec<u8>),
+    /// Guest → host, last frame of an exec stream: the session's process ended with this
+    /// Docker status (its code, 126 cannot execute, 127 not found, 128+n signal n).
+    Exited(i32),
 }
 
 const KIND_STDOUT: u8 = 1;
@@ -43,6 +50,8 @@ const KIND_STDIN_CLOSED: u8 = 4;
 const KIND_SIGNAL: u8 = 5;
 const KIND_RESIZE: u8 = 6;
 const KIND_READY: u8 = 7;
+const KIND_EXEC: u8 = 8;
+const KIND_EXITED: u8 = 9;
 
 /// A malformed frame: the peer is broken or hostile and the channel must be closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,7 +77,8 @@ pub struct Frame {
 }
 
 /// Appends the encoding of `message` on `stream` to `out`. Data larger than
-/// [`MAX_PAYLOAD`] is split into several frames.
+/// [`MAX_PAYLOAD`] is split into several frames (an `Exec` payload must not be: the sender
+/// checks its size first, see [`Message::Exec`]).
 pub fn encode(stream: u32, message: &Message, out: &mut Vec<u8>) {
     let mut push = |kind: u8, payload: &[u8]| {
         out.push(kind);
@@ -93,6 +103,8 @@ pub fn encode(stream: u32, message: &Message, out: &mut Vec<u8>) {
         Message::StdinClosed => push_data(KIND_STDIN_CLOSED, &[]),
         Message::Ready => push_data(KIND_READY, &[]),
         Message::Signal(signal) => push_data(KIND_SIGNAL, &signal.to_le_bytes()),
+        Message::Exec(config) => push_data(KIND_EXEC, config),
+        Message::Exited(status) => push_data(KIND_EXITED, &status.to_le_bytes()),
         Message::Resize { rows, cols } => {
             let mut payload = [0u8; 4];
             payload[..2].copy_from_slice(&rows.to_le_bytes());
@@ -134,7 +146,7 @@ impl Decoder {
         let kind = self.buf[0];
         let stream = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
         let len = u32::from_le_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
-        if !(KIND_STDOUT..=KIND_READY).contains(&kind) {
+        if !(KIND_STDOUT..=KIND_EXITED).contains(&kind) {
             return Err(ChannelError::UnknownKind(kind));
         }
         let len_usize = usize::try_from(len).map_err(|_| ChannelError::TooLarge(len))?;
@@ -151,12 +163,18 @@ impl Decoder {
             KIND_STDERR => Message::Stderr(payload),
             KIND_STDIN => Message::Stdin(payload),
             KIND_STDIN_CLOSED => Message::StdinClosed,
-            KIND_SIGNAL => {
+            KIND_SIGNAL | KIND_EXITED => {
                 let bytes: [u8; 4] = payload
                     .try_into()
                     .map_err(|_| ChannelError::Malformed(kind))?;
-                Message::Signal(i32::from_le_bytes(bytes))
+                let number = i32::from_le_bytes(bytes);
+                if kind == KIND_SIGNAL {
+                    Message::Signal(number)
+                } else {
+                    Message::Exited(number)
+                }
             }
+            KIND_EXEC if !payload.is_empty() => Message::Exec(payload),
             KIND_RESIZE => {
                 let bytes: [u8; 4] = payload
                     .try_into()
@@ -205,6 +223,9 @@ mod tests {
             Message::Signal(15),
             Message::Resize { rows: 24, cols: 80 },
             Message::Ready,
+            Message::Exec(b"{\"Args\":[\"sh\"]}".to_vec()),
+            Message::Exited(127),
+            Message::Exited(-1),
         ];
         let frames = round_trip(&messages);
         let decoded: Vec<Message> = frames.iter().map(|f| f.message.clone()).collect();
@@ -248,10 +269,39 @@ mod tests {
             Err(ChannelError::Malformed(KIND_READY))
         );
         let mut decoder = Decoder::new();
-        decoder.feed(&[KIND_READY + 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        decoder.feed(&[KIND_EXITED + 1, 0, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(
             decoder.next_frame(),
-            Err(ChannelError::UnknownKind(KIND_READY + 1))
+            Err(ChannelError::UnknownKind(KIND_EXITED + 1))
         );
+    }
+
+    #[test]
+    fn malformed_exec_frames_are_rejected() {
+        let mut decoder = Decoder::new();
+        decoder.feed(&[KIND_EXITED, 5, 0, 0, 0, 2, 0, 0, 0, 1, 0]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(ChannelError::Malformed(KIND_EXITED))
+        );
+        // An exec without a config can never start anything.
+        let mut decoder = Decoder::new();
+        decoder.feed(&[KIND_EXEC, 5, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            decoder.next_frame(),
+            Err(ChannelError::Malformed(KIND_EXEC))
+        );
+    }
+
+    #[test]
+    fn old_kinds_keep_their_numbers() {
+        let mut bytes = Vec::new();
+        encode(0, &Message::Ready, &mut bytes);
+        encode(7, &Message::Exec(b"{}".to_vec()), &mut bytes);
+        encode(7, &Message::Exited(3), &mut bytes);
+        assert_eq!(bytes[0], 7);
+        assert_eq!(&bytes[9..14], &[8, 7, 0, 0, 0]);
+        assert_eq!(bytes[20], 9);
+        assert_eq!(&bytes[29..], &3i32.to_le_bytes());
     }
 }

@@ -86,6 +86,35 @@ pub struct RunConfig {
     pub boot_probe: bool,
 }
 
+/// One `katalite exec` session: what to run beside the workload and how. Sent as the JSON
+/// payload of an `Exec` channel frame; field names are those of Docker's exec API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct ExecConfig {
+    /// The full argv; `Args[0]` is searched in the session's PATH when it has no slash.
+    pub args: Vec<String>,
+    /// `NAME=value` entries applied on top of the workload's environment (`-e`).
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory; empty means the workload's.
+    #[serde(default)]
+    pub working_dir: String,
+    /// Docker's `--user` syntax; empty means the workload's user.
+    #[serde(default)]
+    pub user: String,
+    /// Give the process a pseudo-terminal (`-t`); resizes come as `Resize` frames on the
+    /// session's stream.
+    #[serde(default)]
+    pub tty: bool,
+    /// Feed the process's stdin from `Stdin` frames (`-i`); otherwise it reads /dev/null.
+    #[serde(default)]
+    pub open_stdin: bool,
+    /// With `tty`, the terminal's first size as `[rows, columns]`, applied before the
+    /// process starts (so it never sees 0x0).
+    #[serde(default)]
+    pub console_size: Option<[u16; 2]>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +155,29 @@ mod tests {
         assert!(json.contains("\"BootProbe\":true"));
         let back: RunConfig = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn exec_config_uses_docker_field_names_and_defaults() {
+        let config: ExecConfig =
+            serde_json::from_str(r#"{"Args":["echo","hi"]}"#).expect("minimal config");
+        assert_eq!(config.args, ["echo", "hi"]);
+        assert!(config.env.is_empty() && config.user.is_empty() && !config.tty);
+        let config = ExecConfig {
+            args: vec!["sh".into()],
+            env: vec!["A=1".into()],
+            working_dir: "/tmp".into(),
+            user: "nobody".into(),
+            tty: true,
+            open_stdin: true,
+            console_size: Some([24, 80]),
+        };
+        let json = serde_json::to_string(&config).expect("serialize");
+        assert!(json.contains("\"OpenStdin\":true") && json.contains("\"ConsoleSize\":[24,80]"));
+        assert_eq!(
+            serde_json::from_str::<ExecConfig>(&json).expect("parse"),
+            config
+        );
+        assert!(serde_json::from_str::<ExecConfig>(r#"{"Args":[],"Privileged":true}"#).is_err());
     }
 }

@@ -291,7 +291,9 @@ impl Relay {
                 }
             }
             // These only travel from the guest to the host.
-            Message::Stdout(_) | Message::Stderr(_) | Message::Ready => {}
+            Message::Stdout(_) | Message::Stderr(_) | Message::Ready | Message::Exited(_) => {}
+            // Exec sessions are not run by this init yet.
+            Message::Exec(_) => {}
         }
     }
 
