@@ -8,6 +8,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use imagebuilder::source::PullPolicy;
 
 use crate::image_cmds::{FetchArgs, ImagesArgs, PullArgs, RmiArgs};
+use crate::network::{parse_network, parse_publish, NetworkMode, PortMapping};
 
 /// VM-isolated containers from one static binary.
 #[derive(Parser, Debug)]
@@ -85,6 +86,19 @@ pub struct RunArgs {
     #[arg(short = 'm', long, value_name = "BYTES", default_value = "512m",
           value_parser = parse_memory)]
     pub memory: u64,
+
+    /// Publish a container port on the host: [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp].
+    /// Without HOSTIP the port listens on 127.0.0.1 only (Docker's default is all
+    /// interfaces; give 0.0.0.0 for that).
+    #[arg(short = 'p', long = "publish", value_name = "[HOSTIP:]HOSTPORT:PORT[/PROTO]",
+          value_parser = parse_publish)]
+    pub publish: Vec<PortMapping>,
+
+    /// Network: user (built-in NAT with DNS, no privileges needed), none (loopback only),
+    /// or tap:NAME (an existing TAP device; the guest is 10.0.2.15/24 via 10.0.2.2).
+    #[arg(long = "network", alias = "net", value_name = "MODE", default_value = "user",
+          value_parser = parse_network)]
+    pub network: NetworkMode,
 
     /// Accepted for compatibility: nothing is kept after a run yet.
     #[arg(long)]

@@ -4,6 +4,7 @@
 mod cli;
 mod embedded;
 mod image_cmds;
+mod network;
 mod run;
 mod signals;
 mod stdio;

@@ -19,7 +19,7 @@ use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
 
 use crate::cli::RunArgs;
 use crate::stdio::{self, Demux, Event, Fault, ToGuest};
-use crate::{embedded, image_cmds, signals, terminal};
+use crate::{embedded, image_cmds, network, signals, terminal};
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
 /// console's used-buffer interrupts often find nothing left to do, which is expected).
@@ -51,6 +51,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
     let (rootfs, run_archive) = initramfs(args, env_files)?;
+    let network = network::attach(&args.network, &args.publish)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
         (Box::new(io::stderr()), VERBOSE_CMDLINE)
@@ -68,7 +69,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         console_input: None,
         stopper: None,
         serial,
-        network: None,
+        network,
     };
     run_attached(args, vm)
 }
@@ -268,6 +269,7 @@ fn run_config(
         open_stdin: args.interactive,
         read_only: args.read_only,
         boot_probe: args.boot_probe,
+        network: network::guest_plan(&args.network),
     })
 }
 

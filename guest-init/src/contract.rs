@@ -2,6 +2,8 @@
 //! Field names follow Docker's image config (`Cmd`, `Env`, `WorkingDir`...) so a later
 //! image config maps onto it without renaming.
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
 /// Where the host places the serialized [`RunConfig`] inside the initramfs.
@@ -84,6 +86,26 @@ pub struct RunConfig {
     /// console, so a benchmark can timestamp boot phases as the lines arrive on the host.
     #[serde(default)]
     pub boot_probe: bool,
+    /// The guest's `eth0`, configured statically by init; `None` (`--network none`) leaves
+    /// only the loopback interface. Loopback is up either way.
+    #[serde(default)]
+    pub network: Option<NetworkConfig>,
+}
+
+/// A static IPv4 setup for the guest's `eth0`: what a DHCP lease would say, decided by the
+/// host (the user-mode network's fixed plan, or the TAP user's choice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The guest's address.
+    pub address: Ipv4Addr,
+    /// Prefix length of the guest's subnet (24 for a /24).
+    pub prefix_len: u8,
+    /// The default route's next hop.
+    pub gateway: Ipv4Addr,
+    /// Resolvers for /etc/resolv.conf, in order.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
 }
 
 /// One `katalite exec` session: what to run beside the workload and how. Sent as the JSON
@@ -149,10 +171,17 @@ mod tests {
             open_stdin: true,
             read_only: false,
             boot_probe: true,
+            network: Some(NetworkConfig {
+                address: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+                gateway: Ipv4Addr::new(10, 0, 2, 2),
+                dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+            }),
         };
         let json = serde_json::to_string(&config).expect("serialize");
         assert!(json.contains("\"Args\"") && json.contains("\"WorkingDir\""));
         assert!(json.contains("\"BootProbe\":true"));
+        assert!(json.contains("\"Address\":\"10.0.2.15\""));
         let back: RunConfig = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, config);
     }

@@ -5,4 +5,6 @@
 pub mod channel;
 pub mod contract;
 
-pub use contract::{ExecConfig, GuestStatus, RunConfig, CONFIG_PATH, INIT_PATH, STATUS_PORT};
+pub use contract::{
+    ExecConfig, GuestStatus, NetworkConfig, RunConfig, CONFIG_PATH, INIT_PATH, STATUS_PORT,
+};

@@ -1,12 +1,14 @@
 //! The PID-1 steps, in order: mount the kernel filesystems, open the host channel, read
-//! the run config, write the identity files, resolve the user, start the workload, relay
-//! its stdio and signals until it exits, stop what is left, report the status, power off.
+//! the run config, configure the network, write the identity files, resolve the user,
+//! start the workload, relay its stdio and signals until it exits, stop what is left,
+//! report the status, power off.
 //! Failures of init itself are reported as `InitFailed` (the host exits 125).
 
 mod console;
 mod env;
 mod etc_files;
 mod mounts;
+mod network;
 mod relay;
 mod report;
 mod signals;
@@ -25,6 +27,7 @@ use nix::unistd::Pid;
 use console::ConsoleError;
 use etc_files::EtcError;
 use mounts::MountError;
+use network::NetError;
 use relay::{Relay, RelayError};
 use signals::{SignalError, Signals};
 use users::UserError;
@@ -49,6 +52,8 @@ enum InitError {
     Signals(#[from] SignalError),
     #[error(transparent)]
     Etc(#[from] EtcError),
+    #[error(transparent)]
+    Network(#[from] NetError),
     #[error(transparent)]
     User(#[from] UserError),
     #[error(transparent)]
@@ -86,7 +91,8 @@ fn run() -> Result<GuestStatus, InitError> {
 
     let hostname = etc_files::choose_hostname(&config.hostname)?;
     etc_files::set_hostname(&hostname)?;
-    etc_files::write_all(Path::new("/"), &hostname)?;
+    network::configure(config.network.as_ref())?;
+    etc_files::write_all(Path::new("/"), &hostname, config.network.as_ref())?;
     mounts::ensure_tmp()?;
     let user = users::resolve(
         &config.user,

@@ -4,11 +4,11 @@
 
 use std::fs;
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-/// The resolver of the built-in user network (slirp's address for DNS).
-const NAMESERVER: &str = "10.0.2.3";
+use guest_init::NetworkConfig;
 
 /// Hostnames the kernel accepts are at most this long (`__NEW_UTS_LEN`).
 const MAX_HOSTNAME: usize = 64;
@@ -55,9 +55,10 @@ pub fn set_hostname(name: &str) -> Result<(), EtcError> {
     nix::unistd::sethostname(name).map_err(EtcError::SetHostname)
 }
 
-/// Docker's /etc/hosts. Without a network address yet, the hostname resolves to
-/// 127.0.1.1 (Debian's convention for a host's own name).
-pub fn hosts(hostname: &str) -> String {
+/// Docker's /etc/hosts: the hostname resolves to the container's address, or without a
+/// network to 127.0.1.1 (Debian's convention for a host's own name).
+pub fn hosts(hostname: &str, address: Option<Ipv4Addr>) -> String {
+    let own = address.unwrap_or(Ipv4Addr::new(127, 0, 1, 1));
     format!(
         "127.0.0.1\tlocalhost\n\
          ::1\tlocalhost ip6-localhost ip6-loopback\n\
@@ -65,18 +66,31 @@ pub fn hosts(hostname: &str) -> String {
          ff00::0\tip6-mcastprefix\n\
          ff02::1\tip6-allnodes\n\
          ff02::2\tip6-allrouters\n\
-         127.0.1.1\t{hostname}\n"
+         {own}\t{hostname}\n"
     )
+}
+
+/// Docker's /etc/resolv.conf for these resolvers (none without a network: nothing to ask).
+pub fn resolv_conf(nameservers: &[Ipv4Addr]) -> String {
+    nameservers
+        .iter()
+        .map(|ip| format!("nameserver {ip}\n"))
+        .collect()
 }
 
 /// Writes hostname, hosts and resolv.conf under `root`/etc (creating /etc if needed). A
 /// path that exists as anything but a regular file is left as the image made it.
-pub fn write_all(root: &Path, hostname: &str) -> Result<(), EtcError> {
+pub fn write_all(
+    root: &Path,
+    hostname: &str,
+    network: Option<&NetworkConfig>,
+) -> Result<(), EtcError> {
     let etc = root.join("etc");
+    let nameservers = network.map_or(&[][..], |net| &net.dns[..]);
     let files = [
         ("hostname", format!("{hostname}\n")),
-        ("hosts", hosts(hostname)),
-        ("resolv.conf", format!("nameserver {NAMESERVER}\n")),
+        ("hosts", hosts(hostname, network.map(|net| net.address))),
+        ("resolv.conf", resolv_conf(nameservers)),
     ];
     let error = |path: &Path| {
         let path = path.to_path_buf();
@@ -106,10 +120,22 @@ mod tests {
 
     #[test]
     fn hosts_has_localhost_and_the_hostname() {
-        let text = hosts("box");
+        let text = hosts("box", None);
         assert!(text.starts_with("127.0.0.1\tlocalhost\n::1\tlocalhost"));
         assert!(text.ends_with("127.0.1.1\tbox\n"));
         assert_eq!(text.lines().count(), 7);
+        let text = hosts("box", Some(Ipv4Addr::new(10, 0, 2, 15)));
+        assert!(text.ends_with("10.0.2.15\tbox\n"));
+    }
+
+    #[test]
+    fn resolv_conf_lists_the_resolvers_in_order() {
+        let servers = [Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(192, 0, 2, 53)];
+        assert_eq!(
+            resolv_conf(&servers),
+            "nameserver 10.0.2.3\nnameserver 192.0.2.53\n"
+        );
+        assert_eq!(resolv_conf(&[]), "");
     }
 
     #[test]
@@ -127,7 +153,13 @@ mod tests {
     #[test]
     fn writes_missing_and_regular_files_but_not_symlinks() {
         let root = tempfile::tempdir().expect("tempdir");
-        write_all(root.path(), "box").expect("fresh root without /etc");
+        let network = NetworkConfig {
+            address: Ipv4Addr::new(10, 0, 2, 15),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+        };
+        write_all(root.path(), "box", Some(&network)).expect("fresh root without /etc");
         let etc = root.path().join("etc");
         assert_eq!(
             fs::read_to_string(etc.join("hostname")).expect("hostname"),
@@ -142,10 +174,10 @@ mod tests {
         fs::remove_file(etc.join("resolv.conf")).expect("remove");
         fs::write(root.path().join("stub"), "nameserver 1.1.1.1\n").expect("stub");
         std::os::unix::fs::symlink("../stub", etc.join("resolv.conf")).expect("symlink");
-        write_all(root.path(), "other").expect("second run");
+        write_all(root.path(), "other", None).expect("second run");
         assert_eq!(
             fs::read_to_string(etc.join("hosts")).expect("hosts"),
-            hosts("other")
+            hosts("other", None)
         );
         assert_eq!(
             fs::read_to_string(etc.join("resolv.conf")).expect("through the link"),

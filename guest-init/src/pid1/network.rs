@@ -1,0 +1,250 @@
+//! The guest's interfaces, configured statically from the run config with the classic
+//! socket ioctls (netdevice(7), route(4)): loopback always up, `eth0` with the address,
+//! netmask and default route the host chose. Five calls do not justify a netlink library or
+//! a DHCP client in PID 1.
+
+use std::io;
+use std::mem;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use guest_init::NetworkConfig;
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+
+/// The loopback interface, up in every container (Docker's `--network none` has it too).
+const LOOPBACK: &str = "lo";
+/// The virtio-net interface: the only NIC the VMM gives, named by the kernel.
+const ETHERNET: &str = "eth0";
+
+/// `RTF_UP | RTF_GATEWAY` from linux/route.h: a usable route through a next hop.
+const ROUTE_FLAGS: libc::c_ushort = 0x0001 | 0x0002;
+/// `AF_INET` as a `sockaddr` family field (2; libc declares the constant as an int).
+const FAMILY_INET: libc::sa_family_t = 2;
+/// `IFF_UP` as the `short` of `ifreq`'s flags (1; libc declares it as an int).
+const FLAG_UP: libc::c_short = 1;
+
+const _: () = assert!(FAMILY_INET as libc::c_int == libc::AF_INET);
+const _: () = assert!(FLAG_UP as libc::c_int == libc::IFF_UP);
+
+/// A failed step of the network setup.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The control socket for the ioctls could not be opened.
+    #[error("cannot open a socket to configure the network")]
+    Socket(#[source] nix::Error),
+    /// One ioctl failed.
+    #[error("cannot {what} on {interface}")]
+    Ioctl {
+        /// What was being done.
+        what: &'static str,
+        /// The interface.
+        interface: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Brings loopback up and, with a network, configures `eth0` and the default route.
+pub fn configure(network: Option<&NetworkConfig>) -> Result<(), NetError> {
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(NetError::Socket)?;
+    // The kernel gives lo 127.0.0.1/8 and ::1 itself when it comes up.
+    set_up(&socket, LOOPBACK)?;
+    let Some(network) = network else {
+        return Ok(());
+    };
+    set_address(
+        &socket,
+        libc::SIOCSIFADDR,
+        network.address,
+        "set the address",
+    )?;
+    let mask = netmask(network.prefix_len);
+    set_address(&socket, libc::SIOCSIFNETMASK, mask, "set the netmask")?;
+    set_up(&socket, ETHERNET)?;
+    add_default_route(&socket, network.gateway)
+}
+
+/// The netmask of a prefix length (lengths above 32 count as 32).
+fn netmask(prefix_len: u8) -> Ipv4Addr {
+    let bits = u32::from(prefix_len.min(32));
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0))
+}
+
+/// An `ifreq` naming `interface`, everything else zero.
+fn request(interface: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain C data (a name array and a union of integers and sockaddrs);
+    // all-zero bytes are a valid value of it.
+    let mut req: libc::ifreq = unsafe { mem::zeroed() };
+    // Names are short ASCII constants of this module, well under IFNAMSIZ with the NUL.
+    for (slot, byte) in req.ifr_name.iter_mut().zip(interface.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    req
+}
+
+/// A `sockaddr` holding an IPv4 address (as `sockaddr_in`, which is no larger).
+fn sockaddr(address: Ipv4Addr) -> libc::sockaddr {
+    let inet = libc::sockaddr_in {
+        sin_family: FAMILY_INET,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(address).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes (asserted below at compile time)
+    // and the kernel reads a sockaddr's bytes by its family, which is AF_INET here.
+    unsafe { mem::transmute::<libc::sockaddr_in, libc::sockaddr>(inet) }
+}
+
+const _: () = assert!(mem::size_of::<libc::sockaddr_in>() == mem::size_of::<libc::sockaddr>());
+
+/// Sets the `IFF_UP` flag of `interface`, keeping its other flags.
+fn set_up(socket: &OwnedFd, interface: &'static str) -> Result<(), NetError> {
+    let mut req = request(interface);
+    ioctl(
+        socket,
+        libc::SIOCGIFFLAGS,
+        &mut req,
+        "read the flags",
+        interface,
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled the union's flags member, the one read here.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | FLAG_UP;
+    ioctl(
+        socket,
+        libc::SIOCSIFFLAGS,
+        &mut req,
+        "bring the link up",
+        interface,
+    )
+}
+
+/// Sets one of eth0's addresses (`SIOCSIFADDR`, `SIOCSIFNETMASK`).
+fn set_address(
+    socket: &OwnedFd,
+    op: libc::Ioctl,
+    address: Ipv4Addr,
+    what: &'static str,
+) -> Result<(), NetError> {
+    let mut req = request(ETHERNET);
+    req.ifr_ifru.ifru_addr = sockaddr(address);
+    ioctl(socket, op, &mut req, what, ETHERNET)
+}
+
+/// `struct rtentry` of linux/route.h, declared here because the libc crate has it for musl
+/// only, and init's tests build for the host's glibc too.
+#[repr(C)]
+struct RouteEntry {
+    pad1: libc::c_ulong,
+    dst: libc::sockaddr,
+    gateway: libc::sockaddr,
+    genmask: libc::sockaddr,
+    flags: libc::c_ushort,
+    pad2: libc::c_short,
+    pad3: libc::c_ulong,
+    pad4: *mut libc::c_void,
+    metric: libc::c_short,
+    dev: *mut libc::c_char,
+    mtu: libc::c_ulong,
+    window: libc::c_ulong,
+    irtt: libc::c_ushort,
+}
+
+/// Adds `default via gateway` (destination and mask 0.0.0.0; the kernel picks eth0, whose
+/// subnet holds the gateway).
+fn add_default_route(socket: &OwnedFd, gateway: Ipv4Addr) -> Result<(), NetError> {
+    let mut route = RouteEntry {
+        pad1: 0,
+        dst: sockaddr(Ipv4Addr::UNSPECIFIED),
+        gateway: sockaddr(gateway),
+        genmask: sockaddr(Ipv4Addr::UNSPECIFIED),
+        flags: ROUTE_FLAGS,
+        pad2: 0,
+        pad3: 0,
+        pad4: std::ptr::null_mut(),
+        metric: 0,
+        dev: std::ptr::null_mut(),
+        mtu: 0,
+        window: 0,
+        irtt: 0,
+    };
+    // SAFETY: SIOCADDRT reads one struct rtentry, which RouteEntry mirrors field for field
+    // with C layout; the null device pointer asks the kernel to choose the interface.
+    let result = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCADDRT, &mut route) };
+    if result < 0 {
+        return Err(NetError::Ioctl {
+            what: "add the default route",
+            interface: ETHERNET,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// One interface ioctl on `req`.
+fn ioctl(
+    socket: &OwnedFd,
+    op: libc::Ioctl,
+    req: &mut libc::ifreq,
+    what: &'static str,
+    interface: &'static str,
+) -> Result<(), NetError> {
+    // SAFETY: every op used here (SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK)
+    // reads or writes exactly one struct ifreq, which `req` is, alive for the call.
+    let result = unsafe { libc::ioctl(socket.as_raw_fd(), op, req as *mut libc::ifreq) };
+    if result < 0 {
+        return Err(NetError::Ioctl {
+            what,
+            interface,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netmasks_follow_the_prefix_length() {
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(32), Ipv4Addr::BROADCAST);
+        assert_eq!(netmask(0), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(netmask(40), Ipv4Addr::BROADCAST);
+        assert_eq!(netmask(17), Ipv4Addr::new(255, 255, 128, 0));
+    }
+
+    #[test]
+    fn addresses_are_in_network_byte_order() {
+        let addr = sockaddr(Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(addr.sa_family, FAMILY_INET);
+        // sa_data: two port bytes, then the address as it goes on the wire.
+        let bytes: Vec<u8> = addr.sa_data[2..6].iter().map(|&b| b as u8).collect();
+        assert_eq!(bytes, [10, 0, 2, 15]);
+    }
+
+    #[test]
+    fn the_route_entry_has_the_kernels_size() {
+        // sizeof(struct rtentry) on x86-64, alignment padding included.
+        assert_eq!(mem::size_of::<RouteEntry>(), 120);
+    }
+
+    #[test]
+    fn interface_names_are_nul_terminated() {
+        let req = request("eth0");
+        assert_eq!(
+            req.ifr_name[..5],
+            [b'e' as libc::c_char, b't' as _, b'h' as _, b'0' as _, 0]
+        );
+    }
+}
