@@ -7,10 +7,12 @@
 mod console;
 mod env;
 mod etc_files;
+mod exec;
 mod mounts;
 mod network;
 mod relay;
 mod report;
+mod session;
 mod signals;
 mod users;
 mod workload;
@@ -26,9 +28,10 @@ use nix::unistd::Pid;
 
 use console::ConsoleError;
 use etc_files::EtcError;
+use exec::{Container, Execs};
 use mounts::MountError;
 use network::NetError;
-use relay::{Relay, RelayError};
+use relay::{Relay, RelayError, WORKLOAD};
 use signals::{SignalError, Signals};
 use users::UserError;
 use workload::WorkloadError;
@@ -127,7 +130,13 @@ fn run() -> Result<GuestStatus, InitError> {
             return Ok(GuestStatus::Exited(err.code));
         }
     };
-    let code = supervise(&mut relay, &signals, pid)?;
+    let mut execs = Execs::new(Container {
+        env: config.env,
+        hostname,
+        user: config.user,
+        workdir,
+    });
+    let code = supervise(&mut relay, &signals, pid, &mut execs)?;
     Ok(GuestStatus::Exited(code))
 }
 
@@ -173,23 +182,41 @@ fn await_initial_size(relay: &mut Relay, signals: &Signals) -> Result<(), InitEr
     Ok(())
 }
 
-/// Relays stdio and signals until the workload exits, then kills every other process,
-/// drains the output to end of file, and flushes it to the host. Returns Docker's status.
-fn supervise(relay: &mut Relay, signals: &Signals, workload: Pid) -> Result<u8, InitError> {
+/// Relays stdio and signals and runs exec sessions until the workload exits, then kills
+/// every other process (exec sessions too), drains the output to end of file, and flushes
+/// it to the host. Returns Docker's status.
+fn supervise(
+    relay: &mut Relay,
+    signals: &Signals,
+    workload: Pid,
+    execs: &mut Execs,
+) -> Result<u8, InitError> {
     let status = loop {
         let turn = relay.turn(signals.fd(), PollTimeout::NONE)?;
         log_problems(relay);
-        for number in relay.take_signals() {
+        execs.start_requested(relay);
+        for (stream, number) in relay.take_signals() {
             // Docker signals the main process only, with or without a terminal.
-            if let Ok(signal) = Signal::try_from(number) {
-                let _ = kill(workload, signal);
+            match Signal::try_from(number) {
+                Ok(signal) if stream == WORKLOAD => {
+                    let _ = kill(workload, signal);
+                }
+                _ => execs.signal(stream, number),
             }
         }
         if turn.extra_ready {
             for signal in signals.drain()? {
                 let _ = kill(workload, signal);
             }
-            if let Some(status) = signals::reap(workload) {
+            let mut status = None;
+            for (pid, code) in signals::reap() {
+                if pid == workload {
+                    status = Some(code);
+                } else {
+                    execs.reaped(relay, pid, code);
+                }
+            }
+            if let Some(status) = status {
                 break status;
             }
         }
@@ -217,7 +244,7 @@ fn supervise(relay: &mut Relay, signals: &Signals, workload: Pid) -> Result<u8, 
         }
         if turn.extra_ready {
             signals.drain()?;
-            signals::reap(workload);
+            signals::reap();
         }
     }
     signals::kill_all_and_reap();

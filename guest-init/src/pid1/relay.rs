@@ -1,36 +1,27 @@
-//! The I/O half of init's single poll loop: frames from the host channel become the
-//! workload's stdin, signals and terminal sizes; its stdout and stderr (or its terminal)
-//! become frames. Both directions are bounded: while the channel cannot take more output,
-//! the workload's pipes are not read (it blocks writing), and while its stdin is full, the
-//! channel is not read.
+//! The channel multiplexer of init's single poll loop: frames from the host become stdin,
+//! signals and terminal sizes of the session their stream names (the workload on stream
+//! 0, exec sessions on others) or exec requests; every session's output becomes frames.
+//! Both directions are bounded: while the channel cannot take more output, no session's
+//! pipes are read (the process blocks writing), and while a stdin is full, the channel
+//! is not read.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
 
 use guest_init::channel::{encode, ChannelError, Decoder, Message, HEADER_LEN, MAX_PAYLOAD};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::{read, write};
 
+use super::session::{Output, Session, Stream, Streams};
+
 /// The run workload's stream on the channel.
-const STREAM: u32 = 0;
+pub const WORKLOAD: u32 = 0;
 /// Most output bytes waiting for the channel; reads stop before exceeding it.
 const OUTGOING_LIMIT: usize = 4 * (HEADER_LEN + MAX_PAYLOAD);
-/// Most stdin bytes waiting for the workload; the channel is not read beyond it.
-const INPUT_LIMIT: usize = 256 * 1024;
 /// Bytes read from the channel at a time.
 const CHANNEL_READ: usize = 16 * 1024;
-
-/// init's ends of the workload's stdio, all non-blocking.
-pub struct Streams {
-    /// The stdout pipe's read end, or the terminal master.
-    pub stdout: OwnedFd,
-    /// The stderr pipe's read end; none with a terminal (it shares the terminal).
-    pub stderr: Option<OwnedFd>,
-    /// The stdin pipe's write end, or a duplicate of the terminal master.
-    pub stdin: Option<OwnedFd>,
-    /// Whether `stdin` is a terminal master (resizes apply to it; it is never closed).
-    pub tty: bool,
-}
 
 /// Something that went wrong on the channel; the relay goes on without that direction.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +29,9 @@ pub enum RelayError {
     /// The host sent a frame that can never be valid; the channel is no longer read.
     #[error("malformed frame from the host, no longer reading the channel")]
     Protocol(#[from] ChannelError),
+    /// The host asked for an exec session on a stream that is taken (or the workload's).
+    #[error("exec request on stream {0}, which is in use")]
+    StreamInUse(u32),
     /// Reading the channel failed; it is no longer read.
     #[error("cannot read the channel")]
     Read(#[source] Errno),
@@ -61,10 +55,17 @@ pub struct Turn {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Slot {
     Channel,
-    Stdout,
-    Stderr,
-    Stdin,
+    Session(u32, Stream),
     Extra,
+}
+
+/// An `Exec` frame waiting for init to start its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// The stream the host chose for the session.
+    pub stream: u32,
+    /// The JSON `ExecConfig`.
+    pub config: Vec<u8>,
 }
 
 /// The relay's state between turns.
@@ -75,14 +76,9 @@ pub struct Relay {
     decoder: Decoder,
     outgoing: Vec<u8>,
     sent: usize,
-    stdout: Option<OwnedFd>,
-    stderr: Option<OwnedFd>,
-    stdin: Option<OwnedFd>,
-    stdin_buf: Vec<u8>,
-    stdin_closed: bool,
-    tty: bool,
-    resized: bool,
-    signals: Vec<i32>,
+    sessions: BTreeMap<u32, Session>,
+    requests: Vec<ExecRequest>,
+    signals: Vec<(u32, i32)>,
     problems: Vec<RelayError>,
     scratch: Vec<u8>,
 }
@@ -97,27 +93,22 @@ impl Relay {
             decoder: Decoder::new(),
             outgoing: Vec::new(),
             sent: 0,
-            stdout: Some(streams.stdout),
-            stderr: streams.stderr,
-            stdin: streams.stdin,
-            stdin_buf: Vec::new(),
-            stdin_closed: false,
-            tty: streams.tty,
-            resized: false,
+            sessions: BTreeMap::from([(WORKLOAD, Session::new(streams))]),
+            requests: Vec::new(),
             signals: Vec::new(),
             problems: Vec::new(),
             scratch: vec![0; MAX_PAYLOAD],
         }
     }
 
-    /// Waits up to `timeout` for ready descriptors (the relay's and `extra`), then does
-    /// all the I/O they allow.
+    /// Waits up to `timeout` (shortened to the next exec session's drain deadline) for
+    /// ready descriptors (the relay's and `extra`), then does all the I/O they allow.
     pub fn turn(
         &mut self,
         extra: BorrowedFd<'_>,
         timeout: PollTimeout,
     ) -> Result<Turn, RelayError> {
-        let ready = self.poll(extra, timeout)?;
+        let ready = self.poll(extra, self.bounded(timeout))?;
         let mut turn = Turn::default();
         for (slot, revents) in ready {
             let readable =
@@ -133,18 +124,27 @@ impl Relay {
                     let read = readable && self.reading_channel && self.read_channel();
                     wrote || read
                 }
-                Slot::Stdout => self.read_output(false),
-                Slot::Stderr => self.read_output(true),
-                Slot::Stdin => self.write_stdin(),
+                Slot::Session(stream, Stream::Stdout) => self.read_output(stream, false),
+                Slot::Session(stream, Stream::Stderr) => self.read_output(stream, true),
+                Slot::Session(stream, Stream::Stdin) => self
+                    .sessions
+                    .get_mut(&stream)
+                    .is_some_and(Session::write_stdin),
             };
             turn.progressed |= moved;
         }
+        self.end_finished_sessions();
         Ok(turn)
     }
 
-    /// Signals the host asked for since the last call, in order.
-    pub fn take_signals(&mut self) -> Vec<i32> {
+    /// Signals the host asked for since the last call, as (stream, number), in order.
+    pub fn take_signals(&mut self) -> Vec<(u32, i32)> {
         std::mem::take(&mut self.signals)
+    }
+
+    /// Exec sessions the host asked for since the last call, in order.
+    pub fn take_exec_requests(&mut self) -> Vec<ExecRequest> {
+        std::mem::take(&mut self.requests)
     }
 
     /// Problems met since the last call, for init to log.
@@ -152,27 +152,56 @@ impl Relay {
         std::mem::take(&mut self.problems)
     }
 
-    /// Whether a terminal size has been applied (the host sends one with `-t`).
+    /// Whether the workload's terminal size has been applied (the host sends one with `-t`).
     pub fn resized(&self) -> bool {
-        self.resized
+        self.sessions.get(&WORKLOAD).is_some_and(Session::resized)
     }
 
-    /// The workload is gone: stop feeding its stdin and stop reading the host.
+    /// Starts relaying an exec session's `streams` on `stream`.
+    pub fn add_session(&mut self, stream: u32, streams: Streams) {
+        self.sessions.insert(stream, Session::new(streams));
+    }
+
+    /// Exec sessions still relayed (their process running or their output draining).
+    pub fn exec_sessions(&self) -> usize {
+        self.sessions.keys().filter(|&&s| s != WORKLOAD).count()
+    }
+
+    /// Ends a session that could not start: `message` on its stderr, then `status`.
+    pub fn refuse(&mut self, stream: u32, message: &str, status: i32) {
+        self.queue(stream, Message::Stderr(format!("{message}\n").into_bytes()));
+        self.queue(stream, Message::Exited(status));
+    }
+
+    /// The exec session's process ended with Docker's `status`: the host gets it once the
+    /// session's output is relayed.
+    pub fn exited(&mut self, stream: u32, status: i32) {
+        if let Some(session) = self
+            .sessions
+            .get_mut(&stream)
+            .filter(|_| stream != WORKLOAD)
+        {
+            session.exited(status);
+        }
+        self.end_finished_sessions();
+    }
+
+    /// The workload is gone: stop feeding every stdin and stop reading the host.
     pub fn close_input(&mut self) {
-        self.stdin = None;
-        self.stdin_buf = Vec::new();
+        self.sessions.values_mut().for_each(Session::close_input);
         self.reading_channel = false;
     }
 
     /// Whether some output stream has not reached end of file yet.
     pub fn outputs_open(&self) -> bool {
-        self.stdout.is_some() || self.stderr.is_some()
+        self.sessions.values().any(Session::outputs_open)
     }
 
     /// Gives up on output streams that never reach end of file.
     pub fn abandon_outputs(&mut self) {
-        self.stdout = None;
-        self.stderr = None;
+        self.sessions
+            .values_mut()
+            .for_each(Session::abandon_outputs);
     }
 
     /// Whether every output frame has been handed to the channel.
@@ -185,6 +214,36 @@ impl Relay {
         self.channel.as_fd()
     }
 
+    /// `timeout`, or less when an exec session's drain deadline comes first.
+    fn bounded(&self, timeout: PollTimeout) -> PollTimeout {
+        let Some(deadline) = self.sessions.values().filter_map(Session::deadline).min() else {
+            return timeout;
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let millis = left.as_millis().saturating_add(1);
+        let until = PollTimeout::try_from(millis).unwrap_or(PollTimeout::MAX);
+        if timeout == PollTimeout::NONE {
+            until
+        } else {
+            timeout.min(until)
+        }
+    }
+
+    /// Sends Exited for every exec session whose process ended and whose output drained.
+    fn end_finished_sessions(&mut self) {
+        let now = Instant::now();
+        let finished: Vec<(u32, i32)> = self
+            .sessions
+            .iter_mut()
+            .filter(|(&stream, _)| stream != WORKLOAD)
+            .filter_map(|(&stream, session)| Some((stream, session.finished(now)?)))
+            .collect();
+        for (stream, status) in finished {
+            self.sessions.remove(&stream);
+            self.queue(stream, Message::Exited(status));
+        }
+    }
+
     /// Polls the descriptors that have something to do; returns those that are ready.
     fn poll(
         &self,
@@ -193,30 +252,28 @@ impl Relay {
     ) -> Result<Vec<(Slot, PollFlags)>, RelayError> {
         let room = self.has_room();
         let mut channel = PollFlags::empty();
-        if self.reading_channel && self.stdin_buf.len() < INPUT_LIMIT {
+        let input_full = self.sessions.values().any(Session::input_full);
+        if self.reading_channel && !input_full {
             channel |= PollFlags::POLLIN;
         }
         if !self.flushed() {
             channel |= PollFlags::POLLOUT;
         }
-        let candidates = [
-            (Slot::Channel, Some(&self.channel), channel),
-            (Slot::Stdout, self.stdout.as_ref(), PollFlags::POLLIN),
-            (Slot::Stderr, self.stderr.as_ref(), PollFlags::POLLIN),
-            (Slot::Stdin, self.stdin.as_ref(), PollFlags::POLLOUT),
-        ];
-        let mut slots = Vec::with_capacity(5);
-        let mut fds = Vec::with_capacity(5);
-        for (slot, fd, flags) in candidates {
-            let wanted = match slot {
-                Slot::Stdout | Slot::Stderr => room,
-                Slot::Stdin => !self.stdin_buf.is_empty(),
-                Slot::Channel | Slot::Extra => !flags.is_empty(),
-            };
-            // A descriptor polled for nothing still reports POLLHUP: leave it out.
-            if let Some(fd) = fd.filter(|_| wanted) {
-                slots.push(slot);
-                fds.push(PollFd::new(fd.as_fd(), flags));
+        let mut slots = Vec::new();
+        let mut fds = Vec::new();
+        // A descriptor polled for nothing still reports POLLHUP: leave it out.
+        if !channel.is_empty() {
+            slots.push(Slot::Channel);
+            fds.push(PollFd::new(self.channel.as_fd(), channel));
+        }
+        for (&stream, session) in &self.sessions {
+            for (which, fd) in session.pollable(room) {
+                let flags = match which {
+                    Stream::Stdin => PollFlags::POLLOUT,
+                    Stream::Stdout | Stream::Stderr => PollFlags::POLLIN,
+                };
+                slots.push(Slot::Session(stream, which));
+                fds.push(PollFd::new(fd, flags));
             }
         }
         slots.push(Slot::Extra);
@@ -258,9 +315,7 @@ impl Relay {
         self.decoder.feed(&buf[..n]);
         loop {
             match self.decoder.next_frame() {
-                Ok(Some(frame)) if frame.stream == STREAM => self.handle(frame.message),
-                // Other streams belong to exec sessions, which this init does not run.
-                Ok(Some(_)) => {}
+                Ok(Some(frame)) => self.dispatch(frame.stream, frame.message),
                 Ok(None) => break,
                 Err(err) => {
                     self.reading_channel = false;
@@ -273,93 +328,59 @@ impl Relay {
         true
     }
 
-    fn handle(&mut self, message: Message) {
-        match message {
-            Message::Stdin(data) => {
-                if self.stdin.is_some() && !self.stdin_closed {
-                    self.stdin_buf.extend_from_slice(&data);
-                }
+    /// Hands a host frame to its session. Frames for a stream with no session are dropped:
+    /// the session may have ended while the host was still sending.
+    fn dispatch(&mut self, stream: u32, message: Message) {
+        if let Message::Exec(config) = message {
+            let taken = self.sessions.contains_key(&stream)
+                || self.requests.iter().any(|r| r.stream == stream);
+            if stream == WORKLOAD || taken {
+                self.problems.push(RelayError::StreamInUse(stream));
+            } else {
+                self.requests.push(ExecRequest { stream, config });
             }
-            Message::StdinClosed => {
-                self.stdin_closed = true;
-                self.close_stdin_if_done();
+            return;
+        }
+        if let Some(session) = self.sessions.get_mut(&stream) {
+            if let Some(signal) = session.handle(message) {
+                self.signals.push((stream, signal));
             }
-            Message::Signal(number) => self.signals.push(number),
-            Message::Resize { rows, cols } => {
-                if let Some(master) = self.stdin.as_ref().filter(|_| self.tty) {
-                    self.resized |= set_window_size(master.as_fd(), rows, cols).is_ok();
-                }
-            }
-            // These only travel from the guest to the host.
-            Message::Stdout(_) | Message::Stderr(_) | Message::Ready | Message::Exited(_) => {}
-            // Exec sessions are not run by this init yet.
-            Message::Exec(_) => {}
         }
     }
 
-    /// After the host's end of file, a pipe is closed once written out, so the workload
-    /// sees end of file. A terminal stays open (it is also the output; Docker's shim
-    /// likewise only stops copying input).
-    fn close_stdin_if_done(&mut self) {
-        if self.stdin_closed && self.stdin_buf.is_empty() && !self.tty {
-            self.stdin = None;
+    /// Reads one chunk of a session's output into a frame on its stream.
+    fn read_output(&mut self, stream: u32, stderr: bool) -> bool {
+        // Several sessions may be ready in one turn: each read keeps to the bound.
+        if !self.has_room() {
+            return false;
         }
-    }
-
-    fn write_stdin(&mut self) -> bool {
-        let Some(fd) = self.stdin.as_ref() else {
+        let Some(session) = self.sessions.get_mut(&stream) else {
             return false;
         };
-        match write(fd, &self.stdin_buf) {
-            Ok(n) => {
-                self.stdin_buf.drain(..n);
-                self.close_stdin_if_done();
-                n > 0
-            }
-            Err(Errno::EAGAIN | Errno::EINTR) => false,
-            // EPIPE: the workload closed its stdin; what is left can never be delivered.
-            Err(_) => {
-                self.stdin = None;
-                self.stdin_buf = Vec::new();
-                false
-            }
-        }
-    }
-
-    /// Reads one chunk of the workload's output into a frame.
-    fn read_output(&mut self, stderr: bool) -> bool {
-        let source = if stderr {
-            &mut self.stderr
-        } else {
-            &mut self.stdout
+        let n = match session.read_output(stderr, &mut self.scratch) {
+            Output::Data(n) => n,
+            Output::Nothing => return false,
         };
-        let Some(fd) = source.as_ref() else {
-            return false;
-        };
-        let n = match read(fd, &mut self.scratch) {
-            Ok(n) if n > 0 => n,
-            Err(Errno::EAGAIN | Errno::EINTR) => return false,
-            // 0 is end of file; a terminal master reports EIO once no slave is open.
-            _ => {
-                *source = None;
-                return false;
-            }
-        };
-        if self.channel_broken {
-            return true;
-        }
-        if self.sent > 0 {
-            self.outgoing.drain(..self.sent);
-            self.sent = 0;
-        }
         let data = self.scratch[..n].to_vec();
         let message = if stderr {
             Message::Stderr(data)
         } else {
             Message::Stdout(data)
         };
-        encode(STREAM, &message, &mut self.outgoing);
+        self.queue(stream, message);
         true
+    }
+
+    /// Appends a frame to the outgoing buffer (dropped once the channel is broken).
+    fn queue(&mut self, stream: u32, message: Message) {
+        if self.channel_broken {
+            return;
+        }
+        if self.sent > 0 {
+            self.outgoing.drain(..self.sent);
+            self.sent = 0;
+        }
+        encode(stream, &message, &mut self.outgoing);
     }
 
     /// Writes as much pending output to the channel as it takes.
@@ -390,27 +411,15 @@ impl Relay {
     }
 }
 
-/// TIOCSWINSZ on the terminal master; the kernel sends SIGWINCH to the foreground group.
-fn set_window_size(master: BorrowedFd<'_>, rows: u16, cols: u16) -> nix::Result<()> {
-    let size = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, which is valid for the
-    // call; `master` is an open terminal descriptor.
-    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
-    Errno::result(rc).map(drop)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pid1::session::INPUT_LIMIT;
     use guest_init::channel::Frame;
     use nix::fcntl::OFlag;
     use nix::unistd::pipe2;
     use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
 
     /// A relay wired to test ends: the host's side of the channel, the workload's ends of
@@ -450,6 +459,12 @@ mod tests {
         }
     }
 
+    impl Relay {
+        fn workload(&self) -> &Session {
+            &self.sessions[&WORKLOAD]
+        }
+    }
+
     impl Rig {
         fn turn(&mut self) -> Turn {
             self.relay
@@ -459,7 +474,7 @@ mod tests {
 
         fn send(&mut self, message: Message) {
             let mut bytes = Vec::new();
-            encode(STREAM, &message, &mut bytes);
+            encode(WORKLOAD, &message, &mut bytes);
             self.host.write_all(&bytes).expect("host write");
         }
 
@@ -597,7 +612,7 @@ mod tests {
             .read_to_end(&mut received)
             .expect("end of file, not EAGAIN");
         assert_eq!(received, b"hello world");
-        assert!(rig.relay.stdin.is_none());
+        assert!(!rig.relay.workload().has_stdin());
     }
 
     #[test]
@@ -607,15 +622,15 @@ mod tests {
         let mut host = rig.host.try_clone().expect("clone");
         host.set_nonblocking(true).expect("nonblocking");
         let mut frame = Vec::new();
-        encode(STREAM, &Message::Stdin(chunk), &mut frame);
+        encode(WORKLOAD, &Message::Stdin(chunk), &mut frame);
         for _ in 0..500 {
             // The host keeps sending as long as its socket takes it.
             let _ = host.write(&frame);
             rig.turn();
             let bound = INPUT_LIMIT + CHANNEL_READ + HEADER_LEN + MAX_PAYLOAD;
-            assert!(rig.relay.stdin_buf.len() <= bound);
+            assert!(rig.relay.workload().pending_input() <= bound);
         }
-        assert!(rig.relay.stdin_buf.len() >= INPUT_LIMIT - 64 * 1024);
+        assert!(rig.relay.workload().pending_input() >= INPUT_LIMIT - 64 * 1024);
     }
 
     #[test]
@@ -624,7 +639,7 @@ mod tests {
         rig.send(Message::Signal(15));
         rig.send(Message::Signal(2));
         rig.turn();
-        assert_eq!(rig.relay.take_signals(), vec![15, 2]);
+        assert_eq!(rig.relay.take_signals(), vec![(0, 15), (0, 2)]);
         assert!(rig.relay.take_signals().is_empty());
     }
 
@@ -639,7 +654,7 @@ mod tests {
         let problems = rig.relay.take_problems();
         assert!(matches!(problems.as_slice(), [RelayError::Protocol(_)]));
         rig.turn();
-        assert!(rig.relay.stdin_buf.is_empty());
+        assert!(rig.relay.workload().pending_input() == 0);
         assert_eq!(read(&rig.stdin, &mut [0u8; 8]), Err(Errno::EAGAIN));
         put(&rig.stdout, b"still relayed");
         assert_eq!(joined(&rig.finish(), false), b"still relayed");
@@ -664,14 +679,14 @@ mod tests {
         let mut host = host;
         let mut bytes = Vec::new();
         encode(
-            STREAM,
+            WORKLOAD,
             &Message::Resize {
                 rows: 33,
                 cols: 101,
             },
             &mut bytes,
         );
-        encode(STREAM, &Message::StdinClosed, &mut bytes);
+        encode(WORKLOAD, &Message::StdinClosed, &mut bytes);
         host.write_all(&bytes).expect("host write");
         let (idle, _keep) = pipe();
         let timeout = PollTimeout::from(10u16);
@@ -693,7 +708,7 @@ mod tests {
         assert_eq!(rc, 0);
         assert_eq!((size.ws_row, size.ws_col), (33, 101));
         // End of input leaves the terminal open; the slave's output still arrives.
-        assert!(relay.stdin.is_some());
+        assert!(relay.workload().has_stdin());
         assert_eq!(write(&pty.slave, b"tty output"), Ok(10));
         drop(pty.slave);
         for _ in 0..100 {

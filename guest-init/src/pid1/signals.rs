@@ -75,16 +75,20 @@ impl Signals {
     }
 }
 
-/// Reaps every child that has ended without blocking; returns the workload's Docker exit
-/// status if it was among them.
-pub fn reap(workload: Pid) -> Option<u8> {
-    let mut status = None;
+/// Reaps every child that has ended, without blocking; returns each one's pid and Docker
+/// exit status (the workload's, exec sessions', and orphans' that nobody asks about).
+pub fn reap() -> Vec<(Pid, u8)> {
+    let mut ended = Vec::new();
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return status,
-            Ok(ended) if ended.pid() == Some(workload) => status = exit_code(ended).or(status),
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(_) => return status,
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return ended,
+            Ok(status) => {
+                if let (Some(pid), Some(code)) = (status.pid(), exit_code(status)) {
+                    ended.push((pid, code));
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(_) => return ended,
         }
     }
 }
@@ -137,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn reaping_collects_the_workload_and_every_other_child() {
+    fn reaping_reports_every_ended_child_with_its_status() {
         let _children = crate::pid1::CHILDREN.lock();
         let spawn = |code: i32| {
             std::process::Command::new("sh")
@@ -148,14 +152,16 @@ mod tests {
         };
         let other = spawn(3);
         let workload = spawn(7);
-        let mut status = None;
-        while status.is_none() {
+        let mut ended = Vec::new();
+        while ended.len() < 2 {
             std::thread::sleep(std::time::Duration::from_millis(10));
-            status = reap(workload);
+            ended.extend(reap());
         }
-        assert_eq!(status, Some(7));
-        // The other child was reaped along the way (or right now), never left a zombie.
-        reap(workload);
+        ended.sort();
+        let mut expected = vec![(other, 3), (workload, 7)];
+        expected.sort();
+        assert_eq!(ended, expected);
+        assert!(reap().is_empty());
         assert_eq!(
             waitpid(other, Some(WaitPidFlag::WNOHANG)),
             Err(Errno::ECHILD)

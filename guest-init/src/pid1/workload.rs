@@ -14,7 +14,7 @@ use nix::pty::openpty;
 use nix::sys::signal::SigSet;
 use nix::unistd::{pipe2, setgid, setgroups, setsid, setuid, Gid, Pid, Uid};
 
-use super::relay::Streams;
+use super::session::Streams;
 use super::users::ExecUser;
 
 /// Setting up the workload failed before it could run.
