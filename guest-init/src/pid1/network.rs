@@ -3,7 +3,6 @@
 //! netmask and default route the host chose. Five calls do not justify a netlink library or
 //! a DHCP client in PID 1.
 
-use std::io;
 use std::mem;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -41,7 +40,7 @@ pub enum NetError {
         interface: &'static str,
         /// The kernel's answer.
         #[source]
-        source: io::Error,
+        source: nix::Error,
     },
 }
 
@@ -59,14 +58,7 @@ pub fn configure(network: Option<&NetworkConfig>) -> Result<(), NetError> {
     let Some(network) = network else {
         return Ok(());
     };
-    set_address(
-        &socket,
-        libc::SIOCSIFADDR,
-        network.address,
-        "set the address",
-    )?;
-    let mask = netmask(network.prefix_len);
-    set_address(&socket, libc::SIOCSIFNETMASK, mask, "set the netmask")?;
+    set_addresses(&socket, network.address, netmask(network.prefix_len))?;
     set_up(&socket, ETHERNET)?;
     add_default_route(&socket, network.gateway)
 }
@@ -106,38 +98,48 @@ fn sockaddr(address: Ipv4Addr) -> libc::sockaddr {
 
 const _: () = assert!(mem::size_of::<libc::sockaddr_in>() == mem::size_of::<libc::sockaddr>());
 
+// netdevice(7) and route(4) requests. nix's "bad" macros take the raw request numbers
+// and cast them to the C library's request type (an int on musl, unsigned long on glibc).
+nix::ioctl_readwrite_bad!(get_flags, libc::SIOCGIFFLAGS, libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_flags, libc::SIOCSIFFLAGS, libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_if_address, libc::SIOCSIFADDR, libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_if_netmask, libc::SIOCSIFNETMASK, libc::ifreq);
+nix::ioctl_write_ptr_bad!(add_route, libc::SIOCADDRT, RouteEntry);
+
+/// The error of one failed request.
+fn failed(what: &'static str, interface: &'static str) -> impl FnOnce(nix::Error) -> NetError {
+    move |source| NetError::Ioctl {
+        what,
+        interface,
+        source,
+    }
+}
+
 /// Sets the `IFF_UP` flag of `interface`, keeping its other flags.
 fn set_up(socket: &OwnedFd, interface: &'static str) -> Result<(), NetError> {
+    let fd = socket.as_raw_fd();
     let mut req = request(interface);
-    ioctl(
-        socket,
-        libc::SIOCGIFFLAGS,
-        &mut req,
-        "read the flags",
-        interface,
-    )?;
+    // SAFETY: SIOCGIFFLAGS reads and fills the one ifreq `req` is, alive for the call.
+    unsafe { get_flags(fd, &mut req) }.map_err(failed("read the flags", interface))?;
     // SAFETY: SIOCGIFFLAGS filled the union's flags member, the one read here.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     req.ifr_ifru.ifru_flags = flags | FLAG_UP;
-    ioctl(
-        socket,
-        libc::SIOCSIFFLAGS,
-        &mut req,
-        "bring the link up",
-        interface,
-    )
+    // SAFETY: SIOCSIFFLAGS reads the one ifreq `req` is, alive for the call.
+    unsafe { set_flags(fd, &req) }.map_err(failed("bring the link up", interface))?;
+    Ok(())
 }
 
-/// Sets one of eth0's addresses (`SIOCSIFADDR`, `SIOCSIFNETMASK`).
-fn set_address(
-    socket: &OwnedFd,
-    op: libc::Ioctl,
-    address: Ipv4Addr,
-    what: &'static str,
-) -> Result<(), NetError> {
+/// Gives eth0 its address and netmask.
+fn set_addresses(socket: &OwnedFd, address: Ipv4Addr, mask: Ipv4Addr) -> Result<(), NetError> {
+    let fd = socket.as_raw_fd();
     let mut req = request(ETHERNET);
     req.ifr_ifru.ifru_addr = sockaddr(address);
-    ioctl(socket, op, &mut req, what, ETHERNET)
+    // SAFETY: SIOCSIFADDR reads the one ifreq `req` is, alive for the call.
+    unsafe { set_if_address(fd, &req) }.map_err(failed("set the address", ETHERNET))?;
+    req.ifr_ifru.ifru_addr = sockaddr(mask);
+    // SAFETY: SIOCSIFNETMASK reads the one ifreq `req` is, alive for the call.
+    unsafe { set_if_netmask(fd, &req) }.map_err(failed("set the netmask", ETHERNET))?;
+    Ok(())
 }
 
 /// `struct rtentry` of linux/route.h, declared here because the libc crate has it for musl
@@ -162,7 +164,7 @@ struct RouteEntry {
 /// Adds `default via gateway` (destination and mask 0.0.0.0; the kernel picks eth0, whose
 /// subnet holds the gateway).
 fn add_default_route(socket: &OwnedFd, gateway: Ipv4Addr) -> Result<(), NetError> {
-    let mut route = RouteEntry {
+    let route = RouteEntry {
         pad1: 0,
         dst: sockaddr(Ipv4Addr::UNSPECIFIED),
         gateway: sockaddr(gateway),
@@ -179,35 +181,8 @@ fn add_default_route(socket: &OwnedFd, gateway: Ipv4Addr) -> Result<(), NetError
     };
     // SAFETY: SIOCADDRT reads one struct rtentry, which RouteEntry mirrors field for field
     // with C layout; the null device pointer asks the kernel to choose the interface.
-    let result = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCADDRT, &mut route) };
-    if result < 0 {
-        return Err(NetError::Ioctl {
-            what: "add the default route",
-            interface: ETHERNET,
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(())
-}
-
-/// One interface ioctl on `req`.
-fn ioctl(
-    socket: &OwnedFd,
-    op: libc::Ioctl,
-    req: &mut libc::ifreq,
-    what: &'static str,
-    interface: &'static str,
-) -> Result<(), NetError> {
-    // SAFETY: every op used here (SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK)
-    // reads or writes exactly one struct ifreq, which `req` is, alive for the call.
-    let result = unsafe { libc::ioctl(socket.as_raw_fd(), op, req as *mut libc::ifreq) };
-    if result < 0 {
-        return Err(NetError::Ioctl {
-            what,
-            interface,
-            source: io::Error::last_os_error(),
-        });
-    }
+    unsafe { add_route(socket.as_raw_fd(), &route) }
+        .map_err(failed("add the default route", ETHERNET))?;
     Ok(())
 }
 
