@@ -3,6 +3,9 @@
 //! print and when they exit, and prints one `@@bench:{json}` line per job. It interprets
 //! nothing: marker parsing and statistics live in xtask, where they are unit-tested.
 
+#[path = "bench_runner/net.rs"]
+mod net;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -71,6 +74,7 @@ fn run_job(id: &str, job: &Value) -> Result<Vec<Value>> {
                 Duration::from_millis(job["settle_ms"].as_u64().unwrap_or(500)),
             )?,
             Some("parallel") => parallel(&argv, job["count"].as_u64().unwrap_or(1))?,
+            Some("network") => net::network(&argv, job)?,
             other => bail!("unknown job kind {other:?}"),
         };
         if round >= warmup {

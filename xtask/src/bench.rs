@@ -6,6 +6,7 @@
 
 mod chart;
 mod host;
+mod net;
 mod plan;
 mod readme;
 mod report;
@@ -45,6 +46,9 @@ pub struct Args {
     /// Rewrite README.md's benchmark section with this run's table.
     #[arg(long)]
     readme: bool,
+    /// Only the network comparison in the lab (no host figures, boots or parallel starts).
+    #[arg(long, conflicts_with = "readme")]
+    network_only: bool,
 }
 
 /// Runs every measurement and writes the report files.
@@ -53,11 +57,12 @@ pub fn run(args: &Args) -> Result<()> {
     let target = root.join("target");
     let out = target.join("bench");
     fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let settings = if args.full {
+    let mut settings = if args.full {
         Settings::full()
     } else {
         Settings::quick()
     };
+    settings.network_only = args.network_only;
     let host_load_1m = load_average();
 
     let runner = build_runner(&root)?;
@@ -75,13 +80,18 @@ pub fn run(args: &Args) -> Result<()> {
         init_bytes: host::file_bytes(&target.join("guest/katalite-init"))?,
     };
 
-    let host = measure_host(&katalite, &out, if args.full { 5 } else { 3 })?;
+    let host = if args.network_only {
+        HostFigures::default()
+    } else {
+        measure_host(&katalite, &out, if args.full { 5 } else { 3 })?
+    };
     let lab = measure_lab(&root, &out, &runner, &vmlinux, &host.initrds, &settings)?;
     let report = assemble(args, &settings, host, lab, binaries, host_load_1m);
     write_outputs(&root, &out, &report, args.readme)
 }
 
 /// What the host measured, and the busybox initramfs files QEMU boots in the lab.
+#[derive(Default)]
 struct HostFigures {
     pack: BTreeMap<String, PackResult>,
     compression: BTreeMap<String, BTreeMap<String, Variant>>,
@@ -155,7 +165,9 @@ fn assemble(
     binaries: Binaries,
     host_load_1m: Option<f64>,
 ) -> Report {
-    let boot = lab.boot();
+    // `--network-only` ran no other lab job: asking for them would only list errors.
+    let vm = !settings.network_only;
+    let boot = if vm { lab.boot() } else { None };
     let mut compression = BTreeMap::new();
     for (image, variants) in host.compression {
         let mut compressed = BTreeMap::new();
@@ -170,13 +182,22 @@ fn assemble(
         }
         compression.insert(image, compressed);
     }
-    let memory = lab.memory();
-    let throughput = lab.throughput(settings.throughput_bytes);
-    let parallel = settings
-        .parallel_counts
+    let memory = if vm { lab.memory() } else { None };
+    let throughput = if vm {
+        lab.throughput(settings.throughput_bytes)
+    } else {
+        None
+    };
+    let counts = if vm {
+        &settings.parallel_counts[..]
+    } else {
+        &[]
+    };
+    let parallel = counts
         .iter()
         .filter_map(|&count| lab.parallel(count))
         .collect();
+    let network = net::network(&mut lab, settings);
     let now = SystemTime::now().duration_since(UNIX_EPOCH);
     Report {
         date: report::utc_date(now.map_or(0, |d| d.as_secs())),
@@ -197,6 +218,7 @@ fn assemble(
         memory,
         throughput,
         parallel,
+        network,
         binary_bytes: binaries.katalite_bytes,
         binaries,
         errors: lab.errors,

@@ -5,6 +5,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::net::{self, Probe};
+
 /// Line init prints once it has read its config (`--boot-probe`).
 pub const PROBE_INIT: &str = "katalite-init: probe init";
 /// Line init prints right before it starts the workload (`--boot-probe`).
@@ -51,6 +53,16 @@ pub struct Settings {
     pub parallel_counts: Vec<u32>,
     /// Runs per VM count.
     pub parallel_samples: u32,
+    /// Bytes per network download, each way.
+    pub net_bytes: u64,
+    /// Network downloads per direction and boot.
+    pub net_transfers: u32,
+    /// Connect + GET samples per boot.
+    pub net_latency_samples: u32,
+    /// Boots per VMM for the network comparison.
+    pub net_rounds: u32,
+    /// Only the network comparison (`bench --network-only`).
+    pub network_only: bool,
 }
 
 impl Settings {
@@ -64,6 +76,11 @@ impl Settings {
             throughput_bytes: 8 << 20,
             parallel_counts: vec![1, 4, 16],
             parallel_samples: 1,
+            net_bytes: 4 << 20,
+            net_transfers: 3,
+            net_latency_samples: 20,
+            net_rounds: 1,
+            network_only: false,
         }
     }
 
@@ -77,6 +94,11 @@ impl Settings {
             throughput_bytes: 32 << 20,
             parallel_counts: vec![1, 4, 16],
             parallel_samples: 3,
+            net_bytes: 16 << 20,
+            net_transfers: 5,
+            net_latency_samples: 50,
+            net_rounds: 2,
+            network_only: false,
         }
     }
 }
@@ -104,6 +126,8 @@ pub enum Kind {
     Memory,
     /// Start `count` copies at once; wall time until all exited.
     Parallel,
+    /// Boot a guest serving HTTP and measure through its forwarded port (`bench/net.rs`).
+    Network,
 }
 
 /// One job of the plan.
@@ -128,10 +152,14 @@ pub struct Job {
     /// `Parallel`: how many copies.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u32>,
+    /// `Network`: the port, sizes and sample counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<Probe>,
 }
 
 impl Job {
-    fn new(id: impl Into<String>, kind: Kind, argv: Vec<String>, repeat: u32) -> Self {
+    /// A job run `repeat` times without warm-up.
+    pub fn new(id: impl Into<String>, kind: Kind, argv: Vec<String>, repeat: u32) -> Self {
         Self {
             id: id.into(),
             kind,
@@ -141,6 +169,7 @@ impl Job {
             trigger: None,
             settle_ms: None,
             count: None,
+            network: None,
         }
     }
 }
@@ -158,7 +187,7 @@ pub fn image(registry: &str) -> String {
 }
 
 /// `katalite run` of the cached busybox image with `options`, then `command`.
-fn katalite_run(registry: &str, options: &[&str], command: &[&str]) -> Vec<String> {
+pub fn katalite_run(registry: &str, options: &[&str], command: &[&str]) -> Vec<String> {
     let mut argv = strings(&["katalite", "run", "-q", "--pull", "never"]);
     argv.extend(strings(options));
     argv.push(image(registry));
@@ -209,7 +238,17 @@ pub fn plan(inputs: &LabInputs, settings: &Settings) -> Plan {
     let mut pull = strings(&["katalite", "pull", "-q", "--insecure-registry", registry]);
     pull.push(image(registry));
     let mut jobs = vec![Job::new("pull", Kind::Timed, pull, 1)];
+    if !settings.network_only {
+        jobs.extend(vm_jobs(inputs, settings));
+    }
+    jobs.extend(net::jobs(inputs, settings));
+    Plan { jobs }
+}
 
+/// Boot comparison, memory, stdout throughput and parallel starts.
+fn vm_jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
+    let registry = inputs.registry;
+    let mut jobs = Vec::new();
     let probe = ["--boot-probe"];
     jobs.extend(boot_rounds(
         inputs,
@@ -250,7 +289,7 @@ pub fn plan(inputs: &LabInputs, settings: &Settings) -> Plan {
         job.count = Some(count);
         jobs.push(job);
     }
-    Plan { jobs }
+    jobs
 }
 
 /// The boot comparison as rounds of one run per VMM and compression, so a change in the
@@ -382,6 +421,27 @@ mod tests {
             argv[argv.len() - 4..],
             ["head", "-c", "33554432", "/dev/zero"]
         );
+    }
+
+    #[test]
+    fn network_only_keeps_the_pull_and_the_network_jobs() {
+        let ids = |settings: &Settings| -> Vec<String> {
+            let plan = plan_for(settings);
+            plan.jobs.into_iter().map(|job| job.id).collect()
+        };
+        let mut settings = Settings::quick();
+        assert!(ids(&settings).iter().any(|id| id == "boot-katalite"));
+        assert_eq!(ids(&settings).last().map(String::as_str), Some("net-qemu"));
+        settings.network_only = true;
+        assert_eq!(
+            ids(&settings),
+            ["pull", "net-initramfs", "net-katalite", "net-qemu"]
+        );
+        let network = plan_for(&settings).jobs.pop().and_then(|job| job.network);
+        let json = serde_json::to_value(network).expect("json");
+        assert_eq!(json["port"], 18082);
+        assert_eq!(json["bytes"], 4 << 20);
+        assert_eq!(json["connections"], 50);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use anyhow::{ensure, Result};
 
+use super::net::{Network, Side, CONNECTIONS};
 use super::report::{Report, NOTE};
 use super::stats::Stats;
 
@@ -64,6 +65,9 @@ pub fn table(report: &Report) -> String {
             }
         }
         out.push('\n');
+    }
+    if let Some(network) = &report.network {
+        out.push_str(&network_table(network));
     }
     out.push_str("| measure | result |\n| --- | --- |\n");
     for (image, pack) in &report.pack {
@@ -144,6 +148,64 @@ pub fn table(report: &Report) -> String {
             out.push_str(&format!("- {first}\n"));
         }
     }
+    out
+}
+
+/// `median (min–max)` with `unit` and `decimals`.
+fn range(stats: &Stats, decimals: usize, unit: &str) -> String {
+    format!(
+        "{:.decimals$} {unit} ({:.decimals$}–{:.decimals$})",
+        stats.median, stats.min, stats.max
+    )
+}
+
+/// katalite beside QEMU's user network, one row per figure.
+fn network_table(network: &Network) -> String {
+    let mut out = format!(
+        "Network through a forwarded port, the same busybox guest serving HTTP (katalite \
+         `-p`, QEMU microvm `-netdev user,hostfwd=`), {} per download:\n\n\
+         | | katalite | QEMU user network | katalite / QEMU |\n| --- | --- | --- | --- |\n",
+        mib(network.bytes)
+    );
+    type Cell = fn(&Side) -> String;
+    let held = format!("VMM VmRSS with {CONNECTIONS} unread downloads open");
+    let rows: [(&str, &str, Cell); 6] = [
+        ("host → guest download", "host_to_guest", |s| {
+            range(&s.host_to_guest_mib_s, 1, "MiB/s")
+        }),
+        (
+            "guest → host download (guest `wget` from 10.0.2.2)",
+            "guest_to_host",
+            |s| range(&s.guest_to_host_mib_s, 1, "MiB/s"),
+        ),
+        ("connect + GET of a 3-byte page", "connect_get", |s| {
+            range(&s.connect_get_ms, 0, "ms")
+        }),
+        ("VMM VmRSS (guest RAM included), idle", "rss_idle", |s| {
+            range(&s.rss_idle_mib, 1, "MiB")
+        }),
+        (&held, "rss_connections", |s| {
+            range(&s.rss_connections_mib, 1, "MiB")
+        }),
+        (
+            "process start → first page served",
+            "first_response",
+            |s| secs(&s.first_response_ms),
+        ),
+    ];
+    for (label, key, cell) in rows {
+        let side = |side: &Option<Side>| side.as_ref().map_or("—".to_string(), cell);
+        let ratio = network
+            .ratio_median
+            .get(key)
+            .map_or("—".to_string(), |r| format!("{r:.2}"));
+        out.push_str(&format!(
+            "| {label} | {} | {} | {ratio} |\n",
+            side(&network.katalite),
+            side(&network.qemu_user)
+        ));
+    }
+    out.push('\n');
     out
 }
 
@@ -229,6 +291,7 @@ mod tests {
                 memory_mib: 64,
                 wall_ms: stats(5000.0),
             }],
+            network: None,
             binary_bytes: 27 << 20,
             binaries: Binaries {
                 katalite_bytes: 27 << 20,
@@ -250,6 +313,42 @@ mod tests {
         assert!(text.contains("| 4 VMs started at once (64 MiB each), all exited after | 5.00 s |"));
         assert!(text.contains("- memory: the workload never started\n"));
         assert!(!text.contains("details"));
+    }
+
+    #[test]
+    fn the_network_table_puts_katalite_beside_qemu() {
+        let side = |rate: f64| Side {
+            first_response_ms: stats(6000.0),
+            host_to_guest_mib_s: Stats::of(&[rate - 1.0, rate, rate + 1.0]).expect("stats"),
+            guest_to_host_mib_s: Stats::of(&[rate]).expect("stats"),
+            connect_get_ms: stats(150.0),
+            rss_idle_mib: stats(300.0),
+            rss_connections_mib: stats(320.0),
+            hwm_mib: stats(330.0),
+            connections: 50,
+        };
+        let mut report = report();
+        report.network = Some(Network {
+            bytes: 4 << 20,
+            katalite: Some(side(6.0)),
+            qemu_user: None,
+            ratio_median: BTreeMap::new(),
+            method: "m".into(),
+        });
+        let text = table(&report);
+        assert!(text.contains("4.00 MiB per download"));
+        assert!(text.contains("| host → guest download | 6.0 MiB/s (5.0–7.0) | — | — |"));
+        assert!(text.contains("| connect + GET of a 3-byte page | 150 ms (50–250) | — | — |"));
+        assert!(
+            text.contains("| VMM VmRSS with 50 unread downloads open | 320.0 MiB (220.0–420.0)")
+        );
+        assert!(text.contains("| process start → first page served | 6.00 s (5.90–6.10)"));
+        report.network = report.network.map(|mut n| {
+            n.qemu_user = Some(side(3.0));
+            n.ratio_median.insert("host_to_guest".into(), 2.0);
+            n
+        });
+        assert!(table(&report).contains("| 6.0 MiB/s (5.0–7.0) | 3.0 MiB/s (2.0–4.0) | 2.00 |"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::host::{PackResult, Variant};
+use super::net::Network;
 use super::plan::{BOOT_MEMORY_MIB, MEMORY_RUN_MIB, PARALLEL_MEMORY_MIB};
 use super::results::{self, BootPhases, JobResult};
 use super::stats::{ratio, round, Stats};
@@ -37,6 +38,8 @@ pub struct Report {
     pub throughput: Option<Throughput>,
     /// N VMs started at once.
     pub parallel: Vec<Parallel>,
+    /// katalite's user network beside QEMU's, through a forwarded port.
+    pub network: Option<Network>,
     /// Size of the static release katalite (kernel and init embedded).
     pub binary_bytes: u64,
     /// Sizes of the shipped pieces.
@@ -174,7 +177,7 @@ impl LabResults {
 
     /// Applies `read` to every sample of job `id`; on any failure records it and returns
     /// `None`, so one broken job does not hide the others.
-    fn each<T>(
+    pub(super) fn each<T>(
         &mut self,
         id: &str,
         read: impl Fn(&serde_json::Value) -> Result<T>,
