@@ -8,6 +8,9 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use imagebuilder::source::PullPolicy;
 
 use crate::image_cmds::{FetchArgs, ImagesArgs, PullArgs, RmiArgs};
+use crate::lifecycle::commands::{
+    InspectArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, SuperviseArgs, WaitArgs,
+};
 use crate::network::{parse_network, parse_publish, NetworkMode, PortMapping};
 
 /// VM-isolated containers from one static binary.
@@ -30,6 +33,23 @@ pub enum Command {
     Images(ImagesArgs),
     /// Remove cached images (and the blobs no other image uses).
     Rmi(RmiArgs),
+    /// List containers.
+    Ps(PsArgs),
+    /// Show a container's output.
+    Logs(LogsArgs),
+    /// Stop running containers: SIGTERM to the workload, then end the VM.
+    Stop(StopArgs),
+    /// Send a signal to running containers (KILL ends the VM at once).
+    Kill(KillArgs),
+    /// Remove containers.
+    Rm(RmArgs),
+    /// Show containers' state and configuration as JSON.
+    Inspect(InspectArgs),
+    /// Wait for containers to exit and print their exit codes.
+    Wait(WaitArgs),
+    /// Run a detached container's VM (started by `run -d`, not by hand).
+    #[command(hide = true)]
+    Supervise(SuperviseArgs),
 }
 
 /// `katalite run [OPTIONS] IMAGE [COMMAND] [ARG...]`, or `--rootfs DIR [COMMAND]...`.
@@ -100,9 +120,13 @@ pub struct RunArgs {
           value_parser = parse_network)]
     pub network: NetworkMode,
 
-    /// Accepted for compatibility: nothing is kept after a run yet.
+    /// Remove the container's state and logs when it exits.
     #[arg(long)]
     pub rm: bool,
+
+    /// Run in the background: print the container id once the VM boots and return.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
 
     /// When to pull the image: always, missing, never.
     #[arg(long, value_name = "POLICY", default_value = "missing")]

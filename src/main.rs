@@ -1,9 +1,11 @@
 //! The `katalite` command line: parses arguments, calls the libraries, reports errors.
 //! Exit codes follow `docker run`: the workload's own, or 125 when katalite fails.
 
+mod attach;
 mod cli;
 mod embedded;
 mod image_cmds;
+mod lifecycle;
 mod network;
 mod run;
 mod signals;
@@ -14,6 +16,8 @@ use clap::Parser;
 
 /// What `docker run` returns when the runtime itself fails.
 const EXIT_KATALITE_FAILED: u8 = 125;
+/// What Docker's CLI returns when a container command (`ps`, `stop`...) fails.
+const EXIT_COMMAND_FAILED: u8 = 1;
 
 fn main() -> std::process::ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -28,17 +32,34 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(EXIT_KATALITE_FAILED);
         }
     };
+    use lifecycle::commands;
+    let failure = match &cli.command {
+        cli::Command::Run(_)
+        | cli::Command::Pull(_)
+        | cli::Command::Images(_)
+        | cli::Command::Rmi(_)
+        | cli::Command::Supervise(_) => EXIT_KATALITE_FAILED,
+        _ => EXIT_COMMAND_FAILED,
+    };
     let result = match &cli.command {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Pull(args) => image_cmds::pull(args).map(|()| 0),
         cli::Command::Images(args) => image_cmds::images(args).map(|()| 0),
         cli::Command::Rmi(args) => image_cmds::rmi(args).map(|()| 0),
+        cli::Command::Ps(args) => commands::ps(args),
+        cli::Command::Logs(args) => commands::logs(args),
+        cli::Command::Stop(args) => commands::stop(args),
+        cli::Command::Kill(args) => commands::kill(args),
+        cli::Command::Rm(args) => commands::rm(args),
+        cli::Command::Inspect(args) => commands::inspect(args),
+        cli::Command::Wait(args) => commands::wait(args),
+        cli::Command::Supervise(args) => commands::supervise(args),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(err) => {
             eprintln!("katalite: {err:#}");
-            std::process::ExitCode::from(EXIT_KATALITE_FAILED)
+            std::process::ExitCode::from(failure)
         }
     }
 }

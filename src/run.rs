@@ -1,25 +1,23 @@
-//! `katalite run`: pack the root filesystem and the per-run init archive, boot the VM with
-//! the workload's stdio, signals and terminal attached to katalite's, and turn how it ended
-//! into Docker's exit codes.
+//! `katalite run`: pack the root filesystem and the per-run init archive and boot the VM
+//! attached to a [`Session`] (the terminal, or a detached container's log). Foreground and
+//! detached runs both go through the container lifecycle (`lifecycle::supervise`).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use guest_init::channel::Message;
-use guest_init::{GuestStatus, RunConfig, CONFIG_PATH, INIT_PATH};
+use guest_init::{RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
 use imagebuilder::pack::{packed_initramfs, PackOptions};
 use imagebuilder::progress::Progress;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
-use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
+use vmm::VmConfig;
 
+use crate::attach::{self, Session};
 use crate::cli::RunArgs;
-use crate::stdio::{self, Demux, Event, Fault, ToGuest};
-use crate::{embedded, image_cmds, network, signals, terminal};
+use crate::lifecycle::supervise;
+use crate::{embedded, image_cmds, network, terminal};
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
 /// console's used-buffer interrupts often find nothing left to do, which is expected).
@@ -28,29 +26,34 @@ const GUEST_CMDLINE: &str = "noirqdebug rdinit=/.katalite/init";
 const QUIET_CMDLINE: &str = "quiet loglevel=3";
 const VERBOSE_CMDLINE: &str = "printk.time=1 loglevel=7";
 
-/// Docker's status for a container it killed (128 + SIGKILL).
-const EXIT_KILLED: u8 = 137;
-/// What a shell reports for a pipeline member whose reader went away (128 + SIGPIPE).
-const EXIT_BROKEN_PIPE: u8 = 141;
 /// Docker's CLI status for a usage problem it finds itself (`the input device is not a TTY`).
 const EXIT_CLI_ERROR: u8 = 1;
 
 /// Runs the workload and returns the exit code `katalite` should exit with.
 pub fn run(args: &RunArgs) -> Result<u8> {
+    if args.detach {
+        return supervise::launch(args);
+    }
     if args.tty && args.interactive && !terminal::stdin_is_terminal() {
         eprintln!("katalite: the input device is not a TTY");
         return Ok(EXIT_CLI_ERROR);
     }
-    let env_files = read_env_files(&args.env_file)?;
     if let Some(path) = &args.write_initramfs {
-        let (rootfs, run_archive) = initramfs(args, env_files)?;
+        let env_files = read_env_files(&args.env_file)?;
+        let (rootfs, run_archive) = initramfs(args, env_files, &container_id()?)?;
         std::fs::write(path, padded_concat(&[&rootfs, &run_archive]))
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(0);
     }
+    supervise::foreground(args)
+}
+
+/// Boots the workload of `args` attached to `session` and returns its exit code.
+pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
+    let env_files = read_env_files(&args.env_file)?;
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
-    let (rootfs, run_archive) = initramfs(args, env_files)?;
+    let (rootfs, run_archive) = initramfs(args, env_files, &session.id)?;
     let network = network::attach(&args.network, &args.publish)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
@@ -71,18 +74,19 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         serial,
         network,
     };
-    run_attached(args, vm)
+    attach::run_attached(args, vm, session)
 }
 
 /// What the guest kernel unpacks, in order: the root filesystem archive, then the per-run
 /// archive with init and its config.
-fn initramfs(args: &RunArgs, env_files: Vec<String>) -> Result<(Vec<u8>, Vec<u8>)> {
+/// `id` is the container id (its first 12 digits are the default hostname).
+fn initramfs(args: &RunArgs, env_files: Vec<String>, id: &str) -> Result<(Vec<u8>, Vec<u8>)> {
     let init = embedded::init().context(
         "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
     )?;
     let (rootfs, image_config) = root_filesystem(args)?;
-    let id = container_id()?;
-    let config = run_config(args, &image_config, env_files, &id)?;
+    let short_id = &id[..id.len().min(12)];
+    let config = run_config(args, &image_config, env_files, short_id)?;
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
     Ok((rootfs, run_archive))
 }
@@ -99,112 +103,7 @@ fn padded_concat(parts: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// Why katalite itself ended the VM, recorded before the stop so the exit code can say.
-#[derive(Debug)]
-enum StopCause {
-    /// A second SIGTERM/SIGINT, or the stop timeout after the first.
-    Killed,
-    /// The host's stdout or stderr reader went away.
-    BrokenPipe,
-    /// The guest broke the channel protocol.
-    Malformed(anyhow::Error),
-}
-
-/// Ends the VM for a [`StopCause`]; the first cause is kept.
-#[derive(Clone, Default)]
-struct Ending {
-    stopper: VmStopper,
-    cause: Arc<Mutex<Option<StopCause>>>,
-}
-
-impl Ending {
-    fn stop(&self, cause: StopCause) {
-        self.cause
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert(cause);
-        self.stopper.stop();
-    }
-
-    fn take(&self) -> Option<StopCause> {
-        self.cause
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-    }
-}
-
-/// Boots `vm` with the channel attached: frames to fd 1/2, signals (and with `-i` stdin,
-/// with `-t` the terminal size) to the guest, the host terminal raw with `-it`.
-fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>) -> Result<u8> {
-    let input = ConsoleInput::new();
-    let to_guest = ToGuest::new(input.clone());
-    let ending = Ending::default();
-    let on_event = {
-        let (to_guest, ending) = (to_guest.clone(), ending.clone());
-        move |event| match event {
-            Event::Ready => to_guest.open(),
-            Event::Fault(Fault::Malformed(err)) => ending.stop(StopCause::Malformed(err)),
-            Event::Fault(Fault::BrokenPipe) => ending.stop(StopCause::BrokenPipe),
-        }
-    };
-    // Init waits for the first size before starting a terminal workload; 0x0 is what
-    // Docker's terminal gets without a host terminal.
-    let first_size = args.tty.then(|| {
-        let (rows, cols) = terminal::size().unwrap_or((0, 0));
-        Message::Resize { rows, cols }
-    });
-    let kill = {
-        let ending = ending.clone();
-        move || {
-            terminal::restore();
-            ending.stop(StopCause::Killed);
-        }
-    };
-    let timeout = Duration::from_secs(args.stop_timeout);
-    let send = {
-        let to_guest = to_guest.clone();
-        move |message: Message| to_guest.send(&message)
-    };
-    let forwarder = signals::Forwarder::start(args.tty, timeout, first_size, send, kill)
-        .context("cannot catch signals")?;
-    let raw = match attach_host_input(args, &to_guest) {
-        Ok(raw) => raw,
-        Err(err) => {
-            to_guest.close();
-            forwarder.stop();
-            return Err(err);
-        }
-    };
-
-    vm.console = Box::new(Demux::new(io::stdout(), io::stderr(), on_event));
-    vm.console_input = Some(input);
-    vm.stopper = Some(ending.stopper.clone());
-    let exit = vmm::run(vm);
-    // The terminal first, so every message after this prints normally.
-    drop(raw);
-    to_guest.close();
-    forwarder.stop();
-    exit_code(exit.context("the VM failed")?, ending.take())
-}
-
-/// With `-i`, starts feeding the host's stdin to the guest, in raw mode when `-t` too.
-fn attach_host_input(args: &RunArgs, to_guest: &ToGuest) -> Result<Option<terminal::RawMode>> {
-    if !args.interactive {
-        return Ok(None);
-    }
-    let raw = if args.tty {
-        let raw =
-            terminal::RawMode::enter(io::stdin()).context("cannot put the terminal in raw mode")?;
-        Some(raw)
-    } else {
-        None
-    };
-    stdio::pump_stdin(to_guest.clone()).context("cannot start the stdin thread")?;
-    Ok(raw)
-}
-
-/// A random 12-hex-digit id for this run, Docker's short container id form.
+/// A random 12-hex-digit id for a run that keeps no state (`--write-initramfs`).
 fn container_id() -> Result<String> {
     let mut bytes = [0u8; 6];
     getrandom::fill(&mut bytes).context("cannot generate a container id")?;
@@ -406,36 +305,6 @@ fn run_archive(init: &[u8], config: &RunConfig) -> Result<Vec<u8>> {
     Ok(writer.finish()?)
 }
 
-/// Maps how the VM ended (and why katalite stopped it, if it did) to the exit code, or an
-/// error (exit 125) for anything that is not a workload status.
-fn exit_code(exit: VmExit, cause: Option<StopCause>) -> Result<u8> {
-    // Output already lost to a broken protocol makes any status untrustworthy.
-    if let Some(StopCause::Malformed(err)) = cause {
-        return Err(err.context("the guest sent a malformed frame"));
-    }
-    match exit {
-        VmExit::Status(word) => match GuestStatus::from_word(word) {
-            Some(GuestStatus::Exited(code)) => Ok(code),
-            Some(GuestStatus::InitFailed) => {
-                bail!("the guest's init failed (its message is above)")
-            }
-            None => bail!("the guest reported an invalid status {word:#x}"),
-        },
-        VmExit::Reset {
-            panic: Some(line), ..
-        } => bail!("the guest kernel panicked: {line}"),
-        VmExit::Reset {
-            triple_fault: true, ..
-        } => bail!("the guest crashed (triple fault)"),
-        VmExit::Reset { .. } => bail!("the guest rebooted without reporting an exit status"),
-        VmExit::Stopped => match cause {
-            Some(StopCause::Killed) => Ok(EXIT_KILLED),
-            Some(StopCause::BrokenPipe) => Ok(EXIT_BROKEN_PIPE),
-            _ => bail!("the VM was stopped"),
-        },
-    }
-}
-
 /// Serial sink when the kernel log is hidden: passes through only lines init writes about
 /// its own failures (prefixed `katalite-init:`), so they still reach the user.
 #[derive(Default)]
@@ -471,77 +340,6 @@ impl Write for ConsoleErrors {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn workload_statuses_become_exit_codes() {
-        assert_eq!(
-            exit_code(VmExit::Status(GuestStatus::Exited(42).to_word()), None).ok(),
-            Some(42)
-        );
-        assert_eq!(
-            exit_code(VmExit::Status(GuestStatus::Exited(0).to_word()), None).ok(),
-            Some(0)
-        );
-    }
-
-    #[test]
-    fn guest_failures_are_errors_not_statuses() {
-        assert!(exit_code(VmExit::Status(GuestStatus::InitFailed.to_word()), None).is_err());
-        assert!(exit_code(VmExit::Status(0xdead_beef), None).is_err());
-        let panic = VmExit::Reset {
-            triple_fault: false,
-            panic: Some("Kernel panic - not syncing: x".into()),
-        };
-        let message = format!(
-            "{:#}",
-            exit_code(panic, None).expect_err("panic is an error")
-        );
-        assert!(message.contains("panicked"), "{message}");
-        assert!(exit_code(
-            VmExit::Reset {
-                triple_fault: true,
-                panic: None
-            },
-            None
-        )
-        .is_err());
-        assert!(exit_code(VmExit::Stopped, None).is_err());
-    }
-
-    #[test]
-    fn katalites_own_stops_map_to_docker_codes() {
-        assert_eq!(
-            exit_code(VmExit::Stopped, Some(StopCause::Killed)).ok(),
-            Some(137)
-        );
-        assert_eq!(
-            exit_code(VmExit::Stopped, Some(StopCause::BrokenPipe)).ok(),
-            Some(141)
-        );
-        // The guest finished before the stop landed: its status stands.
-        let exited = VmExit::Status(GuestStatus::Exited(7).to_word());
-        assert_eq!(exit_code(exited, Some(StopCause::Killed)).ok(), Some(7));
-        let malformed = || StopCause::Malformed(anyhow::anyhow!("unknown channel frame kind 99"));
-        for exit in [
-            VmExit::Stopped,
-            VmExit::Status(GuestStatus::Exited(0).to_word()),
-        ] {
-            let err = exit_code(exit, Some(malformed())).expect_err("malformed is an error");
-            assert_eq!(
-                format!("{err:#}"),
-                "the guest sent a malformed frame: unknown channel frame kind 99"
-            );
-        }
-    }
-
-    #[test]
-    fn the_first_stop_cause_is_kept() {
-        let ending = Ending::default();
-        ending.stop(StopCause::BrokenPipe);
-        ending.stop(StopCause::Killed);
-        assert!(matches!(ending.take(), Some(StopCause::BrokenPipe)));
-        assert!(ending.take().is_none());
-    }
 
     #[test]
     fn env_files_read_as_docker_reads_them() {
