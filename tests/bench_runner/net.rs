@@ -37,7 +37,9 @@ struct Probe {
     server_port: u16,
     /// Bytes of each download, both ways.
     bytes: u64,
-    /// Downloads per direction.
+    /// Unrecorded downloads per direction first.
+    warmup_transfers: u64,
+    /// Recorded downloads per direction.
     transfers: u64,
     /// Sequential connect + GET samples.
     latency_samples: u64,
@@ -62,6 +64,7 @@ impl Probe {
             port: port("port")?,
             server_port: port("server_port")?,
             bytes: number("bytes")?,
+            warmup_transfers: number("warmup_transfers")?,
             transfers: number("transfers")?,
             latency_samples: number("latency_samples")?,
             connections: number("connections")?,
@@ -121,19 +124,21 @@ fn measure(
     sample["rss_idle_kib"] = proc_status_kib(child.id(), "VmRSS")?.into();
 
     let mut inbound = Vec::new();
-    for _ in 0..probe.transfers {
+    for round in 0..probe.warmup_transfers + probe.transfers {
         let (bytes, took) = download(probe.port, "/blob").context("GET /blob")?;
         ensure!(
             bytes == probe.bytes,
             "GET /blob gave {bytes} of {} bytes",
             probe.bytes
         );
-        inbound.push(json!([bytes, took]));
+        if round >= probe.warmup_transfers {
+            inbound.push(json!([bytes, took]));
+        }
     }
     sample["inbound"] = inbound.into();
 
     let mut outbound = Vec::new();
-    for _ in 0..probe.transfers {
+    for round in 0..probe.warmup_transfers + probe.transfers {
         server.discard_records();
         let response = get(probe.port, "/cgi-bin/pull").context("GET /cgi-bin/pull")?;
         let body = String::from_utf8_lossy(&response.body);
@@ -144,7 +149,9 @@ fn measure(
             body.trim()
         );
         let served = server.next_record()?;
-        outbound.push(json!([served.bytes, served.ms]));
+        if round >= probe.warmup_transfers {
+            outbound.push(json!([served.bytes, served.ms]));
+        }
     }
     sample["outbound"] = outbound.into();
 

@@ -55,7 +55,7 @@ pub struct Settings {
     pub parallel_samples: u32,
     /// Bytes per network download, each way.
     pub net_bytes: u64,
-    /// Network downloads per direction and boot.
+    /// Recorded network downloads per direction and boot (after one warm-up each).
     pub net_transfers: u32,
     /// Connect + GET samples per boot.
     pub net_latency_samples: u32,
@@ -76,10 +76,10 @@ impl Settings {
             throughput_bytes: 8 << 20,
             parallel_counts: vec![1, 4, 16],
             parallel_samples: 1,
-            net_bytes: 4 << 20,
-            net_transfers: 3,
-            net_latency_samples: 20,
-            net_rounds: 1,
+            net_bytes: 8 << 20,
+            net_transfers: 4,
+            net_latency_samples: 30,
+            net_rounds: 2,
             network_only: false,
         }
     }
@@ -95,9 +95,9 @@ impl Settings {
             parallel_counts: vec![1, 4, 16],
             parallel_samples: 3,
             net_bytes: 16 << 20,
-            net_transfers: 5,
+            net_transfers: 6,
             net_latency_samples: 50,
-            net_rounds: 2,
+            net_rounds: 3,
             network_only: false,
         }
     }
@@ -435,12 +435,20 @@ mod tests {
         settings.network_only = true;
         assert_eq!(
             ids(&settings),
-            ["pull", "net-initramfs", "net-katalite", "net-qemu"]
+            [
+                "pull",
+                "net-initramfs",
+                "net-katalite",
+                "net-qemu",
+                "net-katalite",
+                "net-qemu"
+            ]
         );
         let network = plan_for(&settings).jobs.pop().and_then(|job| job.network);
         let json = serde_json::to_value(network).expect("json");
         assert_eq!(json["port"], 18082);
-        assert_eq!(json["bytes"], 4 << 20);
+        assert_eq!(json["bytes"], 8 << 20);
+        assert_eq!(json["warmup_transfers"], 1);
         assert_eq!(json["connections"], 50);
     }
 
