@@ -5,6 +5,8 @@
 
 #[path = "e2e/images.rs"]
 mod images;
+#[path = "e2e/lifecycle.rs"]
+mod lifecycle;
 #[path = "e2e/options.rs"]
 mod options;
 #[path = "e2e/signals.rs"]
