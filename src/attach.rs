@@ -13,6 +13,7 @@ use guest_init::GuestStatus;
 use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
 
 use crate::cli::RunArgs;
+use crate::exec::{self, Router};
 use crate::lifecycle::control::{ControlServer, Target};
 use crate::lifecycle::logfile::{SharedLog, Stream, Tee};
 use crate::stdio::{self, Demux, Event, Fault, ToGuest};
@@ -87,6 +88,7 @@ pub fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>, session: Session<'_>) 
     let input = ConsoleInput::new();
     let to_guest = ToGuest::new(input.clone());
     let ending = Ending::default();
+    let router = Router::default();
     let on_event = {
         let (to_guest, ending) = (to_guest.clone(), ending.clone());
         let mut on_ready = Some(session.on_ready);
@@ -123,7 +125,7 @@ pub fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>, session: Session<'_>) 
         .context("cannot catch signals")?;
     let attached = matches!(session.output, Output::Terminal(_));
     let socket = session.control.as_ref();
-    let started = serve_control(socket, &to_guest, &ending).and_then(|control| {
+    let started = serve_control(socket, &to_guest, &ending, &router).and_then(|control| {
         let on_start = session.on_start;
         let begin = || -> Result<Option<terminal::RawMode>> {
             let raw = if attached {
@@ -154,16 +156,22 @@ pub fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>, session: Session<'_>) 
     };
 
     vm.console = match session.output {
-        Output::Terminal(log) => Box::new(Demux::new(
-            Tee::new(io::stdout(), log.stream(Stream::Stdout)),
-            Tee::new(io::stderr(), log.stream(Stream::Stderr)),
-            on_event,
-        )),
-        Output::Log(log) => Box::new(Demux::new(
-            log.stream(Stream::Stdout),
-            log.stream(Stream::Stderr),
-            on_event,
-        )),
+        Output::Terminal(log) => Box::new(
+            Demux::new(
+                Tee::new(io::stdout(), log.stream(Stream::Stdout)),
+                Tee::new(io::stderr(), log.stream(Stream::Stderr)),
+                on_event,
+            )
+            .routing(router.clone()),
+        ),
+        Output::Log(log) => Box::new(
+            Demux::new(
+                log.stream(Stream::Stdout),
+                log.stream(Stream::Stderr),
+                on_event,
+            )
+            .routing(router.clone()),
+        ),
     };
     vm.console_input = Some(input);
     vm.stopper = Some(ending.stopper.clone());
@@ -171,6 +179,7 @@ pub fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>, session: Session<'_>) 
     // The terminal first, so every message after this prints normally.
     drop(raw);
     to_guest.close();
+    router.close();
     if let Some(control) = control {
         control.stop();
     }
@@ -178,12 +187,14 @@ pub fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>, session: Session<'_>) 
     exit_code(exit.context("the VM failed")?, ending.take())
 }
 
-/// Serves `stop`/`kill` requests on `socket`: signals go to the workload through init,
-/// SIGKILL and an expired stop end the VM (exit 137).
+/// Serves `stop`/`kill`/`exec` requests on `socket`: signals go to the workload through
+/// init, SIGKILL and an expired stop end the VM (exit 137), exec sessions get a stream
+/// routed by `router`.
 fn serve_control(
     socket: Option<&PathBuf>,
     to_guest: &ToGuest,
     ending: &Ending,
+    router: &Router,
 ) -> Result<Option<ControlServer>> {
     let Some(socket) = socket else {
         return Ok(None);
@@ -197,7 +208,12 @@ fn serve_control(
             let ending = ending.clone();
             Arc::new(move || ending.stop(StopCause::Killed))
         },
-        exec: None,
+        exec: {
+            let server = exec::Server::new(router.clone(), to_guest.clone());
+            Some(Box::new(move |client, request| {
+                server.accept(client, request)
+            }))
+        },
     };
     let server = ControlServer::start(socket, target)
         .with_context(|| format!("cannot serve {}", socket.display()))?;

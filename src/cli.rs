@@ -7,6 +7,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use imagebuilder::source::PullPolicy;
 
+use crate::exec::client::ExecArgs;
 use crate::image_cmds::{FetchArgs, ImagesArgs, PullArgs, RmiArgs};
 use crate::lifecycle::commands::{
     InspectArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, SuperviseArgs, WaitArgs,
@@ -33,6 +34,8 @@ pub enum Command {
     Images(ImagesArgs),
     /// Remove cached images (and the blobs no other image uses).
     Rmi(RmiArgs),
+    /// Run a command in a running container.
+    Exec(ExecArgs),
     /// List containers.
     Ps(PsArgs),
     /// Show a container's output.

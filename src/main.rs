@@ -4,6 +4,7 @@
 mod attach;
 mod cli;
 mod embedded;
+mod exec;
 mod image_cmds;
 mod lifecycle;
 mod network;
@@ -46,6 +47,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Pull(args) => image_cmds::pull(args).map(|()| 0),
         cli::Command::Images(args) => image_cmds::images(args).map(|()| 0),
         cli::Command::Rmi(args) => image_cmds::rmi(args).map(|()| 0),
+        cli::Command::Exec(args) => exec::client::exec(args),
         cli::Command::Ps(args) => commands::ps(args),
         cli::Command::Logs(args) => commands::logs(args),
         cli::Command::Stop(args) => commands::stop(args),

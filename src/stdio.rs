@@ -1,7 +1,8 @@
 //! The host side of the frame channel (`guest_init::channel`): [`Demux`] turns the guest's
 //! Stdout/Stderr frames back into bytes on fd 1 and fd 2, in order and with bounded memory;
-//! [`ToGuest`] holds host-to-guest frames until init announces Ready; [`pump_stdin`] turns
-//! the host's stdin into Stdin frames.
+//! frames of exec streams go to their session through the exec [`Router`]; [`ToGuest`]
+//! holds host-to-guest frames until init announces Ready; [`pump_stdin`] turns the host's
+//! stdin into Stdin frames.
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -9,6 +10,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use anyhow::anyhow;
 use guest_init::channel::{encode, Decoder, Message, HEADER_LEN, MAX_PAYLOAD};
 use vmm::ConsoleInput;
+
+use crate::exec::Router;
 
 /// The stream of the `run` workload on the channel.
 pub const STREAM: u32 = 0;
@@ -45,6 +48,7 @@ pub struct Demux<O, E, F> {
     err: E,
     on_event: F,
     failed: bool,
+    router: Option<Router>,
 }
 
 impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
@@ -56,7 +60,15 @@ impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
             err,
             on_event,
             failed: false,
+            router: None,
         }
+    }
+
+    /// Routes the frames of other streams than the workload's to their exec sessions
+    /// (without a router, any other stream is a protocol violation).
+    pub fn routing(mut self, router: Router) -> Self {
+        self.router = Some(router);
+        self
     }
 
     /// Writes every whole frame the decoder holds; the first fault ends the demux.
@@ -67,10 +79,12 @@ impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
             .map_err(|e| Fault::Malformed(e.into()))?
         {
             if frame.stream != STREAM {
-                return Err(Fault::Malformed(anyhow!(
-                    "a frame for unknown stream {}",
-                    frame.stream
-                )));
+                let routed = match &self.router {
+                    Some(router) => router.route(frame.stream, &frame.message),
+                    None => Err(anyhow!("a frame for unknown stream {}", frame.stream)),
+                };
+                routed.map_err(Fault::Malformed)?;
+                continue;
             }
             let written = match &frame.message {
                 Message::Stdout(data) => write_flushed(&mut self.out, data),
@@ -187,6 +201,12 @@ impl ToGuest {
     /// Sends `message` on the workload's stream once init is ready; false when the VM has
     /// ended (the caller should stop sending).
     pub fn send(&self, message: &Message) -> bool {
+        self.send_on(STREAM, message)
+    }
+
+    /// Sends `message` on `stream` (an exec session's, or the workload's) once init is
+    /// ready; false when the VM has ended.
+    pub fn send_on(&self, stream: u32, message: &Message) -> bool {
         let mut gate = self.gate();
         while *gate == Gate::Waiting {
             gate = self
@@ -200,7 +220,7 @@ impl ToGuest {
         }
         drop(gate);
         let mut frame = Vec::new();
-        encode(STREAM, message, &mut frame);
+        encode(stream, message, &mut frame);
         self.input.send(&frame).is_ok()
     }
 }
@@ -210,9 +230,14 @@ impl ToGuest {
 /// refuses input. It is not joined: a read may block forever, and `docker run -i` does not
 /// wait for stdin either.
 pub fn pump_stdin(to_guest: ToGuest) -> io::Result<()> {
+    pump_stdin_with(move |message| to_guest.send(&message))
+}
+
+/// [`pump_stdin`] with the messages going to `send` (an exec session's connection).
+pub fn pump_stdin_with(send: impl FnMut(Message) -> bool + Send + 'static) -> io::Result<()> {
     std::thread::Builder::new()
         .name("katalite-stdin".into())
-        .spawn(move || pump(io::stdin().lock(), |message| to_guest.send(&message)))?;
+        .spawn(move || pump(io::stdin().lock(), send))?;
     Ok(())
 }
 
@@ -320,6 +345,37 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn exec_streams_reach_their_session_and_unknown_ones_fault() {
+        use std::os::unix::net::UnixStream;
+        let router = Router::default();
+        let (ours, mut theirs) = UnixStream::pair().expect("socketpair");
+        let stream = router.open(std::sync::Arc::new(ours)).expect("open");
+        let bytes = frames(&[
+            (stream, Message::Stdout(b"exec out".to_vec())),
+            (0, Message::Stdout(b"workload".to_vec())),
+            (stream, Message::Exited(0)),
+            (stream + 1, Message::Stdout(b"nobody".to_vec())),
+            (0, Message::Stdout(b"after the fault".to_vec())),
+        ]);
+        let (mut out, mut faults) = (Vec::new(), Vec::new());
+        let mut demux = Demux::new(&mut out, Vec::new(), |event| match event {
+            Event::Fault(fault) => faults.push(fault),
+            Event::Ready => {}
+        })
+        .routing(router);
+        demux.write_all(&bytes).expect("write");
+        drop(demux);
+        assert_eq!(out, b"workload");
+        assert!(matches!(faults.as_slice(), [Fault::Malformed(_)]));
+        let mut received = Vec::new();
+        theirs.read_to_end(&mut received).expect("read");
+        let mut expected = Vec::new();
+        encode(0, &Message::Stdout(b"exec out".to_vec()), &mut expected);
+        encode(0, &Message::Exited(0), &mut expected);
+        assert_eq!(received, expected);
     }
 
     #[test]
