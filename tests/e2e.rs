@@ -9,6 +9,8 @@ mod exec;
 mod images;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/network.rs"]
+mod network;
 #[path = "e2e/options.rs"]
 mod options;
 #[path = "e2e/signals.rs"]
@@ -27,6 +29,15 @@ use std::time::{Duration, Instant};
 /// Longest a single run may take: guests boot on KVM nested in QEMU TCG, tens of times
 /// slower than on hardware, so this is generous; a hang still fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The lowercase hex SHA-256 of `data`, as `sha256sum` prints it.
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// What one `katalite` invocation did.
 struct Outcome {

@@ -1,9 +1,7 @@
 //! User stories for the workload's stdio: stdin with and without `-i`, large output byte
 //! for byte with stderr kept apart, and its throughput.
 
-use sha2::{Digest, Sha256};
-
-use super::{katalite_captured, rootfs, Captured};
+use super::{katalite_captured, rootfs, sha256_hex, Captured};
 
 /// `katalite run --rootfs <busybox> OPTIONS -- COMMAND` with `stdin` piped in.
 fn busybox_with_stdin(options: &[&str], command: &[&str], stdin: &[u8]) -> Captured {
@@ -23,13 +21,6 @@ fn describe(run: &Captured) -> String {
         String::from_utf8_lossy(&run.stdout[..run.stdout.len().min(2000)]),
         String::from_utf8_lossy(&run.stderr)
     )
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[test]
