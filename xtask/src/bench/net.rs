@@ -85,16 +85,8 @@ pub fn jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
         &["--memory", &memory, "-p", &publish],
         &command,
     );
-    let mut qemu = plan::qemu_microvm(inputs.vmlinux, Path::new(INITRD));
-    qemu.extend(
-        [
-            "-netdev",
-            &format!("user,id=n,hostfwd=tcp:127.0.0.1:{QEMU_PORT}-:80"),
-            "-device",
-            "virtio-net-device,netdev=n",
-        ]
-        .map(String::from),
-    );
+    let forward = format!("user,id=n,hostfwd=tcp:127.0.0.1:{QEMU_PORT}-:80");
+    let qemu = plan::qemu_microvm(inputs.vmlinux, Path::new(INITRD), &forward);
     for _ in 0..settings.net_rounds {
         for (id, argv, port) in [
             ("net-katalite", &katalite, KATALITE_PORT),
@@ -148,9 +140,12 @@ impl Sample {
     }
 }
 
-/// MiB/s of a `[bytes, ms]` download.
-fn mib_per_s((bytes, ms): (u64, f64)) -> f64 {
-    bytes as f64 / f64::from(1u32 << 20) / (ms / 1000.0)
+/// MiB/s of each `[bytes, ms]` download.
+fn rates(downloads: &[(u64, f64)]) -> Vec<f64> {
+    downloads
+        .iter()
+        .map(|&(bytes, ms)| bytes as f64 / f64::from(1u32 << 20) / (ms / 1000.0))
+        .collect()
 }
 
 fn mib(kib: u64) -> f64 {
@@ -185,8 +180,8 @@ impl Side {
         };
         Some(Self {
             first_response_ms: pooled(&|s| vec![s.ready_ms])?,
-            host_to_guest_mib_s: pooled(&|s| s.inbound.iter().copied().map(mib_per_s).collect())?,
-            guest_to_host_mib_s: pooled(&|s| s.outbound.iter().copied().map(mib_per_s).collect())?,
+            host_to_guest_mib_s: pooled(&|s| rates(&s.inbound))?,
+            guest_to_host_mib_s: pooled(&|s| rates(&s.outbound))?,
             connect_get_ms: pooled(&|s| s.latency_ms.clone())?,
             rss_idle_mib: pooled(&|s| vec![mib(s.rss_idle_kib)])?,
             rss_connections_mib: pooled(&|s| vec![mib(s.rss_conns_kib)])?,
@@ -250,8 +245,9 @@ pub fn network(lab: &mut LabResults, settings: &Settings) -> Option<Network> {
              busybox guest (katalite packs it, QEMU boots the initramfs `katalite run \
              --write-initramfs` wrote) running httpd on port 80, forwarded from \
              127.0.0.1:{KATALITE_PORT} (katalite -p) and 127.0.0.1:{QEMU_PORT} (QEMU \
-             -netdev user,hostfwd, virtio-net-device). Host to guest: HTTP/1.0 GET of the \
-             guest's blob, from the request sent to the last byte. Guest to host: a CGI runs \
+             -netdev user,hostfwd, virtio-net-device). After one unrecorded download each \
+             way: host to guest, HTTP/1.0 GET of the guest's blob, from the request sent to \
+             the last byte. Guest to host: a CGI runs \
              the guest's wget of the same size from the runner's server at 10.0.2.2:{SERVER_PORT}, \
              timed by that server from the request read to the guest's close. Latency: \
              sequential connect + GET of a 3-byte page until EOF. Memory: VmRSS of the VMM \

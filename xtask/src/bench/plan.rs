@@ -196,9 +196,11 @@ pub fn katalite_run(registry: &str, options: &[&str], command: &[&str]) -> Vec<S
 }
 
 /// QEMU `-M microvm` booting `vmlinux` with `initrd`: the same memory and vCPU count as
-/// katalite, the serial console on stdout, and a virtio console on virtio-mmio as init's
-/// `/dev/hvc0` (its frames go to a null chardev).
-pub fn qemu_microvm(vmlinux: &Path, initrd: &Path) -> Vec<String> {
+/// katalite, the serial console on stdout, a virtio console on virtio-mmio as init's
+/// `/dev/hvc0` (its frames go to a null chardev), and a virtio-net NIC on QEMU's user
+/// network `netdev` (`user,id=n[,hostfwd=...]`) as katalite's default network gives the
+/// guest: the initramfs's run config has init configure eth0, which fails without a NIC.
+pub fn qemu_microvm(vmlinux: &Path, initrd: &Path, netdev: &str) -> Vec<String> {
     let mut argv = strings(&QEMU);
     argv.extend(strings(&[
         // Without ACPI (our kernel has none) microvm puts its virtio-mmio devices on the
@@ -224,6 +226,10 @@ pub fn qemu_microvm(vmlinux: &Path, initrd: &Path) -> Vec<String> {
         "virtio-serial-device",
         "-device",
         "virtconsole,chardev=channel",
+        "-netdev",
+        netdev,
+        "-device",
+        "virtio-net-device,netdev=n",
         "-append",
         QEMU_GUEST_CMDLINE,
     ]));
@@ -314,7 +320,7 @@ fn boot_rounds(inputs: &LabInputs, settings: &Settings, katalite: &[String]) -> 
                 settings.variant_samples
             };
             if round < samples {
-                let argv = qemu_microvm(inputs.vmlinux, initrd);
+                let argv = qemu_microvm(inputs.vmlinux, initrd, "user,id=n");
                 let mut job = Job::new(format!("boot-qemu-{variant}"), Kind::Timed, argv, 1);
                 job.warmup = warmup;
                 jobs.push(job);
@@ -381,6 +387,9 @@ mod tests {
         assert_eq!(after("-kernel"), Some("/src/target/guest/vmlinux"));
         assert_eq!(after("-initrd"), Some("/src/target/bench/zstd.img"));
         assert!(qemu.argv.iter().any(|a| a == "-no-reboot"));
+        // katalite's default user network has a NIC, and init configures eth0 on both.
+        assert_eq!(after("-netdev"), Some("user,id=n"));
+        assert!(qemu.argv.iter().any(|a| a == "virtio-net-device,netdev=n"));
         assert!(after("-append")
             .is_some_and(|c| c.contains("reboot=t") && c.contains("rdinit=/.katalite/init")));
         assert_eq!(runs("boot-qemu-zstd"), (1, 5));
