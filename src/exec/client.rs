@@ -14,7 +14,7 @@ use clap::Args;
 use guest_init::channel::{encode, Decoder, Message};
 use guest_init::ExecConfig;
 
-use crate::lifecycle::control::{ControlReply, ControlRequest};
+use crate::lifecycle::control::{self, ControlReply, ControlRequest};
 use crate::lifecycle::state::Runtime;
 use crate::{signals, stdio, terminal};
 
@@ -114,7 +114,7 @@ fn exec_config(
 /// Sends the Exec request to the supervisor at `socket` and reads its reply line; returns
 /// the connection (for writing) and a reader positioned at the session's first frame.
 fn open(socket: &Path, config: &ExecConfig) -> Result<(UnixStream, BufReader<UnixStream>)> {
-    let mut connection = UnixStream::connect(socket)
+    let mut connection = control::connect(socket)
         .with_context(|| format!("cannot reach the supervisor at {}", socket.display()))?;
     let mut line = serde_json::to_vec(&ControlRequest::Exec(serde_json::to_value(config)?))?;
     line.push(b'\n');
@@ -281,8 +281,19 @@ mod tests {
     #[test]
     fn the_request_is_one_line_and_errors_come_back_as_messages() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let socket = tmp.path().join("control.sock");
-        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        // Longer than sun_path, as under a user's XDG_RUNTIME_DIR.
+        let dir = tmp.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let socket = dir.join("control.sock");
+        let listener = {
+            // Bound from inside the directory: the long path does not fit sun_path.
+            let dir_fd = std::fs::File::open(&dir).expect("open dir");
+            let short = format!("/proc/self/fd/{}/control.sock", {
+                use std::os::fd::AsRawFd;
+                dir_fd.as_raw_fd()
+            });
+            std::os::unix::net::UnixListener::bind(short).expect("bind")
+        };
         let server = std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().expect("accept");
             let mut line = String::new();

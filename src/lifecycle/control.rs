@@ -198,6 +198,12 @@ fn short_path<T>(path: &Path, op: impl FnOnce(&Path) -> io::Result<T>) -> io::Re
     op(&short)
 }
 
+/// Connects to the supervisor's socket, also when its path is too long for `sun_path`
+/// (the exec client keeps the connection for its session).
+pub fn connect(socket: &Path) -> io::Result<UnixStream> {
+    short_path(socket, |path| UnixStream::connect(path))
+}
+
 /// Sends `request` to the supervisor at `socket` and returns its reply (Signal and Stop).
 pub fn request(socket: &Path, request: &ControlRequest) -> Result<()> {
     let mut stream = short_path(socket, |p| UnixStream::connect(p))

@@ -206,8 +206,38 @@ fn exec_into_a_missing_or_stopped_container_fails_with_1() {
     let unknown = container.katalite(&["exec", "no-such-container", "true"], None);
     assert_eq!(unknown.status, Some(1), "{}", unknown.describe());
 
+    // A session still running when the VM ends dies with it, as in Docker: 137.
+    let session = {
+        let runtime = container.runtime.path().to_path_buf();
+        let id = container.id.clone();
+        thread::spawn(move || {
+            katalite_in(
+                &runtime,
+                &["exec", &id, "sh", "-c", "echo started; sleep 1000"],
+                None,
+            )
+        })
+    };
+    let probe = [
+        "exec",
+        container.id.as_str(),
+        "sh",
+        "-c",
+        "ps | grep -c '[s]leep 1000'",
+    ];
+    let started = Instant::now();
+    while container.katalite(&probe, None).stdout.trim() != "2" {
+        assert!(
+            started.elapsed() < RUN_TIMEOUT,
+            "the session's sleep never started"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
     let kill = container.katalite(&["kill", &container.id], None);
     assert_eq!(kill.status, Some(0), "{}", kill.describe());
+    let ended = session.join().expect("session thread");
+    assert_eq!(ended.status, Some(137), "{}", ended.describe());
+    assert_eq!(ended.stdout, "started\n", "{}", ended.describe());
     let wait = container.katalite(&["wait", &container.id], None);
     assert_eq!(wait.status, Some(0), "{}", wait.describe());
     let stopped = container.exec(&[], &["true"]);
