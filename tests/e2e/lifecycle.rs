@@ -13,7 +13,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use super::{rootfs, Outcome, RUN_TIMEOUT};
 
 /// `katalite ARGS` with `runtime` as its runtime dir; waits at most [`RUN_TIMEOUT`].
-fn katalite_in(runtime: &Path, args: &[&str]) -> Outcome {
+pub(super) fn katalite_in(runtime: &Path, args: &[&str]) -> Outcome {
     let mut child = Command::new("katalite")
         .args(args)
         .env("KATALITE_RUNTIME_DIR", runtime)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use super::lifecycle::katalite_in;
 use super::{katalite_busybox, sha256_hex, RUN_TIMEOUT};
 
 /// How long a booting server may take to answer on its published port.
@@ -315,4 +316,48 @@ fn a_published_port_in_use_fails_before_boot() {
     assert_eq!(run.status, Some(125), "{}", run.describe());
     assert!(run.stderr.contains("cannot publish"), "{}", run.describe());
     assert_eq!(run.stderr.lines().count(), 1, "{}", run.describe());
+}
+
+#[test]
+fn a_detached_nginx_keeps_serving_after_its_launching_shell_exits() {
+    let (image, registry) = local_image("nginx");
+    let runtime = tempfile::tempdir().expect("tempdir");
+    // The launching shell ends as soon as `run -d` printed the id.
+    let launch =
+        format!("katalite run -d -q --insecure-registry {registry} --name web -p 18082:80 {image}");
+    let shell = Command::new("sh")
+        .args(["-c", &launch])
+        .env("KATALITE_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    assert!(
+        shell.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shell.stderr)
+    );
+
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 18082));
+    let deadline = Instant::now() + SERVE_TIMEOUT;
+    let page = loop {
+        match get(addr, "/") {
+            Ok(page) => break page,
+            Err(err) if Instant::now() > deadline => panic!("web never served: {err}"),
+            Err(_) => thread::sleep(Duration::from_millis(250)),
+        }
+    };
+    assert_eq!(page.status, 200);
+    assert!(String::from_utf8_lossy(&page.body).contains("Welcome to nginx!"));
+    let ps = katalite_in(runtime.path(), &["ps"]);
+    assert!(
+        ps.stdout.contains("127.0.0.1:18082->80/tcp") && ps.stdout.contains("web"),
+        "{}",
+        ps.describe()
+    );
+
+    let stop = katalite_in(runtime.path(), &["stop", "web"]);
+    assert_eq!(stop.status, Some(0), "{}", stop.describe());
+    TcpListener::bind(addr).expect("port 18082 is released after stop");
+    let rm = katalite_in(runtime.path(), &["rm", "web"]);
+    assert_eq!(rm.status, Some(0), "{}", rm.describe());
 }

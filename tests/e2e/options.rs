@@ -79,9 +79,10 @@ fn user_by_name_by_uid_and_uid_gid() {
 
 #[test]
 fn hostname_is_the_flag_else_the_name_else_a_container_id() {
-    let run = katalite_busybox(&["-h", "box", "--name", "web"], &["hostname"]);
+    // --rm: a name stays taken by an exited container until it is removed, as in Docker.
+    let run = katalite_busybox(&["--rm", "-h", "box", "--name", "web"], &["hostname"]);
     assert_eq!(run.stdout, "box\n", "{}", run.describe());
-    let run = katalite_busybox(&["--name", "web"], &["hostname"]);
+    let run = katalite_busybox(&["--rm", "--name", "web"], &["hostname"]);
     assert_eq!(run.stdout, "web\n", "{}", run.describe());
     let run = katalite_busybox(&[], &["hostname"]);
     let id = run.stdout.trim_end();
