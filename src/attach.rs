@@ -32,6 +32,9 @@ pub enum Output {
     Log(SharedLog),
 }
 
+/// [`Session::on_start`]'s hook.
+pub type OnStart<'a> = Box<dyn FnOnce(&[String]) -> Result<()> + 'a>;
+
 /// One run's attachment and its lifecycle hooks.
 pub struct Session<'a> {
     /// The container id.
@@ -40,8 +43,9 @@ pub struct Session<'a> {
     pub output: Output,
     /// Where to serve control requests (`stop`, `kill`, `exec`).
     pub control: Option<PathBuf>,
-    /// Called right before the VM starts; an error aborts the run before boot.
-    pub on_start: Box<dyn FnOnce() -> Result<()> + 'a>,
+    /// Called right before the VM starts with the workload's full argv (entrypoint and
+    /// command as resolved against the image); an error aborts the run before boot.
+    pub on_start: OnStart<'a>,
     /// Called once, when init reports Ready.
     pub on_ready: Box<dyn FnOnce() + Send>,
 }
@@ -84,7 +88,12 @@ impl Ending {
 /// Boots `vm` attached to `session`: frames to its output, signals (and with `-i` stdin,
 /// with `-t` the terminal size) to the guest, the host terminal raw with `-it` in the
 /// foreground, the control socket served while the VM runs.
-pub fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>, session: Session<'_>) -> Result<u8> {
+pub fn run_attached(
+    args: &RunArgs,
+    command: &[String],
+    mut vm: VmConfig<'_>,
+    session: Session<'_>,
+) -> Result<u8> {
     let input = ConsoleInput::new();
     let to_guest = ToGuest::new(input.clone());
     let ending = Ending::default();
@@ -133,7 +142,7 @@ pub fn run_attached(args: &RunArgs, mut vm: VmConfig<'_>, session: Session<'_>) 
             } else {
                 None
             };
-            on_start()?;
+            on_start(command)?;
             Ok(raw)
         };
         match begin() {

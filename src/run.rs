@@ -40,7 +40,7 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     }
     if let Some(path) = &args.write_initramfs {
         let env_files = read_env_files(&args.env_file)?;
-        let (rootfs, run_archive) = initramfs(args, env_files, &container_id()?)?;
+        let (rootfs, run_archive, _) = initramfs(args, env_files, &container_id()?)?;
         std::fs::write(path, padded_concat(&[&rootfs, &run_archive]))
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(0);
@@ -53,7 +53,7 @@ pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
     let env_files = read_env_files(&args.env_file)?;
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
-    let (rootfs, run_archive) = initramfs(args, env_files, &session.id)?;
+    let (rootfs, run_archive, command) = initramfs(args, env_files, &session.id)?;
     let network = network::attach(&args.network, &args.publish)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
@@ -74,13 +74,18 @@ pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
         serial,
         network,
     };
-    attach::run_attached(args, vm, session)
+    attach::run_attached(args, &command, vm, session)
 }
 
 /// What the guest kernel unpacks, in order: the root filesystem archive, then the per-run
 /// archive with init and its config.
-/// `id` is the container id (its first 12 digits are the default hostname).
-fn initramfs(args: &RunArgs, env_files: Vec<String>, id: &str) -> Result<(Vec<u8>, Vec<u8>)> {
+/// `id` is the container id (its first 12 digits are the default hostname). Also returns
+/// the workload's argv.
+fn initramfs(
+    args: &RunArgs,
+    env_files: Vec<String>,
+    id: &str,
+) -> Result<(Vec<u8>, Vec<u8>, Vec<String>)> {
     let init = embedded::init().context(
         "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
     )?;
@@ -88,7 +93,7 @@ fn initramfs(args: &RunArgs, env_files: Vec<String>, id: &str) -> Result<(Vec<u8
     let short_id = &id[..id.len().min(12)];
     let config = run_config(args, &image_config, env_files, short_id)?;
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
-    Ok((rootfs, run_archive))
+    Ok((rootfs, run_archive, config.args))
 }
 
 /// The archives laid out as the VMM places them in guest memory (vmm's x86 `boot.rs`):

@@ -105,7 +105,8 @@ pub struct State {
     pub name: String,
     /// The image reference, or the `--rootfs` directory.
     pub image: String,
-    /// The command given on the command line (empty: the image's default).
+    /// The workload's argv: the command line's until the VM starts, then the one resolved
+    /// against the image (entrypoint and command).
     pub command: Vec<String>,
     /// When the entry was made.
     pub created: Timestamp,

@@ -162,7 +162,9 @@ fn execute(
             id: container.state.id.clone(),
             output,
             control: Some(container.control_path()),
-            on_start: Box::new(|| {
+            on_start: Box::new(|command| {
+                // What ps shows: the image's defaults resolved, not only what was typed.
+                container.state.command = command.to_vec();
                 container.mark_running()?;
                 started = true;
                 Ok(())
