@@ -1,7 +1,8 @@
 //! The lab half of `cargo xtask bench`: a small static program that runs inside L1, executes
 //! the jobs of a plan written by xtask (ready-made argv lists), timestamps what the processes
-//! print and when they exit, and prints one `@@bench:{json}` line per job. It interprets
-//! nothing: marker parsing and statistics live in xtask, where they are unit-tested.
+//! print and when they exit, and prints one `@@bench:{json}` line per job. Beyond the network
+//! job's HTTP checks it interprets nothing: marker parsing and statistics live in xtask,
+//! where they are unit-tested.
 
 #[path = "bench_runner/net.rs"]
 mod net;

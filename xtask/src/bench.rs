@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: katalite beside QEMU `-M microvm` booting the same kernel and
-//! initramfs, plus packing, memory, throughput, parallel starts and sizes. Host figures are
-//! taken here; VM figures come from one lab boot in which `tests/bench_runner.rs` runs a plan
-//! and timestamps it. Writes latest.json, boot.svg, latest.md and the raw lab-console.log to
-//! `target/bench/`; numbers are never asserted.
+//! initramfs and serving HTTP through their user networks, plus packing, memory, throughput,
+//! parallel starts and sizes. Host figures are taken here; VM figures come from one lab boot
+//! in which `tests/bench_runner.rs` runs a plan and timestamps it. Writes latest.json,
+//! boot.svg, latest.md and the raw lab-console.log to `target/bench/`; numbers are never
+//! asserted.
 
 mod chart;
 mod host;
