@@ -361,3 +361,36 @@ fn a_detached_nginx_keeps_serving_after_its_launching_shell_exits() {
     let rm = katalite_in(runtime.path(), &["rm", "web"]);
     assert_eq!(rm.status, Some(0), "{}", rm.describe());
 }
+
+#[test]
+fn a_tap_device_carries_the_guest_to_a_server_on_its_host_side() {
+    // In a network namespace of its own, so the TAP's 10.0.2.0/24 cannot meet the lab's.
+    let www = tempfile::tempdir().expect("tempdir");
+    std::fs::write(www.path().join("index.html"), "through the tap\n").expect("page");
+    let busybox = super::rootfs("busybox");
+    let script = format!(
+        "set -e
+        ip link set lo up
+        tunctl -t ktap0 > /dev/null
+        ip addr add 10.0.2.2/24 dev ktap0
+        ip link set ktap0 up
+        httpd -p 10.0.2.2:8080 -h {www}
+        katalite run --rootfs {busybox} --network tap:ktap0 -- sh -c \
+            'wget -q -O - http://10.0.2.2:8080/ && ping -c 1 -W 10 10.0.2.2 > /dev/null && \
+             echo ping ok'",
+        www = www.path().display()
+    );
+    let output = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("busybox unshare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+    assert_eq!(stdout, "through the tap\nping ok\n", "{stderr}");
+}

@@ -14,8 +14,16 @@ use anyhow::{bail, Context, Result};
 use super::{bzimage, packages};
 
 /// The modules L1 needs, named by what they provide; their dependencies come from `modinfo`.
-/// PCI virtio transport, the network card, the 9p shares (`/src`, `/host`) and KVM on AMD.
-pub const L1_ROOT_MODULES: &[&str] = &["virtio_pci", "virtio_net", "9pnet_virtio", "9p", "kvm_amd"];
+/// PCI virtio transport, the network card, the 9p shares (`/src`, `/host`), KVM on AMD and
+/// TUN/TAP (the e2e test of `--network tap:NAME`).
+pub const L1_ROOT_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "9pnet_virtio",
+    "9p",
+    "kvm_amd",
+    "tun",
+];
 
 /// An unpacked L1 kernel package.
 pub struct L1Kernel {
@@ -270,6 +278,7 @@ mod tests {
             "fscache" => "netfs",
             "kvm_amd" => "kvm,ccp",
             "kvm" => "irqbypass",
+            "tun" => "",
             "virtio_ring"
             | "virtio"
             | "virtio_pci_modern_dev"
@@ -299,8 +308,8 @@ mod tests {
             }
             assert_eq!(order.iter().filter(|m| *m == module).count(), 1);
         }
-        assert_eq!(order.len(), 17);
-        assert_eq!(order.last().map(String::as_str), Some("kvm_amd"));
+        assert_eq!(order.len(), 18);
+        assert_eq!(order.last().map(String::as_str), Some("tun"));
     }
 
     #[test]
