@@ -20,8 +20,9 @@ mod stdio;
 #[path = "e2e/tty.rs"]
 mod tty;
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -118,9 +119,31 @@ fn read_timed(mut from: impl Read) -> (Vec<u8>, Option<Instant>, Option<Instant>
 /// Runs `katalite ARGS` with `stdin` piped in (closed after it; `None`: /dev/null) and
 /// waits at most [`RUN_TIMEOUT`], capturing both output streams as bytes.
 fn katalite_captured(args: &[&str], stdin: Option<Vec<u8>>) -> Captured {
+    katalite_captured_with(args, &[], stdin)
+}
+
+/// `katalite ARGS` with its container state under `runtime` (`KATALITE_RUNTIME_DIR`) and
+/// `stdin` piped in (`None`: /dev/null); output decoded lossily.
+fn katalite_in(runtime: &Path, args: &[&str], stdin: Option<&[u8]>) -> Outcome {
+    let env = [("KATALITE_RUNTIME_DIR", runtime.as_os_str())];
+    let run = katalite_captured_with(args, &env, stdin.map(<[u8]>::to_vec));
+    Outcome {
+        status: run.status,
+        stdout: String::from_utf8_lossy(&run.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&run.stderr).into_owned(),
+    }
+}
+
+/// [`katalite_captured`] with extra environment variables.
+fn katalite_captured_with(
+    args: &[&str],
+    env: &[(&str, &OsStr)],
+    stdin: Option<Vec<u8>>,
+) -> Captured {
     let started = Instant::now();
     let mut child = Command::new("katalite")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

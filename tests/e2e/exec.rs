@@ -1,59 +1,12 @@
 //! User stories for `katalite exec`: commands run inside a detached busybox container
 //! through our init, each with its own stdio, exit code, options and terminal.
 
-use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{rootfs, Outcome, RUN_TIMEOUT};
-
-/// Runs `katalite ARGS` with its state under `runtime`, `stdin` piped in (closed after it;
-/// `None`: /dev/null), and waits at most [`RUN_TIMEOUT`].
-fn katalite_in(runtime: &Path, args: &[&str], stdin: Option<&[u8]>) -> Outcome {
-    let mut child = Command::new("katalite")
-        .args(args)
-        .env("KATALITE_RUNTIME_DIR", runtime)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("katalite is on PATH");
-    if let (Some(data), Some(mut pipe)) = (stdin.map(<[u8]>::to_vec), child.stdin.take()) {
-        thread::spawn(move || pipe.write_all(&data));
-    }
-    let read = |mut from: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = from.read_to_end(&mut bytes);
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().expect("piped")));
-    let stderr = read(Box::new(child.stderr.take().expect("piped")));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for katalite") {
-            break status;
-        }
-        if started.elapsed() > RUN_TIMEOUT {
-            child.kill().expect("killing a hung katalite");
-            child.wait().expect("reaping it");
-            panic!("katalite {args:?} did not finish within {RUN_TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    Outcome {
-        status: status.code(),
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
-    }
-}
+use super::tty::Session;
+use super::{katalite_in, rootfs, Outcome, RUN_TIMEOUT};
 
 /// A detached busybox `sh -c 'echo up; sleep 1000'` named `name`, killed and removed
 /// when dropped.
@@ -254,79 +207,19 @@ fn exec_into_a_missing_or_stopped_container_fails_with_1() {
 /// the guest's terminal, its size is the host terminal's, and its exit code is katalite's.
 #[test]
 fn exec_it_is_an_interactive_terminal_session() {
-    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
-    use rustix::termios::{tcsetwinsize, Winsize};
-    use std::sync::{Arc, Mutex};
-
     let container = Container::start("exec-tty");
-    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
-    grantpt(&master).expect("grantpt");
-    unlockpt(&master).expect("unlockpt");
-    let size = Winsize {
-        ws_row: 30,
-        ws_col: 100,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    tcsetwinsize(&master, size).expect("set the size");
-    let name = ptsname(&master, Vec::new()).expect("ptsname");
-    let slave = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(name.to_string_lossy().as_ref())
-        .expect("open the pty slave");
-    let stdio = || Stdio::from(slave.try_clone().expect("dup the slave"));
-    let mut child = Command::new("katalite")
+    let mut katalite = Command::new("katalite");
+    katalite
         .args(["exec", "-it", &container.id, "sh", "-c"])
         .arg("echo ready; read x; stty size; echo \"got $x\"; exit 5")
-        .env("KATALITE_RUNTIME_DIR", container.runtime.path())
-        .stdin(stdio())
-        .stdout(stdio())
-        .stderr(stdio())
-        .spawn()
-        .expect("katalite is on PATH");
-    drop(slave);
-    let mut master = std::fs::File::from(master);
-    let screen = Arc::new(Mutex::new(Vec::new()));
-    let reader = {
-        let mut master = master.try_clone().expect("dup the master");
-        let screen = screen.clone();
-        // Reads until katalite, the last holder of the slave, exits (EIO).
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = master.read(&mut buf) {
-                screen.lock().expect("lock").extend_from_slice(&buf[..n]);
-            }
-        })
-    };
-    let text = || String::from_utf8_lossy(&screen.lock().expect("lock")).into_owned();
-    let started = Instant::now();
-    let mut wait_for = |text_wanted: &str| {
-        while !text().contains(text_wanted) {
-            if started.elapsed() > RUN_TIMEOUT {
-                let _ = child.kill();
-                panic!("{text_wanted:?} never appeared; screen:\n{}", text());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    };
+        .env("KATALITE_RUNTIME_DIR", container.runtime.path());
+    let mut session = Session::spawn(30, 100, katalite);
     // Typed before the process reads, input would sit in the host terminal's line buffer.
-    wait_for("ready");
-    master.write_all(b"hello\r").expect("type");
-    wait_for("got hello");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for katalite") {
-            break status;
-        }
-        if started.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            panic!("katalite exec did not exit; screen:\n{}", text());
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    reader.join().expect("screen reader");
-    let screen = text();
-    assert_eq!(status.code(), Some(5), "{screen}");
+    session.wait_for("ready");
+    session.type_bytes(b"hello\r");
+    session.wait_for("got hello");
+    let (status, screen, _) = session.finish();
+    assert_eq!(status, Some(5), "{screen}");
     // The echo comes from the guest's terminal (the host one is raw), CR LF from its ONLCR.
     assert!(screen.contains("hello\r\n"), "{screen}");
     assert!(screen.contains("30 100\r\ngot hello\r\n"), "{screen}");

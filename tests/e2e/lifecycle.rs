@@ -4,7 +4,6 @@
 //! Each test has its own runtime dir (`KATALITE_RUNTIME_DIR`).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -14,28 +13,7 @@ use super::{rootfs, Outcome, RUN_TIMEOUT};
 
 /// `katalite ARGS` with `runtime` as its runtime dir; waits at most [`RUN_TIMEOUT`].
 pub(super) fn katalite_in(runtime: &Path, args: &[&str]) -> Outcome {
-    let mut child = Command::new("katalite")
-        .args(args)
-        .env("KATALITE_RUNTIME_DIR", runtime)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("katalite is on PATH");
-    let started = Instant::now();
-    while child.try_wait().expect("try_wait").is_none() {
-        if started.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            panic!("katalite {args:?} did not finish within {RUN_TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().expect("output");
-    Outcome {
-        status: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    super::katalite_in(runtime, args, None)
 }
 
 /// `katalite run -d --rootfs <busybox> OPTIONS -- COMMAND`; returns the id it printed.

@@ -23,9 +23,9 @@ fn winsize(rows: u16, cols: u16) -> Winsize {
     }
 }
 
-/// `katalite run -it` with a pseudo-terminal as its stdin, stdout and stderr; the test
-/// holds the master side, like a terminal emulator.
-struct Session {
+/// `katalite run -it` (or any katalite command) with a pseudo-terminal as its stdin, stdout
+/// and stderr; the test holds the master side, like a terminal emulator.
+pub(super) struct Session {
     child: Child,
     master: std::fs::File,
     slave: Option<OwnedFd>,
@@ -34,7 +34,18 @@ struct Session {
 }
 
 impl Session {
+    /// `katalite run -it --rootfs <busybox> -- COMMAND` on a `rows`×`cols` terminal.
     fn start(rows: u16, cols: u16, command: &[&str]) -> Self {
+        let mut katalite = Command::new("katalite");
+        katalite
+            .args(["run", "-it", "--rootfs", &rootfs("busybox"), "--"])
+            .args(command);
+        Self::spawn(rows, cols, katalite)
+    }
+
+    /// Spawns `katalite` (arguments and environment already set) on a `rows`×`cols`
+    /// terminal.
+    pub(super) fn spawn(rows: u16, cols: u16, mut katalite: Command) -> Self {
         let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
         grantpt(&master).expect("grantpt");
         unlockpt(&master).expect("unlockpt");
@@ -47,9 +58,7 @@ impl Session {
             .expect("open the pty slave")
             .into();
         let stdio = || Stdio::from(slave.try_clone().expect("dup the slave"));
-        let child = Command::new("katalite")
-            .args(["run", "-it", "--rootfs", &rootfs("busybox"), "--"])
-            .args(command)
+        let child = katalite
             .stdin(stdio())
             .stdout(stdio())
             .stderr(stdio())
@@ -81,7 +90,7 @@ impl Session {
         String::from_utf8_lossy(&self.screen.lock().expect("lock")).into_owned()
     }
 
-    fn wait_for(&mut self, text: &str) {
+    pub(super) fn wait_for(&mut self, text: &str) {
         let started = Instant::now();
         while !self.screen().contains(text) {
             if started.elapsed() > RUN_TIMEOUT {
@@ -92,7 +101,7 @@ impl Session {
         }
     }
 
-    fn type_bytes(&mut self, bytes: &[u8]) {
+    pub(super) fn type_bytes(&mut self, bytes: &[u8]) {
         self.master.write_all(bytes).expect("type");
     }
 
@@ -104,7 +113,7 @@ impl Session {
     }
 
     /// Waits for katalite to exit; returns its status and the whole screen.
-    fn finish(mut self) -> (Option<i32>, String, bool) {
+    pub(super) fn finish(mut self) -> (Option<i32>, String, bool) {
         let started = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("waiting for katalite") {
