@@ -6,8 +6,6 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 use super::{io_err, Store, StoreError};
 use crate::digest::Digest;
 
@@ -185,22 +183,23 @@ pub(crate) fn check(
     }
 }
 
-fn copy_hashing(mut reader: impl Read, out: &mut File) -> io::Result<(Digest, u64)> {
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-        total += n as u64;
+/// Copies `reader` into `out` while hashing it; returns the digest and the byte count.
+fn copy_hashing(reader: impl Read, out: &mut File) -> io::Result<(Digest, u64)> {
+    Digest::of_reader(Tee { inner: reader, out })
+}
+
+/// A reader that writes everything read through it to `out` too.
+struct Tee<'a, R> {
+    inner: R,
+    out: &'a mut File,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
     }
-    Ok((Digest::from_hasher(hasher), total))
 }
 
 #[cfg(test)]
