@@ -30,6 +30,42 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Gateway-side ports for published connections and flows into the guest.
+const PUBLISH_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+/// Hands out the gateway-side source port of each published connection (or flow) round
+/// robin from [`PUBLISH_PORTS`], so a port is reused as late as possible.
+#[derive(Debug)]
+pub(super) struct PortCursor {
+    next: u16,
+}
+
+impl Default for PortCursor {
+    fn default() -> Self {
+        Self {
+            next: *PUBLISH_PORTS.start(),
+        }
+    }
+}
+
+impl PortCursor {
+    /// The next port for which `in_use` is false, `None` when all are taken.
+    pub(super) fn next_free(&mut self, in_use: impl Fn(u16) -> bool) -> Option<u16> {
+        let span = usize::from(PUBLISH_PORTS.end() - PUBLISH_PORTS.start()) + 1;
+        for _ in 0..span {
+            let port = self.next;
+            self.next = match port {
+                p if p == *PUBLISH_PORTS.end() => *PUBLISH_PORTS.start(),
+                p => p + 1,
+            };
+            if !in_use(port) {
+                return Some(port);
+            }
+        }
+        None
+    }
+}
+
 struct TcpPublish {
     listener: TcpListener,
     guest_port: u16,
@@ -141,5 +177,21 @@ impl Listeners {
         if let Some(publish) = self.udp.get(&id) {
             let _ = publish.socket.send_to(payload, client);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_go_round_robin_skip_those_in_use_and_run_out() {
+        let mut cursor = PortCursor::default();
+        assert_eq!(cursor.next_free(|_| false), Some(49152));
+        assert_eq!(cursor.next_free(|port| port == 49153), Some(49154));
+        cursor.next = 65535;
+        assert_eq!(cursor.next_free(|_| false), Some(65535));
+        assert_eq!(cursor.next_free(|_| false), Some(49152), "wraps around");
+        assert_eq!(cursor.next_free(|_| true), None);
     }
 }

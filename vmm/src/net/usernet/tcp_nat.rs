@@ -15,14 +15,13 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 
 use super::frame::{reset_for, Syn};
+use super::publish::PortCursor;
 use super::splice::{Progress, Splice};
 use super::stack::Stack;
 use super::{token, Kind, GATEWAY, GUEST};
 
 /// How long a host connect may take before the guest's SYN is answered with a reset.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Gateway-side ports for published connections into the guest.
-const PUBLISH_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 /// A guest connection waiting for its host socket to connect.
 struct Connecting {
@@ -53,7 +52,7 @@ pub(super) struct TcpNat {
     outbound: HashMap<(SocketAddrV4, SocketAddrV4), usize>,
     local_ports: HashSet<u16>,
     next_id: usize,
-    next_port: u16,
+    ports: PortCursor,
     limit: usize,
 }
 
@@ -65,7 +64,7 @@ impl TcpNat {
             outbound: HashMap::new(),
             local_ports: HashSet::new(),
             next_id: 0,
-            next_port: *PUBLISH_PORTS.start(),
+            ports: PortCursor::default(),
             limit,
         }
     }
@@ -175,7 +174,8 @@ impl TcpNat {
         stack: &mut Stack,
         registry: &Registry,
     ) {
-        let port = self.free_port();
+        let in_use = &self.local_ports;
+        let port = self.ports.next_free(|port| in_use.contains(&port));
         let id = self.new_id();
         let interest = Interest::READABLE | Interest::WRITABLE;
         let ready = self.entries.len() < self.limit
@@ -201,22 +201,6 @@ impl TcpNat {
             local_port: Some(port),
         };
         self.entries.insert(id, Entry::Open(open));
-    }
-
-    /// A gateway-side port no published connection uses.
-    fn free_port(&mut self) -> Option<u16> {
-        let span = usize::from(PUBLISH_PORTS.end() - PUBLISH_PORTS.start()) + 1;
-        for _ in 0..span {
-            let port = self.next_port;
-            self.next_port = match port {
-                p if p == *PUBLISH_PORTS.end() => *PUBLISH_PORTS.start(),
-                p => p + 1,
-            };
-            if !self.local_ports.contains(&port) {
-                return Some(port);
-            }
-        }
-        None
     }
 
     /// Moves bytes on every open connection and drops the finished ones; resets guest

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
 
-use super::publish::Listeners;
+use super::publish::{Listeners, PortCursor};
 use super::stack::Stack;
 use super::{token, Kind, DNS, GATEWAY, GUEST};
 
@@ -20,8 +20,6 @@ use super::{token, Kind, DNS, GATEWAY, GUEST};
 const DNS_IDLE: Duration = Duration::from_secs(10);
 /// Other flows, as Linux's conntrack treats unreplied and short UDP streams.
 const FLOW_IDLE: Duration = Duration::from_secs(60);
-/// Gateway-side ports for published flows.
-const PUBLISH_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// Receive buffer: any datagram fits whole (larger than IPv4 can carry to the guest, so
 /// those are seen whole and dropped rather than truncated).
 const RECV_BUFFER: usize = 65_536;
@@ -59,7 +57,7 @@ pub(super) struct UdpNat {
     published: HashMap<(usize, SocketAddr), usize>,
     by_local_port: HashMap<u16, usize>,
     next_id: usize,
-    next_port: u16,
+    ports: PortCursor,
     limit: usize,
     buffer: Vec<u8>,
     /// Datagrams are waiting on the host side for room in the stack.
@@ -75,7 +73,7 @@ impl UdpNat {
             published: HashMap::new(),
             by_local_port: HashMap::new(),
             next_id: 0,
-            next_port: *PUBLISH_PORTS.start(),
+            ports: PortCursor::default(),
             limit: limit.max(1),
             buffer: vec![0; RECV_BUFFER],
             backlog: false,
@@ -294,7 +292,9 @@ impl UdpNat {
             Some(&id) => id,
             None => {
                 self.make_room();
-                let Some(local_port) = self.free_port() else {
+                let in_use = &self.by_local_port;
+                let Some(local_port) = self.ports.next_free(|port| in_use.contains_key(&port))
+                else {
                     return;
                 };
                 self.next_id += 1;
@@ -319,21 +319,6 @@ impl UdpNat {
             let to = SocketAddrV4::new(GUEST, guest_port);
             stack.send_udp(from, to, &self.buffer[..len]);
         }
-    }
-
-    fn free_port(&mut self) -> Option<u16> {
-        let span = usize::from(PUBLISH_PORTS.end() - PUBLISH_PORTS.start()) + 1;
-        for _ in 0..span {
-            let port = self.next_port;
-            self.next_port = match port {
-                p if p == *PUBLISH_PORTS.end() => *PUBLISH_PORTS.start(),
-                p => p + 1,
-            };
-            if !self.by_local_port.contains_key(&port) {
-                return Some(port);
-            }
-        }
-        None
     }
 
     /// Drops flows idle past their limit, closing their host sockets.
