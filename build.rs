@@ -1,11 +1,17 @@
 //! Points `include_bytes!` at the guest kernel and init that `cargo xtask build-guest` left in
 //! `$KATALITE_GUEST_DIR` or `target/guest/`, so a release katalite needs only /dev/kvm.
 //! It never builds them itself: nested cargo or make in a build script is slow and opaque.
+//! It also writes `$OUT_DIR/version.txt`, what `katalite --version` prints after its own
+//! version: the guest kernel's release (from its banner), a short hash of its resolved
+//! config, the source it was built from (`vmlinux.stamp`), and the init's version (found in
+//! the init binary) with a short hash of it, so a bug report says which guest ran.
 
 use std::env;
 use std::error::Error;
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo::rustc-check-cfg=cfg(katalite_embedded)");
@@ -17,12 +23,23 @@ fn main() -> Result<(), Box<dyn Error>> {
     };
     let kernel = dir.join("vmlinux");
     let init = dir.join("katalite-init");
+    let version_file =
+        PathBuf::from(env::var_os("OUT_DIR").ok_or("no OUT_DIR")?).join("version.txt");
     if kernel.is_file() && init.is_file() {
-        for path in [&kernel, &init] {
+        let (config, stamp) = (dir.join("vmlinux.config"), dir.join("vmlinux.stamp"));
+        for path in [&kernel, &init, &config, &stamp] {
             println!("cargo::rerun-if-changed={}", path.display());
         }
-        return embed(&kernel, &init);
+        let version = embed(&kernel, &init)?;
+        return Ok(fs::write(version_file, version)?);
     }
+    fs::write(
+        &version_file,
+        format!(
+            "{}\nguest: not embedded (built before `cargo xtask build-guest`)",
+            env::var("CARGO_PKG_VERSION")?
+        ),
+    )?;
     if kernel.is_file() || init.is_file() {
         println!(
             "cargo::warning=only one of vmlinux and katalite-init is in {}: not embedding the \
@@ -50,26 +67,85 @@ fn main() -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-fn embed(kernel: &Path, init: &Path) -> Result<(), Box<dyn Error>> {
+/// Points the crate at the guest files and returns the text of `katalite --version`.
+fn embed(kernel: &Path, init: &Path) -> Result<String, Box<dyn Error>> {
     let kernel = kernel.canonicalize()?;
     let init = init.canonicalize()?;
     println!("cargo::rustc-cfg=katalite_embedded");
     println!("cargo::rustc-env=KATALITE_KERNEL_PATH={}", kernel.display());
     println!("cargo::rustc-env=KATALITE_INIT_PATH={}", init.display());
-    if let Some(version) = kernel_version(&fs::read(&kernel)?) {
+    let image = fs::read(&kernel)?;
+    let release = kernel_version(&image);
+    if let Some(version) = &release {
         println!("cargo::rustc-env=KATALITE_KERNEL_VERSION={version}");
     }
-    Ok(())
+    let dir = kernel.parent().ok_or("the kernel has no directory")?;
+    let config = match fs::read(dir.join("vmlinux.config")) {
+        Ok(text) => format!("config {}", short_sha256(&text)),
+        Err(_) => "config unknown".to_owned(),
+    };
+    let source = fs::read_to_string(dir.join("vmlinux.stamp"))
+        .ok()
+        .and_then(|stamp| describe_source(&stamp))
+        .unwrap_or_else(|| format!("vmlinux sha256 {}", short_sha256(&image)));
+    let init_image = fs::read(&init)?;
+    let init_version = marked_version(&init_image, b"katalite-init version ")
+        .unwrap_or_else(|| "of unknown version".to_owned());
+    Ok(format!(
+        "{}\nguest kernel {} ({config}; {source})\nguest init {init_version} (sha256 {})",
+        env::var("CARGO_PKG_VERSION")?,
+        release.as_deref().unwrap_or("of unknown version"),
+        short_sha256(&init_image)
+    ))
 }
 
-/// The release from the kernel's `linux_banner` ("Linux version 6.12.117 (user@host) ...").
-fn kernel_version(image: &[u8]) -> Option<String> {
-    const BANNER: &[u8] = b"Linux version ";
-    let start = image.windows(BANNER.len()).position(|w| w == BANNER)? + BANNER.len();
+/// The source line of `vmlinux.stamp` (TOML written by `cargo xtask build-guest`): Debian's
+/// package and version, or the user's tree. Only the plain `name = "value"` lines it writes
+/// are read, and only printable values are used.
+fn describe_source(stamp: &str) -> Option<String> {
+    let field = |name: &str| {
+        stamp.lines().find_map(|line| {
+            let (key, value) = line.split_once(" = ")?;
+            let value = value.strip_prefix('"')?.strip_suffix('"')?;
+            let plain = value
+                .chars()
+                .all(|c| (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ');
+            (key.trim() == name && plain && value.len() <= 200).then(|| value.to_owned())
+        })
+    };
+    match field("kind")?.as_str() {
+        "debian" => Some(format!(
+            "Debian {} {}",
+            field("package")?,
+            field("debian_version")?
+        )),
+        "tree" => Some(format!("tree {}", field("path")?)),
+        _ => None,
+    }
+}
+
+/// The first 12 hex digits of `data`'s sha256.
+fn short_sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The version following `marker` in `image` (digits first, up to the first byte that is
+/// not printable).
+fn marked_version(image: &[u8], marker: &[u8]) -> Option<String> {
+    let start = image.windows(marker.len()).position(|w| w == marker)? + marker.len();
     let rest = image.get(start..)?;
     let end = rest.iter().position(|b| !b.is_ascii_graphic())?;
     let version = std::str::from_utf8(&rest[..end]).ok()?;
     version
         .starts_with(|c: char| c.is_ascii_digit())
         .then(|| version.to_owned())
+}
+
+/// The release from the kernel's `linux_banner` ("Linux version 6.12.117 (user@host) ...").
+fn kernel_version(image: &[u8]) -> Option<String> {
+    marked_version(image, b"Linux version ")
 }

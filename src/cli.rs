@@ -16,7 +16,7 @@ use crate::network::{parse_network, parse_publish, NetworkMode, PortMapping};
 
 /// VM-isolated containers from one static binary.
 #[derive(Parser, Debug)]
-#[command(name = "katalite", version, about, long_about = None)]
+#[command(name = "katalite", version = crate::embedded::VERSION, about, long_about = None)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

@@ -18,13 +18,15 @@ pub fn init() -> Option<&'static [u8]> {
 }
 
 /// The embedded kernel's release, e.g. `6.12.117`, read from its banner at build time.
-#[allow(
-    dead_code,
-    reason = "for `katalite version` and boot logs; no caller yet"
-)]
-pub fn kernel_version() -> Option<&'static str> {
+#[cfg(test)]
+fn kernel_version() -> Option<&'static str> {
     option_env!("KATALITE_KERNEL_VERSION")
 }
+
+/// What `katalite --version` prints after the name: katalite's version, then the embedded
+/// guest kernel (release, short hash of its config, its source) and init (version, short
+/// hash), or that no guest is embedded. Written by `build.rs`.
+pub const VERSION: &str = include_str!(concat!(env!("OUT_DIR"), "/version.txt"));
 
 #[cfg(test)]
 mod tests {
@@ -34,6 +36,25 @@ mod tests {
     fn kernel_and_init_come_together() {
         assert_eq!(kernel().is_some(), init().is_some());
         assert_eq!(kernel().is_some(), kernel_version().is_some());
+    }
+
+    #[test]
+    fn the_version_names_the_embedded_guest() {
+        let mut lines = VERSION.lines();
+        assert_eq!(lines.next(), Some(env!("CARGO_PKG_VERSION")));
+        match kernel_version() {
+            Some(release) => {
+                let kernel = lines.next().expect("kernel line");
+                assert!(
+                    kernel.starts_with(&format!("guest kernel {release} (config ")),
+                    "{VERSION}"
+                );
+                let init = lines.next().expect("init line");
+                let expected = format!("guest init {} (sha256 ", env!("CARGO_PKG_VERSION"));
+                assert!(init.starts_with(&expected), "{VERSION}");
+            }
+            None => assert!(VERSION.contains("guest: not embedded"), "{VERSION}"),
+        }
     }
 
     #[test]

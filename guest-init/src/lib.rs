@@ -5,6 +5,11 @@
 pub mod channel;
 pub mod contract;
 
+/// What `katalite-init --version` prints. katalite's build script finds this text in the
+/// init it embeds, so `katalite --version` names the init's version from the binary itself;
+/// the newline is part of it because string constants sit back to back in the binary.
+pub const INIT_VERSION: &str = concat!("katalite-init version ", env!("CARGO_PKG_VERSION"), "\n");
+
 pub use contract::{
     ExecConfig, GuestStatus, NetworkConfig, RunConfig, CONFIG_PATH, INIT_PATH, STATUS_PORT,
 };

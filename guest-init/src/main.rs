@@ -7,6 +7,11 @@ mod pid1;
 
 #[cfg(target_os = "linux")]
 fn main() {
+    // The kernel starts PID 1 without arguments; a person asking for the version is not it.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        print!("{}", guest_init::INIT_VERSION);
+        return;
+    }
     pid1::main()
 }
 

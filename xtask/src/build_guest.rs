@@ -1,7 +1,9 @@
-//! `cargo xtask build-guest`: the guest kernel (vmlinux from the pinned Debian source and
-//! `kernel-config/katalite.config`, or from a user's tree) and the static init, into
-//! `target/guest/` where the katalite build script embeds them.
+//! `cargo xtask build-guest`: the guest kernel (vmlinux from Debian's kernel source of the
+//! pinned series and `kernel-config/katalite.config`, or from a user's tree) and the static
+//! init, into `target/guest/` where the katalite build script embeds them. Kernels built
+//! from Debian's source are kept in the user cache, so a fresh clone does not rebuild one.
 
+mod cache;
 mod elf;
 mod init;
 mod kconfig;
@@ -19,13 +21,14 @@ use anyhow::{ensure, Context, Result};
 
 use kconfig::Config;
 use source::Pin;
+use stamp::{KernelSource, Stamp};
 
 /// Options of `build-guest`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Build the kernel from this Linux tree instead of the pinned Debian source (for
-    /// example a PVM-enabled tree); the output defaults to target/guest/custom/.
-    #[arg(long, value_name = "DIR")]
+    /// Build the kernel from this Linux tree instead of Debian's source; the output
+    /// defaults to target/guest/custom/ (for example a PVM-enabled tree).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["locked", "update_pin"])]
     pub kernel_source: Option<PathBuf>,
     /// A Kconfig fragment merged on top of kernel-config/katalite.config (for example
     /// `CONFIG_PVM_GUEST=y`; setting an option to n also waives it for trees that lack it);
@@ -35,9 +38,16 @@ pub struct Args {
     /// Output directory for `vmlinux` and `katalite-init` (default: target/guest/).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Rebuild the kernel even when its cache stamp is current.
+    /// Build the kernel even when this output or the user cache already has it.
+    #[arg(long, alias = "force")]
+    pub no_cache: bool,
+    /// Refuse a kernel source tarball that is not exactly the one in
+    /// kernel-config/source.toml (reproducible builds).
+    #[arg(long, conflicts_with = "update_pin")]
+    pub locked: bool,
+    /// Record the installed kernel source tarball in kernel-config/source.toml, then build.
     #[arg(long)]
-    pub force: bool,
+    pub update_pin: bool,
 }
 
 /// Builds the guest artifacts.
@@ -58,12 +68,6 @@ pub fn run(args: &Args) -> Result<()> {
     let build_dir = guest.join("build");
     fs::create_dir_all(&build_dir)
         .with_context(|| format!("cannot create {}", build_dir.display()))?;
-    // Custom kernels keep their objects beside their output so the default ones stay intact.
-    let objects = if custom {
-        out.join("build")
-    } else {
-        build_dir.join("obj")
-    };
 
     let pin_path = workspace.join("kernel-config/source.toml");
     let pin = Pin::load(&pin_path)?;
@@ -74,36 +78,63 @@ pub fn run(args: &Args) -> Result<()> {
     prereq::ensure_packages(&packages)?;
     prereq::ensure_musl_target(&workspace)?;
 
+    let kernel_cache = cache::dir()?;
     let request = requested_options(&workspace, args.config_fragment.as_deref())?;
-    let (tree, identity) = match &args.kernel_source {
+    // The Debian tarball in use, or None for a user's tree.
+    let (source, installed) = match &args.kernel_source {
         Some(dir) => {
-            let tree = dir
+            let path = dir
                 .canonicalize()
                 .with_context(|| format!("cannot resolve {}", dir.display()))?;
-            let version = source::tree_version(&tree)?;
-            let identity = format!("tree {} {version}", tree.display());
-            (tree, identity)
+            let upstream_version = source::tree_version(&path)?;
+            let tree = KernelSource::Tree {
+                path,
+                upstream_version,
+            };
+            (tree, None)
         }
         None => {
-            let sha256 = pin.verify(&build_dir.join("tarball.sha256"))?;
-            let tree = pin.unpack(&sha256, &build_dir, &build_dir.join("obj"))?;
-            let identity = format!("debian {} {} {sha256}", pin.package, pin.upstream_version);
-            (tree, identity)
+            let memo = kernel_cache.join(format!("{}.sha256", pin.package));
+            let installed = pin.installed(&memo)?;
+            check_pin(args, &pin, &pin_path, &installed)?;
+            (KernelSource::debian(&installed), Some(installed))
         }
     };
-    println!("build-guest: kernel source {identity}");
+    println!("build-guest: kernel source {}", source.describe());
 
     let vmlinux = out.join("vmlinux");
     let stamp_path = out.join("vmlinux.stamp");
-    let key = stamp::kernel_key(&identity, &request);
-    if !args.force && stamp::is_fresh(&stamp_path, &key, &vmlinux) {
+    let stamp = Stamp::new(source, &request, stamp::toolchain()?);
+    let shared = stamp.source.is_content_addressed();
+    if !args.no_cache && stamp.is_fresh(&stamp_path, &vmlinux) {
         println!(
             "build-guest: vmlinux is up to date ({} bytes)",
+            fs::metadata(&vmlinux)?.len()
+        );
+    } else if !args.no_cache && shared && cache::restore(&kernel_cache, &stamp, &out)? {
+        println!(
+            "build-guest: vmlinux from the cache {} ({} bytes), not compiled",
+            kernel_cache.join(&stamp.key).display(),
             fs::metadata(&vmlinux)?.len()
         );
     } else {
         // A failed build must not leave a stamp that vouches for an older vmlinux.
         let _ = fs::remove_file(&stamp_path);
+        // Custom kernels keep their objects beside their output so the default ones stay.
+        let objects = if custom {
+            out.join("build")
+        } else {
+            build_dir.join("obj")
+        };
+        let tree = match (&stamp.source, &installed) {
+            (KernelSource::Tree { path, .. }, _) => path.clone(),
+            (KernelSource::Debian { .. }, installed) => {
+                let installed = installed
+                    .as_ref()
+                    .context("no Debian source is installed")?;
+                pin.unpack(installed, &build_dir, &build_dir.join("obj"))?
+            }
+        };
         let jobs = std::thread::available_parallelism().map_or(1, usize::from);
         let report = kernel::build(&kernel::Job {
             tree: &tree,
@@ -112,7 +143,7 @@ pub fn run(args: &Args) -> Result<()> {
             vmlinux: &vmlinux,
             jobs,
         })?;
-        stamp::record(&stamp_path, &key)?;
+        stamp.write(&stamp_path)?;
         println!(
             "build-guest: vmlinux built in {:.0?} with -j{jobs}: {} bytes linked, {} bytes \
              stripped -> {}",
@@ -121,6 +152,10 @@ pub fn run(args: &Args) -> Result<()> {
             report.stripped,
             vmlinux.display()
         );
+        if shared {
+            let entry = cache::store(&kernel_cache, &stamp, &out)?;
+            println!("build-guest: cached as {}", entry.display());
+        }
     }
 
     let init_started = Instant::now();
@@ -134,6 +169,34 @@ pub fn run(args: &Args) -> Result<()> {
         init_path.display()
     );
     println!("build-guest: done in {:.1?}", started.elapsed());
+    Ok(())
+}
+
+/// Applies `--locked` and `--update-pin` to the installed source, or says how it differs
+/// from the pin when neither is given.
+fn check_pin(args: &Args, pin: &Pin, pin_path: &Path, installed: &source::Installed) -> Result<()> {
+    if args.locked {
+        return pin.check_locked(installed);
+    }
+    if pin.matches(installed) {
+        return Ok(());
+    }
+    if args.update_pin {
+        pin.updated(installed).save(pin_path)?;
+        println!(
+            "build-guest: {} now pins {} {} (was {})",
+            pin_path.display(),
+            installed.package,
+            installed.debian_version,
+            pin.debian_version
+        );
+    } else {
+        println!(
+            "build-guest: note: the installed {} {} is not the pinned {} (accepted: same \
+             series {}, authenticated by apt; `--update-pin` records it, `--locked` refuses it)",
+            installed.package, installed.debian_version, pin.debian_version, pin.series
+        );
+    }
     Ok(())
 }
 

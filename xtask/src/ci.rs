@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -18,11 +19,20 @@ pub struct Args {
     pub no_e2e: bool,
 }
 
-/// Runs every gate and test; the first failure stops the run.
+/// Runs every gate and test; the first failure stops the run. Each step prints how long
+/// it took, and the run its total: a clean-clone CI run must stay within its budget.
 pub fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
+    let result = run_steps(args);
+    let verdict = if result.is_ok() { "ok" } else { "FAILED" };
+    println!("ci: total: {verdict} ({})", duration(started.elapsed()));
+    result
+}
+
+fn run_steps(args: &Args) -> Result<()> {
     let root = workspace_root()?;
     ensure_musl_target()?;
-    step("format", cargo(&root, &["fmt", "--all", "--check"]))?;
+    step("format", || cargo(&root, &["fmt", "--all", "--check"]))?;
     let clippy = [
         "clippy",
         "--workspace",
@@ -32,11 +42,11 @@ pub fn run(args: &Args) -> Result<()> {
         "-D",
         "warnings",
     ];
-    step("clippy", cargo(&root, &clippy))?;
+    step("clippy", || cargo(&root, &clippy))?;
     // The real registries (plain, and basic auth over TLS with a self-made CA) serve the
     // integration tests on the host and, through QEMU's user network, the lab.
     let registries = ["registry", "start", "--tls-auth"];
-    step("local test registries", xtask(&root, &registries))?;
+    step("local test registries", || xtask(&root, &registries))?;
     let result = tests_with_registry(&root, args);
     let stopped = xtask(&root, &["registry", "stop", "--tls-auth"]);
     result.and(stopped)
@@ -52,21 +62,40 @@ fn tests_with_registry(root: &Path, args: &Args) -> Result<()> {
     if std::env::var_os("LAB_SMP").is_none() {
         std::env::set_var("LAB_SMP", "1");
     }
-    step("unit and host tests", cargo(root, &["test", "--workspace"]))?;
-    step("guest build", xtask(root, &["build-guest"]))?;
-    step("static release build", static_release_build(root))?;
+    step("unit and host tests", || {
+        cargo(root, &["test", "--workspace"])
+    })?;
+    step("guest build", || xtask(root, &["build-guest"]))?;
+    step("static release build", || static_release_build(root))?;
     if args.no_e2e {
         println!("ci: end-to-end tests skipped (--no-e2e)");
         return Ok(());
     }
-    step("end-to-end tests in the lab", xtask(root, &["lab", "e2e"]))
+    step("end-to-end tests in the lab", || {
+        xtask(root, &["lab", "e2e"])
+    })
 }
 
-fn step(name: &str, result: Result<()>) -> Result<()> {
+/// Runs one named step, printing its start, its end and how long it took.
+fn step(name: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
     println!("ci: ==> {name}");
-    result.with_context(|| format!("ci step failed: {name}"))?;
-    println!("ci: <== {name}: ok");
-    Ok(())
+    let started = Instant::now();
+    let result = body();
+    let took = duration(started.elapsed());
+    match &result {
+        Ok(()) => println!("ci: <== {name}: ok ({took})"),
+        Err(_) => println!("ci: <== {name}: FAILED ({took})"),
+    }
+    result.with_context(|| format!("ci step failed: {name}"))
+}
+
+/// `3 min 12 s`, or `42 s` under a minute.
+fn duration(elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs();
+    match seconds / 60 {
+        0 => format!("{seconds} s"),
+        minutes => format!("{minutes} min {} s", seconds % 60),
+    }
 }
 
 /// The repository root (the parent of `xtask/`).
@@ -176,6 +205,23 @@ mod tests {
         let own = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
         // Test binaries on the gnu target are dynamically linked.
         assert!(has_interpreter(&own).expect("parse"));
+    }
+
+    #[test]
+    fn durations_read_like_the_issue_asks() {
+        assert_eq!(duration(Duration::from_millis(42_900)), "42 s");
+        assert_eq!(duration(Duration::from_secs(192)), "3 min 12 s");
+        assert_eq!(duration(Duration::from_secs(3600)), "60 min 0 s");
+    }
+
+    #[test]
+    fn a_failed_step_is_reported_and_named() {
+        assert!(step("passing", || Ok(())).is_ok());
+        let error = step("broken", || bail!("boom")).expect_err("fails");
+        assert!(
+            format!("{error:#}").contains("ci step failed: broken"),
+            "{error:#}"
+        );
     }
 
     #[test]

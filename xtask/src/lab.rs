@@ -190,7 +190,9 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
     let began = Instant::now();
     cache::remove_abandoned(&paths.cache, ABANDONED_AFTER);
     packages::ensure(packages::LAB_PACKAGES)?;
-    let kernel = kernel::prepare(&paths.cache).context("cannot prepare the L1 kernel")?;
+    // The downloaded L1 kernel is the same for every clone: it lives in the user cache.
+    let downloads = crate::user_cache::section("lab")?;
+    let kernel = kernel::prepare(&downloads).context("cannot prepare the L1 kernel")?;
     let base = initramfs::base(&paths.cache, &kernel).context("cannot build the L1 initramfs")?;
     let token = run_token();
     let env = format!(

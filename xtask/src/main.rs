@@ -7,6 +7,7 @@ mod dist;
 mod images;
 mod lab;
 mod registry;
+mod user_cache;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -1,5 +1,12 @@
-//! The guest kernel source: Debian's tarball pinned by `kernel-config/source.toml`, checked
-//! against its sha256 and unpacked once; or a user's Linux tree given with `--kernel-source`.
+//! The guest kernel source: Debian's `linux-source-X.Y` tarball of the LTS series named in
+//! `kernel-config/source.toml`, or a user's Linux tree given with `--kernel-source`.
+//!
+//! Debian's security archive serves only the newest revision of a series, so an exact pin
+//! cannot be installed once Debian moves on. apt already authenticates the package (signed
+//! Release files, package checksums), so by default any revision of the pinned series is
+//! accepted and the one used is recorded; `--locked` insists on the exact pin (reproducible
+//! builds) and `--update-pin` rewrites the pin to what is installed. A series change
+//! (6.12 -> 6.18) stays a deliberate edit of the pin file.
 
 use std::fs;
 use std::io::Read;
@@ -8,24 +15,49 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// `kernel-config/source.toml`: which Debian package and tarball the kernel is built from.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// `kernel-config/source.toml`: which Debian package, series and tarball the kernel is built
+/// from, and the revision last recorded.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Pin {
     /// Debian package that installs the tarball, e.g. `linux-source-6.12`.
     pub package: String,
-    /// The package version the pin was taken from (`dpkg-query -W`).
+    /// The LTS series every accepted revision belongs to, e.g. `6.12`.
+    pub series: String,
+    /// The package version recorded last (`dpkg-query -W`).
     pub debian_version: String,
-    /// The kernel version in the tarball's Makefile, e.g. `6.12.117`.
+    /// The kernel version in that tarball's Makefile, e.g. `6.12.117`.
     pub upstream_version: String,
     /// Where the package puts the tarball.
     pub tarball: PathBuf,
+    /// Lowercase hex sha256 of the recorded tarball.
+    pub sha256: String,
+}
+
+/// The tarball actually installed: what a build used and records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Debian package name.
+    pub package: String,
+    /// The installed package version, e.g. `6.12.118-1~deb12u1`.
+    pub debian_version: String,
+    /// The upstream kernel version of that package, e.g. `6.12.118`.
+    pub upstream_version: String,
     /// Lowercase hex sha256 of the tarball.
     pub sha256: String,
 }
+
+/// The text written by `--update-pin` before the fields.
+const PIN_HEADER: &str = "\
+# The guest kernel source: Debian's linux-source package (Linux LTS plus Debian's fixes).
+# `cargo xtask build-guest` accepts any installed revision of `series` (apt authenticates
+# the package) and records the one it used; `--locked` refuses a tarball that is not the one
+# below, and `--update-pin` rewrites this file to the installed revision. Changing the
+# series (package, series, tarball) is a deliberate edit: check the config fragment builds.
+";
 
 impl Pin {
     /// Reads and parses the pin file.
@@ -41,41 +73,103 @@ impl Pin {
             pin.sha256.len() == 64 && pin.sha256.bytes().all(|b| b.is_ascii_hexdigit()),
             "sha256 must be 64 hex digits"
         );
+        ensure!(
+            in_series(&pin.upstream_version, &pin.series),
+            "upstream_version {} is not of series {}",
+            pin.upstream_version,
+            pin.series
+        );
         Ok(pin)
     }
 
-    /// Hashes the installed tarball and fails, explaining how to update the pin, when it is
-    /// not the pinned one. Returns the hash.
-    pub fn verify(&self, memo: &Path) -> Result<String> {
-        let actual = sha256_file_memo(&self.tarball, memo)?;
-        if actual.eq_ignore_ascii_case(&self.sha256) {
-            return Ok(actual);
+    /// Identifies the installed tarball: its package version (dpkg), the upstream version
+    /// that implies, and its sha256 (memoised in `memo`). Fails when it is not of the series.
+    pub fn installed(&self, memo: &Path) -> Result<Installed> {
+        let sha256 = sha256_file_memo(&self.tarball, memo)?;
+        let debian_version = installed_version(&self.package).with_context(|| {
+            format!(
+                "{} exists but dpkg does not list {} as installed",
+                self.tarball.display(),
+                self.package
+            )
+        })?;
+        self.identify(&debian_version, sha256)
+    }
+
+    fn identify(&self, debian_version: &str, sha256: String) -> Result<Installed> {
+        let upstream_version = upstream_of(debian_version)
+            .with_context(|| format!("cannot read a kernel version from {debian_version}"))?;
+        ensure!(
+            in_series(&upstream_version, &self.series),
+            "installed {} {debian_version} is Linux {upstream_version}, not of the series {} \
+             in kernel-config/source.toml (a series change is a deliberate edit of that file)",
+            self.package,
+            self.series
+        );
+        Ok(Installed {
+            package: self.package.clone(),
+            debian_version: debian_version.to_owned(),
+            upstream_version,
+            sha256,
+        })
+    }
+
+    /// True when `installed` is exactly the recorded tarball.
+    pub fn matches(&self, installed: &Installed) -> bool {
+        installed.sha256.eq_ignore_ascii_case(&self.sha256)
+    }
+
+    /// `--locked`: fails in one line naming both versions unless `installed` is the pin.
+    pub fn check_locked(&self, installed: &Installed) -> Result<()> {
+        if self.matches(installed) {
+            return Ok(());
         }
-        let installed = installed_version(&self.package)
-            .unwrap_or_else(|| "unknown (dpkg-query failed)".to_owned());
         bail!(
-            "{tarball} does not match the pin in kernel-config/source.toml: the Debian package \
-             {package} changed (installed {installed}, pinned {pinned}).\n  tarball sha256: \
-             {actual}\n  pinned sha256:  {expected}\nTo move to the new version, review its \
-             changelog, then set debian_version = \"{installed}\", upstream_version (the \
-             VERSION.PATCHLEVEL.SUBLEVEL in the tarball's Makefile) and sha256 = \"{actual}\" \
-             in kernel-config/source.toml, and rebuild.",
-            tarball = self.tarball.display(),
+            "--locked: installed {package} {installed_version} (sha256 {installed_sha}) is not \
+             the pinned {pinned_version} (sha256 {pinned_sha}) of kernel-config/source.toml; \
+             record it with `cargo xtask build-guest --update-pin`",
             package = self.package,
-            pinned = self.debian_version,
-            expected = self.sha256,
+            installed_version = installed.debian_version,
+            installed_sha = short(&installed.sha256),
+            pinned_version = self.debian_version,
+            pinned_sha = short(&self.sha256),
         )
     }
 
-    /// Unpacks the tarball under `build_dir` unless the tree there came from `sha256`;
+    /// The pin recording `installed` (same package, series and tarball path).
+    pub fn updated(&self, installed: &Installed) -> Self {
+        Self {
+            debian_version: installed.debian_version.clone(),
+            upstream_version: installed.upstream_version.clone(),
+            sha256: installed.sha256.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// Writes the pin file (through a temporary file and a rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = format!("{PIN_HEADER}{}", toml::to_string(self)?);
+        let partial = path.with_extension("toml.partial");
+        fs::write(&partial, text).with_context(|| format!("cannot write {}", partial.display()))?;
+        fs::rename(&partial, path).with_context(|| format!("cannot replace {}", path.display()))
+    }
+
+    /// Unpacks the tarball under `build_dir` unless the tree there came from `installed`;
     /// returns the source directory. A new tarball also discards `stale_objects`.
-    pub fn unpack(&self, sha256: &str, build_dir: &Path, stale_objects: &Path) -> Result<PathBuf> {
+    pub fn unpack(
+        &self,
+        installed: &Installed,
+        build_dir: &Path,
+        stale_objects: &Path,
+    ) -> Result<PathBuf> {
         let tree = build_dir.join(&self.package);
         let marker = build_dir.join(format!("{}.unpacked", self.package));
+        let sha256 = installed.sha256.as_str();
         if tree.is_dir() && fs::read_to_string(&marker).is_ok_and(|m| m.trim() == sha256) {
             return Ok(tree);
         }
         println!("build-guest: unpacking {}", self.tarball.display());
+        let _ = fs::remove_file(&marker);
         let scratch = build_dir.join("unpack.tmp");
         for stale in [tree.as_path(), scratch.as_path(), stale_objects] {
             if stale.exists() {
@@ -103,14 +197,44 @@ impl Pin {
         fs::remove_dir_all(&scratch).context("cannot remove the unpack scratch directory")?;
         let version = tree_version(&tree)?;
         ensure!(
-            version == self.upstream_version,
-            "{} contains Linux {version}, but kernel-config/source.toml pins {}",
+            version == installed.upstream_version,
+            "{} contains Linux {version}, but its package {} {} says {}",
             self.tarball.display(),
-            self.upstream_version
+            self.package,
+            installed.debian_version,
+            installed.upstream_version
         );
         fs::write(&marker, sha256).context("cannot write the unpack marker")?;
         Ok(tree)
     }
+}
+
+/// The upstream kernel version of a Debian package version: `6.12.118-1~deb12u1` (an epoch
+/// `N:` would come first) gives `6.12.118`.
+fn upstream_of(debian_version: &str) -> Option<String> {
+    let without_epoch = debian_version
+        .split_once(':')
+        .map_or(debian_version, |(_, rest)| rest);
+    let upstream = without_epoch.split('-').next()?;
+    let numeric = !upstream.is_empty()
+        && upstream.split('.').count() >= 2
+        && upstream
+            .split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+    numeric.then(|| upstream.to_owned())
+}
+
+/// True when `version` (e.g. `6.12.118`) is `series` (e.g. `6.12`) or one of its revisions.
+fn in_series(version: &str, series: &str) -> bool {
+    version == series
+        || version
+            .strip_prefix(series)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// The first 12 hex digits of a hash, for messages.
+pub fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 /// The release of a Linux tree from its top-level Makefile: `VERSION.PATCHLEVEL.SUBLEVEL`
@@ -211,17 +335,42 @@ mod tests {
     fn the_committed_pin_parses() {
         let pin = Pin::parse(include_str!("../../../kernel-config/source.toml")).expect("pin");
         assert_eq!(pin.package, "linux-source-6.12");
+        assert_eq!(pin.series, "6.12");
         assert!(pin.upstream_version.starts_with("6.12."));
     }
 
+    const GOOD: &str = "package = \"p\"\nseries = \"6.12\"\ndebian_version = \"1\"\n\
+                        upstream_version = \"6.12.1\"\ntarball = \"/x.tar.xz\"\n";
+
     #[test]
-    fn pin_rejects_bad_hash_and_unknown_fields() {
-        let good = "package = \"p\"\ndebian_version = \"1\"\nupstream_version = \"6.12.1\"\n\
-                    tarball = \"/x.tar.xz\"\n";
+    fn pin_rejects_bad_hash_unknown_fields_and_other_series() {
         let hash = "a".repeat(64);
-        assert!(Pin::parse(&format!("{good}sha256 = \"{hash}\"\n")).is_ok());
-        assert!(Pin::parse(&format!("{good}sha256 = \"abc\"\n")).is_err());
-        assert!(Pin::parse(&format!("{good}sha256 = \"{hash}\"\nextra = 1\n")).is_err());
+        assert!(Pin::parse(&format!("{GOOD}sha256 = \"{hash}\"\n")).is_ok());
+        assert!(Pin::parse(&format!("{GOOD}sha256 = \"abc\"\n")).is_err());
+        assert!(Pin::parse(&format!("{GOOD}sha256 = \"{hash}\"\nextra = 1\n")).is_err());
+        let other = GOOD.replace("6.12.1\"", "6.18.1\"");
+        assert!(Pin::parse(&format!("{other}sha256 = \"{hash}\"\n")).is_err());
+    }
+
+    #[test]
+    fn upstream_versions_come_from_debian_versions() {
+        assert_eq!(
+            upstream_of("6.12.118-1~deb12u1").as_deref(),
+            Some("6.12.118")
+        );
+        assert_eq!(upstream_of("1:6.12.5-2").as_deref(), Some("6.12.5"));
+        assert_eq!(upstream_of("6.12-1").as_deref(), Some("6.12"));
+        assert_eq!(upstream_of("6.12.x-1"), None);
+        assert_eq!(upstream_of("6-1"), None);
+        assert_eq!(upstream_of(""), None);
+    }
+
+    #[test]
+    fn series_membership_is_by_whole_components() {
+        assert!(in_series("6.12.118", "6.12"));
+        assert!(in_series("6.12", "6.12"));
+        assert!(!in_series("6.120.1", "6.12"));
+        assert!(!in_series("6.18.2", "6.12"));
     }
 
     #[test]
@@ -244,7 +393,8 @@ mod tests {
     fn pin_for(tarball: &Path, sha256: &str) -> Pin {
         Pin {
             package: "linux-source-test".into(),
-            debian_version: "1.0-1".into(),
+            series: "6.12".into(),
+            debian_version: "6.12.7-1".into(),
             upstream_version: "6.12.7".into(),
             tarball: tarball.to_path_buf(),
             sha256: sha256.into(),
@@ -252,26 +402,48 @@ mod tests {
     }
 
     #[test]
-    fn mismatch_explains_how_to_update_the_pin() {
+    fn another_revision_of_the_series_is_accepted_but_not_when_locked() {
+        let pin = pin_for(Path::new("/x.tar.xz"), &"0".repeat(64));
+        let newer = pin
+            .identify("6.12.9-1~deb12u1", "b".repeat(64))
+            .expect("same series");
+        assert_eq!(newer.upstream_version, "6.12.9");
+        assert!(!pin.matches(&newer));
+        let message = pin.check_locked(&newer).expect_err("locked").to_string();
+        assert!(!message.contains('\n'), "one line: {message}");
+        assert!(message.contains("6.12.9-1~deb12u1"), "{message}");
+        assert!(message.contains("6.12.7-1"), "{message}");
+        assert!(message.contains("--update-pin"), "{message}");
+        let updated = pin.updated(&newer);
+        assert!(updated.check_locked(&newer).is_ok());
+        assert_eq!(updated.debian_version, "6.12.9-1~deb12u1");
+        assert_eq!(updated.upstream_version, "6.12.9");
+        assert_eq!(updated.sha256, "b".repeat(64));
+        let error = pin
+            .identify("6.18.1-1", "c".repeat(64))
+            .expect_err("series");
+        assert!(error.to_string().contains("series 6.12"), "{error}");
+    }
+
+    #[test]
+    fn an_updated_pin_round_trips_through_its_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tarball = dir.path().join("linux.tar.xz");
-        fs::write(&tarball, b"not the pinned tarball").expect("write");
-        let pin = pin_for(&tarball, &"0".repeat(64));
-        let message = pin
-            .verify(&dir.path().join("memo"))
-            .expect_err("hash differs")
-            .to_string();
-        assert!(
-            message.contains("package linux-source-test changed"),
-            "{message}"
-        );
-        assert!(
-            message.contains(&sha256_hex(b"not the pinned tarball")),
-            "{message}"
-        );
-        assert!(message.contains("kernel-config/source.toml"), "{message}");
-        let good = pin_for(&tarball, &sha256_hex(b"not the pinned tarball"));
-        assert!(good.verify(&dir.path().join("memo")).is_ok());
+        let path = dir.path().join("source.toml");
+        let pin = pin_for(Path::new("/usr/src/x.tar.xz"), &"d".repeat(64));
+        pin.save(&path).expect("save");
+        let text = fs::read_to_string(&path).expect("read");
+        assert!(text.starts_with("# The guest kernel source"), "{text}");
+        assert_eq!(Pin::load(&path).expect("load"), pin);
+        assert!(!path.with_extension("toml.partial").exists());
+    }
+
+    fn installed_for(pin: &Pin, sha256: &str) -> Installed {
+        Installed {
+            package: pin.package.clone(),
+            debian_version: pin.debian_version.clone(),
+            upstream_version: pin.upstream_version.clone(),
+            sha256: sha256.into(),
+        }
     }
 
     #[test]
@@ -295,27 +467,28 @@ mod tests {
         fs::create_dir_all(&objects).expect("mkdir");
         let sha = sha256_hex(&fs::read(&tarball).expect("read"));
         let pin = pin_for(&tarball, &sha);
+        let installed = installed_for(&pin, &sha);
 
-        let tree = pin.unpack(&sha, &build, &objects).expect("unpack");
+        let tree = pin.unpack(&installed, &build, &objects).expect("unpack");
         assert_eq!(tree_version(&tree).expect("version"), "6.12.7");
         assert!(!objects.exists(), "objects of another tree must go");
         // Unchanged tarball: the tree is reused, so a file added to it survives.
         fs::write(tree.join("built-here"), b"").expect("write");
-        pin.unpack(&sha, &build, &objects).expect("second unpack");
+        pin.unpack(&installed, &build, &objects)
+            .expect("second unpack");
         assert!(tree.join("built-here").exists());
         // A different tarball hash unpacks afresh.
-        pin.unpack(&"f".repeat(64), &build, &objects)
-            .expect("new tarball");
+        let other = installed_for(&pin, &"f".repeat(64));
+        pin.unpack(&other, &build, &objects).expect("new tarball");
         assert!(!tree.join("built-here").exists());
 
-        let wrong = Pin {
+        let wrong = Installed {
             upstream_version: "6.12.8".into(),
-            ..pin
+            sha256: "e".repeat(64),
+            ..installed
         };
-        let error = wrong
-            .unpack("other", &build, &objects)
-            .expect_err("version");
-        assert!(error.to_string().contains("pins 6.12.8"), "{error}");
+        let error = pin.unpack(&wrong, &build, &objects).expect_err("version");
+        assert!(error.to_string().contains("says 6.12.8"), "{error}");
     }
 
     #[test]

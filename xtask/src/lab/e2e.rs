@@ -34,7 +34,8 @@ pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
 /// messages (the file name carries a hash).
 fn build_tests(paths: &Paths) -> Result<PathBuf> {
     let output = cargo_musl(paths, "test")
-        .args(["--features", "e2e", "--test", "e2e", "--no-run"])
+        .args(["--package", "katalite-tests", "--features", "e2e"])
+        .args(["--test", "e2e", "--no-run"])
         .arg("--message-format=json")
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -1,5 +1,6 @@
-//! The L1 kernel: Debian's current `linux-image-amd64`, unpacked (not installed) into the
-//! lab cache, and the modules L1 loads from it in dependency order.
+//! The L1 kernel: Debian's current `linux-image-amd64`, downloaded and unpacked (not
+//! installed) once per machine into the user cache (`lab/kernel/<package>/`, shared by
+//! every clone), and the modules L1 loads from it in dependency order.
 //!
 //! Debian's kernel is used because it builds `kvm-amd` and boots under QEMU TCG, whose
 //! emulated SVM gives L1 a real `/dev/kvm`.
