@@ -162,6 +162,18 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     pub boot_probe: bool,
 
+    /// For `cargo xtask bench`: how the image reaches the guest — `disk` (its EROFS image on
+    /// a read-only virtio-blk disk, the default) or `initramfs` (packed and unpacked into
+    /// guest RAM, the path before EROFS), so both can be measured in one run.
+    #[arg(
+        long,
+        hide = true,
+        value_enum,
+        value_name = "PATH",
+        default_value = "disk"
+    )]
+    pub image_root: ImageRoot,
+
     /// For `cargo xtask bench`: write the initramfs this run would boot to FILE, then exit 0
     /// without booting (so another VMM can boot the very same bytes).
     #[arg(long, hide = true, value_name = "FILE")]
@@ -175,6 +187,15 @@ pub struct RunArgs {
     /// (default: the image's entrypoint and command).
     #[arg(value_name = "ARG", trailing_var_arg = true)]
     pub image_and_command: Vec<String>,
+}
+
+/// How an image's root filesystem reaches the guest (`--image-root`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageRoot {
+    /// The image's EROFS disk image, attached read-only.
+    Disk,
+    /// The image packed as an initramfs.
+    Initramfs,
 }
 
 impl RunArgs {

@@ -86,6 +86,18 @@ pub fn resolve(
     policy: PullPolicy,
     fetch: &FetchArgs,
 ) -> Result<PulledImage> {
+    resolve_verified(store, image, policy, fetch, true)
+}
+
+/// [`resolve`], re-hashing the cached layers only when `verify_cached_layers` (a caller
+/// that will not read the layers, e.g. because their disk image is cached, skips it).
+pub fn resolve_verified(
+    store: &Store,
+    image: &str,
+    policy: PullPolicy,
+    fetch: &FetchArgs,
+    verify_cached_layers: bool,
+) -> Result<PulledImage> {
     let source = ImageSource::parse(image).context("invalid image")?;
     let platform = match &fetch.platform {
         Some(p) => Platform::parse(p).context("invalid --platform")?,
@@ -96,7 +108,7 @@ pub fn resolve(
         platform,
         registries: registry_config(fetch)?,
         progress: Progress::stderr(fetch.quiet),
-        verify_cached_layers: true,
+        verify_cached_layers,
     };
     source::pull(&source, store, &opts).with_context(|| format!("cannot get image {source}"))
 }

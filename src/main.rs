@@ -5,6 +5,7 @@ mod attach;
 mod cli;
 mod embedded;
 mod exec;
+mod guest_root;
 mod image_cmds;
 mod lifecycle;
 mod network;

@@ -8,16 +8,15 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use guest_init::{RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
-use imagebuilder::pack::{packed_initramfs, PackOptions};
-use imagebuilder::progress::Progress;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
-use vmm::VmConfig;
+use vmm::{DiskConfig, VmConfig};
 
 use crate::attach::{self, Session};
 use crate::cli::RunArgs;
+use crate::guest_root::{self, GuestRoot, RootDisk, ROOT_DISK};
 use crate::lifecycle::supervise;
-use crate::{embedded, image_cmds, network, terminal};
+use crate::{embedded, network, terminal};
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
 /// console's used-buffer interrupts often find nothing left to do, which is expected).
@@ -40,7 +39,10 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     }
     if let Some(path) = &args.write_initramfs {
         let env_files = read_env_files(&args.env_file)?;
-        let (rootfs, run_archive, _) = initramfs(args, env_files, &container_id()?)?;
+        let (root, run_archive, _) = boot_images(args, env_files, &container_id()?)?;
+        let GuestRoot::Archive(rootfs) = root else {
+            bail!("--write-initramfs needs an initramfs root");
+        };
         std::fs::write(path, padded_concat(&[&rootfs, &run_archive]))
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(0);
@@ -53,7 +55,7 @@ pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
     let env_files = read_env_files(&args.env_file)?;
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
-    let (rootfs, run_archive, command) = initramfs(args, env_files, &session.id)?;
+    let (root, run_archive, command) = boot_images(args, env_files, &session.id)?;
     let network = network::attach(&args.network, &args.publish)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
@@ -62,39 +64,79 @@ pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
         (Box::new(ConsoleErrors::default()), QUIET_CMDLINE)
     };
     let cmdline = format!("{GUEST_CMDLINE} {verbosity}");
+    let (rootfs, disks) = match root {
+        GuestRoot::Archive(archive) => (Some(archive), Vec::new()),
+        GuestRoot::Disk(disk) => (None, vec![root_disk_config(disk)]),
+    };
+    let initramfs: Vec<&[u8]> = rootfs
+        .iter()
+        .map(Vec::as_slice)
+        .chain([&run_archive[..]])
+        .collect();
     let vm = VmConfig {
         vcpus: args.cpus,
         memory_mib: args.memory,
         kernel: &kernel,
-        initramfs: &[&rootfs, &run_archive],
+        initramfs: &initramfs,
         cmdline: &cmdline,
         console: Box::new(io::sink()),
         console_input: None,
         stopper: None,
         serial,
         network,
+        disks,
     };
     attach::run_attached(args, &command, vm, session)
 }
 
-/// What the guest kernel unpacks, in order: the root filesystem archive, then the per-run
-/// archive with init and its config.
-/// `id` is the container id (its first 12 digits are the default hostname). Also returns
-/// the workload's argv.
-fn initramfs(
+/// The root filesystem and the per-run archive with init and its config (the kernel
+/// unpacks it after the root's archive, if the root is one). `id` is the container id
+/// (its first 12 digits are the default hostname). Also returns the workload's argv.
+fn boot_images(
     args: &RunArgs,
     env_files: Vec<String>,
     id: &str,
-) -> Result<(Vec<u8>, Vec<u8>, Vec<String>)> {
+) -> Result<(GuestRoot, Vec<u8>, Vec<String>)> {
     let init = embedded::init().context(
         "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
     )?;
-    let (rootfs, image_config) = root_filesystem(args)?;
+    let (root, image_config) = guest_root::prepare(args)?;
     let short_id = &id[..id.len().min(12)];
-    let config = run_config(args, &image_config, env_files, short_id)?;
+    let mut config = run_config(args, &image_config, env_files, short_id)?;
+    if let GuestRoot::Disk(_) = root {
+        config.root_disk = Some(ROOT_DISK.to_string());
+    }
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
-    Ok((rootfs, run_archive, config.args))
+    Ok((root, run_archive, config.args))
 }
+
+/// The VMM's view of the image's disk: read-only, every block verified. A block that fails
+/// verification is an I/O error in the guest and one line here (in `katalite.log` for a
+/// detached container, whose stderr goes there).
+fn root_disk_config(disk: RootDisk) -> DiskConfig {
+    let path = disk.path.display().to_string();
+    // The guest retries failed reads: each bad block is reported once.
+    let reported = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    DiskConfig {
+        file: disk.file,
+        read_only: true,
+        block_hashes: Some(disk.block_hashes),
+        id: "katalite-image".into(),
+        on_corrupt: std::sync::Arc::new(move |block| {
+            let mut reported = reported.lock().unwrap_or_else(|e| e.into_inner());
+            if reported.len() < MAX_REPORTED_BLOCKS && reported.insert(block) {
+                eprintln!(
+                    "katalite: block {block} of disk image {path} failed verification; the \
+                     guest got an I/O error (remove the image with `katalite rmi` and pull it \
+                     again)"
+                );
+            }
+        }),
+    }
+}
+
+/// Corrupt blocks named on stderr per run; a wholly damaged image need not flood the log.
+const MAX_REPORTED_BLOCKS: usize = 16;
 
 /// The archives laid out as the VMM places them in guest memory (vmm's x86 `boot.rs`):
 /// each one zero-padded to a multiple of 4 bytes, as the kernel's unpacker expects
@@ -113,32 +155,6 @@ fn container_id() -> Result<String> {
     let mut bytes = [0u8; 6];
     getrandom::fill(&mut bytes).context("cannot generate a container id")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// The root filesystem archive (a packed `--rootfs` directory, or the image's cached
-/// packed initramfs) and the image's config (empty for a directory).
-fn root_filesystem(args: &RunArgs) -> Result<(Vec<u8>, ImageConfig)> {
-    if let Some(dir) = &args.rootfs {
-        let archive = imagebuilder::pack_dir(dir, Vec::new())
-            .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
-        return Ok((archive, ImageConfig::default()));
-    }
-    let Some(reference) = args.image() else {
-        bail!("\"katalite run\" requires an image (or --rootfs DIR)");
-    };
-    let store = image_cmds::open_store()?;
-    // Keeps a concurrent `rmi` from deleting layers while they are packed.
-    let _hold = store.hold().context("cannot lock the image cache")?;
-    let image = image_cmds::resolve(&store, reference, args.pull, &args.fetch)?;
-    let opts = PackOptions {
-        progress: Progress::stderr(args.fetch.quiet),
-        ..PackOptions::default()
-    };
-    let packed = packed_initramfs(&image, store.root(), &opts)
-        .with_context(|| format!("cannot pack image {reference}"))?;
-    let archive = std::fs::read(&packed)
-        .with_context(|| format!("cannot read packed image {}", packed.display()))?;
-    Ok((archive, image.config))
 }
 
 /// What init runs: the image's defaults overridden by the command line, by Docker's rules.
@@ -174,6 +190,7 @@ fn run_config(
         read_only: args.read_only,
         boot_probe: args.boot_probe,
         network: network::guest_plan(&args.network),
+        root_disk: None,
     })
 }
 

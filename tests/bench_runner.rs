@@ -1,8 +1,8 @@
 //! The lab half of `cargo xtask bench`: a small static program that runs inside L1, executes
 //! the jobs of a plan written by xtask (ready-made argv lists), timestamps what the processes
 //! print and when they exit, and prints one `@@bench:{json}` line per job. Beyond the network
-//! job's HTTP checks it interprets nothing: marker parsing and statistics live in xtask,
-//! where they are unit-tested.
+//! job's HTTP checks and the memory search's bisection on exit statuses it interprets
+//! nothing: marker parsing and statistics live in xtask, where they are unit-tested.
 
 #[path = "bench_runner/net.rs"]
 mod net;
@@ -25,7 +25,8 @@ const MAX_LINES: usize = 40;
 /// Characters kept per output line.
 const MAX_LINE_CHARS: usize = 300;
 
-/// Longest a single process may run before it is killed and its sample marked failed.
+/// Longest a single process may run before it is killed and its sample marked failed,
+/// unless the job sets `timeout_s`.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How often exits are polled; small against boot times of seconds.
@@ -61,20 +62,25 @@ fn run_job(id: &str, job: &Value) -> Result<Vec<Value>> {
     }
     let warmup = job["warmup"].as_u64().unwrap_or(0);
     let repeat = job["repeat"].as_u64().unwrap_or(1);
+    let timeout = job["timeout_s"]
+        .as_u64()
+        .map_or(PROCESS_TIMEOUT, Duration::from_secs);
     let mut samples = Vec::new();
     for round in 0..warmup + repeat {
         eprintln!("bench-runner: {id} {}/{}", round + 1, warmup + repeat);
         let sample = match job["kind"].as_str() {
-            Some("timed") => timed(&argv, false)?,
-            Some("throughput") => timed(&argv, true)?,
+            Some("timed") => timed(&argv, false, timeout)?,
+            Some("throughput") => timed(&argv, true, timeout)?,
             Some("memory") => memory(
                 &argv,
                 job["trigger"]
                     .as_str()
                     .context("memory job without trigger")?,
                 Duration::from_millis(job["settle_ms"].as_u64().unwrap_or(500)),
+                timeout,
             )?,
             Some("parallel") => parallel(&argv, job["count"].as_u64().unwrap_or(1))?,
+            Some("min_memory") => min_memory(&argv, &candidates(job)?, timeout)?,
             Some("network") => net::network(&argv, job)?,
             other => bail!("unknown job kind {other:?}"),
         };
@@ -174,7 +180,7 @@ fn code(status: Option<ExitStatus>) -> Value {
 
 /// Runs `argv` once: every output line timestamped (or, with `count_stdout`, stdout only
 /// counted), and the exit time, all in ms since just before the spawn.
-fn timed(argv: &[String], count_stdout: bool) -> Result<Value> {
+fn timed(argv: &[String], count_stdout: bool, timeout: Duration) -> Result<Value> {
     let (mut child, start) = spawn(argv, Stdio::piped(), Stdio::piped())?;
     let (sender, lines) = mpsc::channel();
     let stdout = child.stdout.take().context("no stdout")?;
@@ -185,7 +191,7 @@ fn timed(argv: &[String], count_stdout: bool) -> Result<Value> {
         None
     };
     read_lines(child.stderr.take().context("no stderr")?, start, sender);
-    let status = wait(&mut child, start + PROCESS_TIMEOUT)?;
+    let status = wait(&mut child, start + timeout)?;
     let exit_ms = ms(start);
     // The readers end at end of file, which follows the exit (no grandchildren hold pipes).
     let lines: Vec<Value> = lines
@@ -206,11 +212,11 @@ fn timed(argv: &[String], count_stdout: bool) -> Result<Value> {
 /// Runs `argv` and, `settle` after a stderr line containing `trigger`, reads the process's
 /// `/proc/PID/status` (its `Vm*` and `Rss*` lines) and the size and resident size of every mapping
 /// in `/proc/PID/smaps` (kB each).
-fn memory(argv: &[String], trigger: &str, settle: Duration) -> Result<Value> {
+fn memory(argv: &[String], trigger: &str, settle: Duration, timeout: Duration) -> Result<Value> {
     let (mut child, start) = spawn(argv, Stdio::null(), Stdio::piped())?;
     let (sender, lines) = mpsc::channel();
     read_lines(child.stderr.take().context("no stderr")?, start, sender);
-    let deadline = start + PROCESS_TIMEOUT;
+    let deadline = start + timeout;
     let triggered = loop {
         match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) if line.text.contains(trigger) => break true,
@@ -257,6 +263,48 @@ fn mappings(smaps: &str) -> Vec<Value> {
         }
     }
     out
+}
+
+/// A `min_memory` job's `candidates_mib`, ascending and not empty.
+fn candidates(job: &Value) -> Result<Vec<u64>> {
+    let list: Vec<u64> = serde_json::from_value(job["candidates_mib"].clone())
+        .context("min_memory job without candidates_mib")?;
+    if list.is_empty() || list.windows(2).any(|w| w[0] >= w[1]) {
+        bail!("candidates_mib must be ascending and not empty: {list:?}");
+    }
+    Ok(list)
+}
+
+/// Finds the smallest of `candidates` (MiB, ascending) with which `argv` exits 0, each
+/// `{memory}` in it replaced by the size: the largest first (if it fails, so would all, as
+/// more memory never hurts), then bisection. Every try is a `timed` sample plus its
+/// `memory_mib`, in order; xtask picks the answer.
+fn min_memory(argv: &[String], candidates: &[u64], timeout: Duration) -> Result<Value> {
+    let mut attempts = Vec::new();
+    let mut passes = |mib: u64| -> Result<bool> {
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|arg| arg.replace("{memory}", &mib.to_string()))
+            .collect();
+        let mut sample = timed(&argv, false, timeout)?;
+        let passed = sample["status"] == 0;
+        sample["memory_mib"] = mib.into();
+        attempts.push(sample);
+        Ok(passed)
+    };
+    let (mut low, mut high) = (0, candidates.len() - 1);
+    if passes(candidates[high])? {
+        // candidates[high] passes; find the first that does in [low, high].
+        while low < high {
+            let mid = (low + high) / 2;
+            if passes(candidates[mid])? {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+    }
+    Ok(json!({ "attempts": attempts }))
 }
 
 /// Starts `count` copies of `argv` at once and returns each status, the stderr of those

@@ -17,6 +17,8 @@ mod options;
 mod signals;
 #[path = "e2e/stdio.rs"]
 mod stdio;
+#[path = "e2e/storage.rs"]
+mod storage;
 #[path = "e2e/tty.rs"]
 mod tty;
 

@@ -90,6 +90,21 @@ pub struct RunConfig {
     /// only the loopback interface. Loopback is up either way.
     #[serde(default)]
     pub network: Option<NetworkConfig>,
+    /// The image's root filesystem as a read-only EROFS disk (the block device's name under
+    /// /dev, e.g. `vda`); init mounts it under an overlay with a tmpfs upper and moves into
+    /// it. `None`: the root filesystem is the initramfs itself.
+    #[serde(default)]
+    pub root_disk: Option<String>,
+}
+
+/// Whether `name` can be a block device name under /dev that init mounts: a short run of
+/// lowercase letters and digits (`vda`), so it can never name a path elsewhere.
+pub fn is_disk_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// A static IPv4 setup for the guest's `eth0`: what a DHCP lease would say, decided by the
@@ -177,13 +192,31 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
                 dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
             }),
+            root_disk: Some("vda".into()),
         };
         let json = serde_json::to_string(&config).expect("serialize");
         assert!(json.contains("\"Args\"") && json.contains("\"WorkingDir\""));
+        assert!(json.contains("\"RootDisk\":\"vda\""));
         assert!(json.contains("\"BootProbe\":true"));
         assert!(json.contains("\"Address\":\"10.0.2.15\""));
         let back: RunConfig = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn disk_names_cannot_leave_dev() {
+        assert!(is_disk_name("vda") && is_disk_name("vdb1"));
+        for bad in [
+            "",
+            "../vda",
+            "vda/x",
+            "VDA",
+            ".",
+            "vda ",
+            "aaaaaaaaaaaaaaaaa",
+        ] {
+            assert!(!is_disk_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

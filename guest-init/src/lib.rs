@@ -11,5 +11,6 @@ pub mod contract;
 pub const INIT_VERSION: &str = concat!("katalite-init version ", env!("CARGO_PKG_VERSION"), "\n");
 
 pub use contract::{
-    ExecConfig, GuestStatus, NetworkConfig, RunConfig, CONFIG_PATH, INIT_PATH, STATUS_PORT,
+    is_disk_name, ExecConfig, GuestStatus, NetworkConfig, RunConfig, CONFIG_PATH, INIT_PATH,
+    STATUS_PORT,
 };

@@ -12,6 +12,7 @@ mod mounts;
 mod network;
 mod relay;
 mod report;
+mod root;
 mod session;
 mod signals;
 mod users;
@@ -32,6 +33,7 @@ use exec::{Container, Execs};
 use mounts::MountError;
 use network::NetError;
 use relay::{Relay, RelayError, WORKLOAD};
+use root::RootError;
 use signals::{SignalError, Signals};
 use users::UserError;
 use workload::WorkloadError;
@@ -49,6 +51,8 @@ const DRAIN_IDLE: Duration = Duration::from_secs(5);
 enum InitError {
     #[error(transparent)]
     Mount(#[from] MountError),
+    #[error(transparent)]
+    Root(#[from] RootError),
     #[error(transparent)]
     Console(#[from] ConsoleError),
     #[error(transparent)]
@@ -83,11 +87,21 @@ pub fn main() {
 }
 
 fn run() -> Result<GuestStatus, InitError> {
-    mounts::mount_kernel_filesystems()?;
+    // The config says where the root is, so it is read first, from the initramfs; a failure
+    // to read it is reported once a console exists.
+    let config = read_config();
+    let root_disk = config.as_ref().ok().and_then(|c| c.root_disk.as_deref());
+    if let Some(disk) = root_disk {
+        root::mount_early_dev()?;
+        console::ensure_std_fds();
+        let read_only = config.as_ref().is_ok_and(|c| c.read_only);
+        root::enter(disk, read_only)?;
+    }
+    mounts::mount_kernel_filesystems(root_disk.is_none())?;
     console::ensure_std_fds();
     let signals = Signals::install()?;
     let channel = console::open_channel()?;
-    let config = read_config()?;
+    let config = config?;
     if config.boot_probe {
         console::log("probe init");
     }

@@ -1,10 +1,13 @@
-//! From image to initramfs: OCI references and registry pulls, local image sources, the
-//! content-addressed cache, and the packing of layers (or a host directory) into the
-//! compressed newc cpio the Linux kernel unpacks. Never sees KVM.
+//! From image to initramfs or disk: OCI references and registry pulls, local image
+//! sources, the content-addressed cache, and the packing of layers (or a host directory)
+//! into the compressed newc cpio the Linux kernel unpacks, or of layers into an EROFS
+//! image with a per-block SHA-256 list. Never sees KVM.
 
 pub mod config;
 pub mod cpio;
 pub mod digest;
+pub mod disk;
+pub mod erofs;
 pub mod image;
 pub mod layers;
 pub mod limits;
@@ -19,4 +22,6 @@ pub mod store;
 pub mod tls_roots;
 
 pub use cpio::{CpioError, CpioWriter, Entry, EntryKind};
+pub use disk::{disk_image, DiskError, DiskImage, DiskOptions};
+pub use erofs::{write_erofs, ErofsError, ErofsStats};
 pub use rootfs_dir::{pack_dir, PackError};

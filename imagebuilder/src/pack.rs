@@ -131,7 +131,7 @@ pub fn packed_initramfs(
     if let Some(path) = find_intact(&dir, &key)? {
         return Ok(path);
     }
-    remove_stale_temps(&dir);
+    remove_stale_temps(&dir, TEMP_PREFIX);
     let temp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
         .tempfile_in(&dir)
@@ -211,8 +211,17 @@ fn compress<W: Write>(
 /// form a path (`/`, `..` alone) is rejected by the digest grammar (image-spec
 /// `descriptor.md`: algorithm `[a-z0-9+._-]+`, encoded `[a-zA-Z0-9=_-]+`).
 fn cache_key(digest: &str, compression: Compression) -> Result<String, PackError> {
-    let bad = || PackError::BadDigest(digest.to_string());
-    let (algorithm, encoded) = digest.split_once(':').ok_or_else(bad)?;
+    let stem = digest_stem(digest).ok_or_else(|| PackError::BadDigest(digest.to_string()))?;
+    Ok(format!(
+        "{stem}.v{FORMAT_VERSION}.cpio.{}",
+        compression.extension()
+    ))
+}
+
+/// `ALGORITHM-ENCODED` from a digest that follows the descriptor grammar, for cache file
+/// names; `None` otherwise.
+pub(crate) fn digest_stem(digest: &str) -> Option<String> {
+    let (algorithm, encoded) = digest.split_once(':')?;
     let algorithm_ok = !algorithm.is_empty()
         && algorithm
             .bytes()
@@ -222,12 +231,9 @@ fn cache_key(digest: &str, compression: Compression) -> Result<String, PackError
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b));
     if !algorithm_ok || !encoded_ok || digest.len() > 200 {
-        return Err(bad());
+        return None;
     }
-    Ok(format!(
-        "{algorithm}-{encoded}.v{FORMAT_VERSION}.cpio.{}",
-        compression.extension()
-    ))
+    Some(format!("{algorithm}-{encoded}"))
 }
 
 /// The cached file for `key` whose content still matches the sha256 in its name; a
@@ -272,8 +278,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Best effort: temporary files of packers killed long ago.
-fn remove_stale_temps(dir: &Path) {
+/// Best effort: temporary files (named `prefix*`) of writers killed long ago.
+pub(crate) fn remove_stale_temps(dir: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -282,7 +288,7 @@ fn remove_stale_temps(dir: &Path) {
         let is_temp = entry
             .file_name()
             .to_str()
-            .is_some_and(|name| name.starts_with(TEMP_PREFIX));
+            .is_some_and(|name| name.starts_with(prefix));
         let age = entry
             .metadata()
             .and_then(|meta| meta.modified())
@@ -500,7 +506,7 @@ mod tests {
             .open(&stale)
             .and_then(|file| file.set_modified(SystemTime::now() - 2 * STALE_TEMP))
             .expect("age the file");
-        remove_stale_temps(dir.path());
+        remove_stale_temps(dir.path(), TEMP_PREFIX);
         assert!(!stale.exists());
         assert!(fresh.exists(), "a packer may still be writing it");
     }

@@ -43,8 +43,12 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 pub const VIRTIO_FIRST_IRQ: u32 = 5;
 /// The virtio-mmio slot of the NIC (rng and console take 0 and 1).
 pub const VIRTIO_NET_SLOT: u32 = 2;
+/// The virtio-mmio slot of the first disk (`/dev/vda`); the others follow.
+pub const VIRTIO_BLK_FIRST_SLOT: u32 = 3;
 /// Number of virtio-mmio device slots (IRQs 5..=23 on the IOAPIC).
 pub const VIRTIO_MAX_DEVICES: u32 = 19;
+/// Most disks a VM can have: the slots after the first disk's.
+pub const MAX_DISKS: u32 = VIRTIO_MAX_DEVICES - VIRTIO_BLK_FIRST_SLOT;
 /// KVM's three-page TSS for real-mode emulation on Intel (KVM_SET_TSS_ADDR); in the gap.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// KVM's one-page identity map for real-mode emulation on Intel (KVM_SET_IDENTITY_MAP_ADDR),

@@ -1,6 +1,7 @@
 //! katalite's virtual machine monitor: boots a Linux `vmlinux` with an initramfs on KVM,
 //! with an 8250 serial console, virtio-mmio devices (rng, console with host input, net on
-//! a user-mode network or a TAP device) and a status port through which the guest reports
+//! a user-mode network or a TAP device, block devices on host files, optionally verified
+//! block by block) and a status port through which the guest reports
 //! how it ended; the caller may end it early.
 //! It knows nothing about containers or images.
 
@@ -19,7 +20,7 @@ pub use devices::stop::VmStopper;
 pub use host::{check_kvm, HostError, KvmKind};
 pub use net::{NetBackend, NetConfig};
 pub use vcpu::VcpuError;
-pub use virtio::{ConsoleInput, InputError};
+pub use virtio::{ConsoleInput, CorruptionHook, DiskConfig, DiskError, DiskSetupError, InputError};
 pub use vm::{
     run, run_raw, RawGuest, VmConfig, VmError, VmExit, BASE_CMDLINE, MAX_MEMORY_MIB, MAX_VCPUS,
     MIN_MEMORY_MIB,

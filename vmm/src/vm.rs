@@ -1,8 +1,8 @@
 //! One VM from start to end: guest memory registered with KVM, the in-kernel irqchip and
-//! PIT, the devices on their buses (COM1, i8042, status port, virtio-mmio rng, console
-//! and optionally net), the boot image, the vCPU threads, the console input thread and the
-//! network thread; then wait for the first stop request, stop every vCPU, join them and
-//! report how the guest ended.
+//! PIT, the devices on their buses (COM1, i8042, status port, virtio-mmio rng, console,
+//! optionally net and disks), the boot image, the vCPU threads, the console input thread,
+//! the network thread and one thread per disk; then wait for the first stop request, stop
+//! every vCPU, join them and report how the guest ended.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +22,10 @@ use crate::devices::{SerialPort, StatusPort, StopReason, VmStop, I8042};
 use crate::layout;
 use crate::net::{nic, NetConfig, NetPump};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
+use crate::virtio::block::worker::{self as disk_worker, BlockWorker};
 use crate::virtio::{
-    Console, ConsoleInput, InputPump, MmioTransport, Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
+    Console, ConsoleInput, DiskConfig, DiskSetupError, InputPump, MmioTransport, Rng, VirtioDevice,
+    CONSOLE_RECEIVE_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
@@ -69,6 +71,9 @@ pub struct VmConfig<'a> {
     /// A virtio-net NIC and the network behind it; `None` gives the guest no NIC. The
     /// backend is dropped (its sockets and published ports closed) when the VM ends.
     pub network: Option<NetConfig>,
+    /// virtio-blk disks, at most [`layout::MAX_DISKS`]: the first is `/dev/vda` in the
+    /// guest, the next `/dev/vdb`, and so on. Each is served by its own thread.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A hand-written real-mode guest, for testing the VMM on hosts (like PVM) that cannot
@@ -173,6 +178,23 @@ pub enum VmError {
     /// The NIC's link or notification eventfds could not be set up.
     #[error("cannot set up the network device")]
     Net(#[source] io::Error),
+    /// More disks than there are device slots for them.
+    #[error("{count} disks requested; at most {max} are supported")]
+    DiskCount {
+        /// Requested disks.
+        count: usize,
+        /// Most disks.
+        max: u32,
+    },
+    /// A disk could not be set up.
+    #[error("cannot set up disk {index}")]
+    Disk {
+        /// Its position in [`VmConfig::disks`].
+        index: usize,
+        /// What went wrong.
+        #[source]
+        source: DiskSetupError,
+    },
     /// A vCPU could not be set up or failed while running.
     #[error("vcpu {index} failed")]
     Vcpu {
@@ -198,6 +220,7 @@ pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
         Console::new(config.console, config.console_input.unwrap_or_default()),
         config.stopper.unwrap_or_default(),
         config.network,
+        config.disks,
     )?;
     let cmdline = machine.cmdline(config.cmdline);
     let image = LinuxImage {
@@ -219,6 +242,7 @@ pub fn run_raw(guest: RawGuest<'_>) -> Result<VmExit, VmError> {
         Console::new(Box::new(io::sink()), ConsoleInput::new()),
         guest.stopper.unwrap_or_default(),
         None,
+        Vec::new(),
     )?;
     let addr = u64::from(guest.load_addr);
     machine
@@ -270,6 +294,8 @@ struct Machine {
     pump: InputPump,
     // Likewise, dropping it stops the network thread and closes the backend's sockets.
     net: Option<(Arc<Mutex<MmioTransport>>, NetPump)>,
+    // Likewise for each disk's thread.
+    disks: Vec<(Arc<Mutex<MmioTransport>>, BlockWorker)>,
     stop: Arc<VmStop>,
     device_args: Vec<String>,
 }
@@ -282,7 +308,14 @@ impl Machine {
         console: Console,
         stopper: VmStopper,
         network: Option<NetConfig>,
+        disk_configs: Vec<DiskConfig>,
     ) -> Result<Self, VmError> {
+        if disk_configs.len() > usize::try_from(layout::MAX_DISKS).unwrap_or(usize::MAX) {
+            return Err(VmError::DiskCount {
+                count: disk_configs.len(),
+                max: layout::MAX_DISKS,
+            });
+        }
         let pump = InputPump::new(console.input().clone());
         let mem_size = check_shape(vcpus, memory_mib)?;
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
@@ -355,6 +388,17 @@ impl Machine {
             }
             None => None,
         };
+        let mut disks = Vec::with_capacity(disk_configs.len());
+        for ((index, config), slot) in disk_configs
+            .into_iter()
+            .enumerate()
+            .zip(layout::VIRTIO_BLK_FIRST_SLOT..)
+        {
+            let window = layout::virtio_mmio_addr(slot);
+            let (device, worker) = disk_worker::build(&vm, window, index, config)
+                .map_err(|source| VmError::Disk { index, source })?;
+            disks.push((place(slot, "virtio-blk", device)?, worker));
+        }
 
         Ok(Self {
             kvm,
@@ -368,6 +412,7 @@ impl Machine {
             console,
             pump,
             net,
+            disks,
             stop,
             device_args,
         })
@@ -422,6 +467,12 @@ impl Machine {
         // Frames from the network reach the guest the same way, from `katalite-net`.
         if let Some((transport, pump)) = &mut self.net {
             pump.start(nic::run_queue(transport.clone()))
+                .map_err(VmError::IoThread)?;
+        }
+        // Disk requests are served by each disk's thread, woken through its ioeventfd.
+        for (transport, worker) in &mut self.disks {
+            worker
+                .start(disk_worker::run_queue(transport.clone()))
                 .map_err(VmError::IoThread)?;
         }
 

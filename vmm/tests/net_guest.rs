@@ -301,6 +301,7 @@ fn a_linux_guest_uses_the_user_network_both_ways() {
                     mac: GUEST_MAC,
                     backend: Box::new(net),
                 }),
+                disks: Vec::new(),
             })
         })
     };

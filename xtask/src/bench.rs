@@ -1,12 +1,14 @@
 //! `cargo xtask bench`: katalite beside QEMU `-M microvm` booting the same kernel and
 //! initramfs and serving HTTP through their user networks, plus packing, memory, throughput,
-//! parallel starts and sizes. Host figures are taken here; VM figures come from one lab boot
-//! in which `tests/bench_runner.rs` runs a plan and timestamps it. Writes latest.json,
-//! boot.svg, latest.md and the raw lab-console.log to `target/bench/`; numbers are never
-//! asserted.
+//! parallel starts, sizes, and images on katalite's two root paths (initramfs, EROFS disk).
+//! Host figures are taken here; VM figures come from one lab boot in which
+//! `tests/bench_runner.rs` runs a plan and timestamps it. Writes latest.json, boot.svg,
+//! latest.md and the raw lab-console.log to `target/bench/`; numbers are never asserted.
 
 mod chart;
+mod erofs_build;
 mod host;
+mod images;
 mod net;
 mod plan;
 mod readme;
@@ -28,9 +30,15 @@ use host::{PackResult, Variant};
 use plan::{LabInputs, Settings};
 use report::{Binaries, Compressed, Environment, LabResults, Report};
 
+pub use erofs_build::{run as erofs_build, Args as ErofsBuildArgs};
+
 /// The test registry as the host reaches it, and as L1 does (QEMU user network).
 const REGISTRY_HOST: &str = "127.0.0.1:5000";
 const REGISTRY_LAB: &str = "10.0.2.2:5000";
+
+/// The lab run's limit in seconds unless `LAB_TIMEOUT` is set: the `images` section loads,
+/// packs and builds an image over 1 GiB under TCG, beyond the lab's default 40 minutes.
+const LAB_TIMEOUT_S: u32 = 7200;
 
 /// Images measured on the host (busybox is also the one booted).
 const IMAGES: [&str; 2] = ["busybox", "nginx"];
@@ -84,7 +92,7 @@ pub fn run(args: &Args) -> Result<()> {
     let host = if args.network_only {
         HostFigures::default()
     } else {
-        measure_host(&katalite, &out, if args.full { 5 } else { 3 })?
+        measure_host(&root, &katalite, &out, if args.full { 5 } else { 3 })?
     };
     let lab = measure_lab(&root, &out, &runner, &vmlinux, &host.initrds, &settings)?;
     let report = assemble(args, &settings, host, lab, binaries, host_load_1m);
@@ -97,16 +105,16 @@ struct HostFigures {
     pack: BTreeMap<String, PackResult>,
     compression: BTreeMap<String, BTreeMap<String, Variant>>,
     initrds: Vec<(String, PathBuf)>,
+    /// EROFS disk image builds per image.
+    erofs_build: BTreeMap<String, erofs_build::HostBuild>,
+    /// Host measurements that failed without stopping the bench.
+    errors: Vec<String>,
 }
 
-/// Pull+pack and compression figures of every image, `samples` runs each.
-fn measure_host(katalite: &Path, out: &Path, samples: u32) -> Result<HostFigures> {
+/// Pull+pack and compression figures of every image, and EROFS builds; `samples` runs each.
+fn measure_host(root: &Path, katalite: &Path, out: &Path, samples: u32) -> Result<HostFigures> {
     let work = tempfile::tempdir_in(out).context("cannot create a scratch dir")?;
-    let mut figures = HostFigures {
-        pack: BTreeMap::new(),
-        compression: BTreeMap::new(),
-        initrds: Vec::new(),
-    };
+    let mut figures = HostFigures::default();
     for image in IMAGES {
         eprintln!("bench: pull+pack {image} on the host");
         let keep = (image == "busybox").then_some(out);
@@ -120,6 +128,9 @@ fn measure_host(katalite: &Path, out: &Path, samples: u32) -> Result<HostFigures
             figures.initrds = measured.initrds;
         }
     }
+    let images_dir = crate::images::images_dir();
+    (figures.erofs_build, figures.errors) =
+        erofs_build::measure(root, work.path(), &images_dir, samples);
     Ok(figures)
 }
 
@@ -141,6 +152,7 @@ fn measure_lab(
         registry: REGISTRY_LAB,
         vmlinux: &in_lab(root, vmlinux),
         initrds: &initrds,
+        images_dir: &in_lab(root, &crate::images::images_dir()),
     };
     let plan_file = out.join("plan.json");
     fs::write(
@@ -198,7 +210,9 @@ fn assemble(
         .iter()
         .filter_map(|&count| lab.parallel(count))
         .collect();
+    let images = vm.then(|| images::section(&mut lab, host.erofs_build));
     let network = net::network(&mut lab, settings);
+    lab.errors.extend(host.errors);
     let now = SystemTime::now().duration_since(UNIX_EPOCH);
     Report {
         date: report::utc_date(now.map_or(0, |d| d.as_secs())),
@@ -220,6 +234,7 @@ fn assemble(
         throughput,
         parallel,
         network,
+        images,
         binary_bytes: binaries.katalite_bytes,
         binaries,
         errors: lab.errors,
@@ -310,13 +325,15 @@ fn run_in_lab(root: &Path, runner: &Path, plan: &Path) -> Result<(String, Option
     );
     // Through cargo, as ci.rs runs xtask: our own executable may have been replaced by a
     // rebuild since it started.
-    let mut child = Command::new(env!("CARGO"))
-        .args(["run", "--quiet", "--package", "xtask", "--"])
+    let mut lab = Command::new(env!("CARGO"));
+    lab.args(["run", "--quiet", "--package", "xtask", "--"])
         .args(["lab", "run", "--no-build", "--", &command])
         .current_dir(root)
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start the lab")?;
+        .stdout(Stdio::piped());
+    if std::env::var_os("LAB_TIMEOUT").is_none() {
+        lab.env("LAB_TIMEOUT", LAB_TIMEOUT_S.to_string());
+    }
+    let mut child = lab.spawn().context("cannot start the lab")?;
     let stdout = child.stdout.take().context("the lab has no stdout")?;
     let mut console = String::new();
     for line in BufReader::new(stdout).lines() {

@@ -11,6 +11,10 @@ use anyhow::{bail, ensure, Context, Result};
 /// The musl target the static katalite and init are built for.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 
+/// Debian packages the host tests run: `fsck.erofs` and `dump.erofs` check the EROFS images
+/// katalite writes.
+const HOST_TEST_PACKAGES: &[&str] = &["erofs-utils"];
+
 /// Options of `ci`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -63,6 +67,8 @@ fn tests_with_registry(root: &Path, args: &Args) -> Result<()> {
         std::env::set_var("LAB_SMP", "1");
     }
     step("unit and host tests", || {
+        // imagebuilder's EROFS tests check every image they write with fsck.erofs.
+        crate::lab::packages::ensure(HOST_TEST_PACKAGES)?;
         cargo(root, &["test", "--workspace"])
     })?;
     step("guest build", || xtask(root, &["build-guest"]))?;

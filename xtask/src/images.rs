@@ -4,12 +4,14 @@
 //! across layers and owners are exercised by real content.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+
+mod storage;
 
 /// Bumped whenever a recipe changes, so cached images are rebuilt.
 const RECIPE: &str = "3";
@@ -43,7 +45,7 @@ pub struct Args {
 /// Builds what is missing and prints where the images are.
 pub fn run(args: &Args) -> Result<()> {
     let dir = build(args.rebuild)?;
-    for name in ["busybox", "nginx"] {
+    for name in ["busybox", "nginx", "caps", "large"] {
         println!("images: oci:{}:latest", dir.join(name).display());
     }
     for archive in ["busybox.docker.tar", "busybox.oci.tar"] {
@@ -64,7 +66,15 @@ pub fn build(rebuild: bool) -> Result<PathBuf> {
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     ensure_packages(TOOLS)?;
     let fresh_busybox = cached(&dir, "busybox", rebuild, build_busybox)?;
-    cached(&dir, "nginx", rebuild, build_nginx)?;
+    let fresh_nginx = cached(&dir, "nginx", rebuild, build_nginx)?;
+    let busybox = dir.join("busybox");
+    cached(&dir, "caps", rebuild || fresh_busybox, |layout, scratch| {
+        storage::build_caps(&busybox, layout, scratch)
+    })?;
+    let nginx = dir.join("nginx");
+    cached(&dir, "large", rebuild || fresh_nginx, |layout, scratch| {
+        storage::build_large(&nginx, layout, scratch)
+    })?;
     let layout = format!("oci:{}:latest", dir.join("busybox").display());
     // The same busybox as `docker save` and `skopeo copy oci-archive:` write it.
     for (file, transport, name) in [
@@ -94,7 +104,7 @@ fn cached(
     dir: &Path,
     name: &str,
     rebuild: bool,
-    recipe: fn(&Path, &Path) -> Result<()>,
+    recipe: impl FnOnce(&Path, &Path) -> Result<()>,
 ) -> Result<bool> {
     let layout = dir.join(name);
     let stamp = dir.join(format!("{name}.recipe"));
@@ -354,6 +364,26 @@ impl LayerTar {
         Ok(LayerTar(tar::Builder::new(file)))
     }
 
+    /// A PAX extended header for the next entry (`path`), e.g. `SCHILY.xattr.NAME` records.
+    fn pax(&mut self, path: &str, records: &[(&str, &[u8])]) -> Result<()> {
+        let mut data = Vec::new();
+        for (key, value) in records {
+            // "LEN key=value\n", LEN counting itself: try lengths until the digits fit.
+            let body = key.len() + value.len() + 3;
+            let mut len = body + 1;
+            while len != body + len.to_string().len() {
+                len = body + len.to_string().len();
+            }
+            data.extend_from_slice(format!("{len} {key}=").as_bytes());
+            data.extend_from_slice(value);
+            data.push(b'\n');
+        }
+        let mut header = Self::header(tar::EntryType::XHeader, 0o644, (0, 0));
+        header.set_size(data.len() as u64);
+        let name = format!("PaxHeaders/{}", path.rsplit('/').next().unwrap_or(path));
+        self.append(&mut header, &name, data.as_slice())
+    }
+
     fn header(kind: tar::EntryType, mode: u32, (uid, gid): (u64, u64)) -> tar::Header {
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(kind);
@@ -367,7 +397,7 @@ impl LayerTar {
 
     fn dir(&mut self, path: &str, mode: u32) -> Result<()> {
         let mut header = Self::header(tar::EntryType::Directory, mode, (0, 0));
-        self.append(&mut header, path, b"")
+        self.append(&mut header, path, &b""[..])
     }
 
     fn file(&mut self, path: &str, mode: u32, owner: (u64, u64), data: &[u8]) -> Result<()> {
@@ -378,7 +408,7 @@ impl LayerTar {
 
     fn fifo(&mut self, path: &str, mode: u32) -> Result<()> {
         let mut header = Self::header(tar::EntryType::Fifo, mode, (0, 0));
-        self.append(&mut header, path, b"")
+        self.append(&mut header, path, &b""[..])
     }
 
     fn symlink(&mut self, path: &str, target: &str) -> Result<()> {
@@ -395,7 +425,7 @@ impl LayerTar {
             .with_context(|| format!("cannot add {path} to the layer"))
     }
 
-    fn append(&mut self, header: &mut tar::Header, path: &str, data: &[u8]) -> Result<()> {
+    fn append(&mut self, header: &mut tar::Header, path: &str, data: impl io::Read) -> Result<()> {
         self.0
             .append_data(header, path, data)
             .with_context(|| format!("cannot add {path} to the layer"))

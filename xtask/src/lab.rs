@@ -22,7 +22,7 @@ mod console;
 mod e2e;
 mod initramfs;
 mod kernel;
-mod packages;
+pub mod packages;
 mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +40,10 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// The Rust target of the static katalite that runs inside L1.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Size of L1's scratch disk in GiB: room for the e2e images (the largest is over 1 GiB,
+/// kept as layers and as a disk image) and the tests' temporary files.
+const SCRATCH_GIB: u32 = 16;
 
 /// Options of `lab`.
 #[derive(clap::Args)]
@@ -208,6 +212,8 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
     // Unix socket paths are short (108 bytes): keep the monitor out of a deep target dir.
     let scratch = tempfile::tempdir().context("cannot create a scratch dir")?;
     let monitor = scratch.path().join("monitor");
+    let disk = scratch.path().join("scratch.img");
+    scratch_disk(&disk)?;
     let prepared = began.elapsed();
     let outcome = qemu::run(
         &machine,
@@ -217,6 +223,7 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
             repo: &paths.repo,
             token: &token,
             monitor: &monitor,
+            scratch: &disk,
         },
     )?;
     match outcome {
@@ -244,6 +251,31 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
             Ok(LAB_FAILED)
         }
     }
+}
+
+/// Creates L1's scratch disk: a sparse file of `LAB_SCRATCH_GIB` GiB (default
+/// [`SCRATCH_GIB`]) with an empty ext4, which L1 mounts at /scratch for katalite's cache and
+/// temporary files. Sparse, so only what the tests write takes host disk space, and it
+/// goes with the run's scratch directory.
+fn scratch_disk(path: &Path) -> Result<()> {
+    let gib = qemu::env_number("LAB_SCRATCH_GIB", SCRATCH_GIB)?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    file.set_len(u64::from(gib) << 30)
+        .with_context(|| format!("cannot size {}", path.display()))?;
+    drop(file);
+    checked(
+        Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+            ])
+            .arg(path),
+    )
 }
 
 /// A value unique to this run, so stale or quoted markers never match.

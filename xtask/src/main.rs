@@ -35,6 +35,9 @@ enum Command {
     Registry(registry::Args),
     /// Measure katalite beside QEMU microvm in the lab; writes target/bench/latest.json.
     Bench(bench::Args),
+    /// For `bench`: build one image's EROFS disk image and print the time and peak RSS.
+    #[command(hide = true)]
+    BenchErofsBuild(bench::ErofsBuildArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,5 +49,6 @@ fn main() -> Result<()> {
         Command::Images(args) => images::run(&args),
         Command::Registry(args) => registry::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::BenchErofsBuild(args) => bench::erofs_build(&args),
     }
 }

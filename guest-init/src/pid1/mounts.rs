@@ -1,7 +1,8 @@
 //! The kernel filesystems a container expects, as Docker's default (unprivileged) container
 //! has them: proc, a /dev with its own devpts, /dev/shm and /dev/mqueue, sysfs and cgroup2
 //! read-only. /tmp and /run stay as the image has them (Docker mounts nothing there); the
-//! root itself is the initramfs, a tmpfs in RAM, made read-only last for `--read-only`.
+//! root itself (the initramfs, or the overlay on the image's disk) is made read-only last
+//! for `--read-only`.
 
 use std::fs;
 use std::io;
@@ -110,13 +111,16 @@ const DEV_LINKS: [(&str, &str); 5] = [
     ("/dev/stderr", "/proc/self/fd/2"),
 ];
 
-/// Gives the root its usual mode, then mounts the kernel filesystems and creates the /dev
-/// links.
-pub fn mount_kernel_filesystems() -> Result<(), MountError> {
+/// Gives an initramfs root its usual mode, then mounts the kernel filesystems and creates
+/// the /dev links.
+pub fn mount_kernel_filesystems(initramfs_root: bool) -> Result<(), MountError> {
     // The kernel creates the initramfs root as a 1777 tmpfs; an image's root is 0755, and a
-    // world-writable / would let any user of the workload create files there.
-    fs::set_permissions("/", fs::Permissions::from_mode(0o755))
-        .map_err(|source| MountError::Create { path: "/", source })?;
+    // world-writable / would let any user of the workload create files there. A root on the
+    // image's disk already has the image's mode.
+    if initramfs_root {
+        fs::set_permissions("/", fs::Permissions::from_mode(0o755))
+            .map_err(|source| MountError::Create { path: "/", source })?;
+    }
     for m in &MOUNTS {
         create_dir(m.target, 0o755)?;
         let data = (!m.data.is_empty()).then_some(m.data);

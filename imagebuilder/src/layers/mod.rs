@@ -7,6 +7,7 @@
 mod path;
 mod tar;
 mod tree;
+mod xattr;
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -16,12 +17,14 @@ use indicatif::ProgressBar;
 pub use path::PathError;
 pub use tar::TarError;
 pub use tree::TreeError;
+pub(crate) use tree::{Inode, InodeId, Meta, NodeId, NodeKind, Tree, ROOT};
+pub use xattr::{BadXattr, Xattr, MAX_XATTR_BYTES};
 
 use crate::cpio::{CpioError, CpioWriter, Entry, EntryKind};
 use crate::image::{LayerBlob, LayerCompression};
 use crate::limits::{Budget, Limits};
 use tar::{Kind, TarReader};
-use tree::{Item, Meta, Tree};
+use tree::Item;
 
 /// Largest zstd window we decode (2^27 = 128 MiB, libzstd's own default cap): a frame
 /// asking for more is a memory bomb, not a layer.
@@ -143,6 +146,54 @@ pub fn write_cpio<W: Write>(
         }
         Ok(())
     })?;
+    stream_files(
+        layers,
+        &tree,
+        limits,
+        progress,
+        |layer, _, inode, content| {
+            let ino = inodes.next()?;
+            let nlink = u32::try_from(inode.names.len()).map_err(|_| LayerError::TooManyEntries)?;
+            for (i, &name) in inode.names.iter().enumerate() {
+                let path = tree.path(name);
+                if i == 0 {
+                    let kind = EntryKind::File { size: inode.size };
+                    let entry = entry(&path, kind, inode.meta, ino, nlink);
+                    writer
+                        .add_file(&entry, &mut &mut *content)
+                        .map_err(|source| LayerError::Copy {
+                            digest: layer.digest.clone(),
+                            path: path.clone(),
+                            source,
+                        })?;
+                    stats.files += 1;
+                    stats.content_bytes += inode.size;
+                } else {
+                    // newc: later names of an inode carry no data (the kernel's
+                    // maybe_link() links them to the first) but the same owner and mode,
+                    // which the kernel applies again.
+                    let entry = entry(&path, EntryKind::HardLink, inode.meta, ino, nlink);
+                    writer.add(&entry)?;
+                    stats.hard_links += 1;
+                }
+            }
+            Ok::<(), LayerError>(())
+        },
+    )?;
+    Ok((writer.finish()?, stats))
+}
+
+/// The second pass: streams the layers again and hands `copy` each surviving file's
+/// content, layer by layer in member order (the order [`Tree::wanted`] gives), straight
+/// from the decompressor. `copy` must read exactly the inode's size; a member that is
+/// not the one the first pass saw is [`LayerError::Changed`].
+pub(crate) fn stream_files<E: From<LayerError>>(
+    layers: &[LayerBlob],
+    tree: &Tree,
+    limits: Limits,
+    progress: &ProgressBar,
+    mut copy: impl FnMut(&LayerBlob, InodeId, &Inode, &mut dyn Read) -> Result<(), E>,
+) -> Result<(), E> {
     // A fresh budget: the second pass reads the same bytes the first one was allowed.
     let mut budget = Budget::new(limits);
     for (index, layer) in layers.iter().enumerate() {
@@ -166,47 +217,20 @@ pub fn write_cpio<W: Write>(
                     break header;
                 }
             };
-            let inode = tree.inode(inode);
+            let id = inode;
+            let inode = tree.inode(id);
             if header.kind != Kind::File || header.size != inode.size {
-                return Err(changed());
+                return Err(changed().into());
             }
-            let ino = inodes.next()?;
-            let nlink = u32::try_from(inode.names.len()).map_err(|_| LayerError::TooManyEntries)?;
-            let copy_error = |path: &str| {
-                let digest = layer.digest.clone();
-                let path = path.to_string();
-                move |source| LayerError::Copy {
-                    digest,
-                    path,
-                    source,
-                }
-            };
-            for (i, &name) in inode.names.iter().enumerate() {
-                let path = tree.path(name);
-                if i == 0 {
-                    let kind = EntryKind::File { size: inode.size };
-                    let entry = entry(&path, kind, inode.meta, ino, nlink);
-                    writer
-                        .add_file(&entry, &mut tar)
-                        .map_err(copy_error(&path))?;
-                    stats.files += 1;
-                    stats.content_bytes += inode.size;
-                } else {
-                    // newc: later names of an inode carry no data (the kernel's
-                    // maybe_link() links them to the first) but the same owner and mode,
-                    // which the kernel applies again.
-                    let entry = entry(&path, EntryKind::HardLink, inode.meta, ino, nlink);
-                    writer.add(&entry)?;
-                    stats.hard_links += 1;
-                }
-            }
+            copy(layer, id, inode, &mut tar)?;
         }
     }
-    Ok((writer.finish()?, stats))
+    Ok(())
 }
 
-/// The first pass: every header of every layer, content skipped.
-fn plan(
+/// The first pass: every header of every layer, content skipped. Counts every xattr
+/// seen as dropped (what the newc archive does); writers that keep them count anew.
+pub(crate) fn plan(
     layers: &[LayerBlob],
     limits: Limits,
     progress: &ProgressBar,
@@ -221,7 +245,7 @@ fn plan(
             .next_header()
             .map_err(|source| read_error(layer, source))?
         {
-            stats.xattrs_dropped += u64::from(header.xattrs);
+            stats.xattrs_dropped += header.xattrs.len() as u64;
             tree.apply(index, ordinal, &header, tar.budget())
                 .map_err(|source| LayerError::Entry {
                     digest: layer.digest.clone(),

@@ -4,6 +4,7 @@
 
 use std::io::{self, Read};
 
+use super::xattr::{self, BadXattr, Xattr};
 use crate::limits::{Budget, LimitError};
 
 /// Tar's block size; headers and content padding align to it.
@@ -43,6 +44,9 @@ pub enum TarError {
     /// A PAX extended header is larger than we read.
     #[error("PAX extended header exceeds {MAX_PAX_HEADER} bytes")]
     PaxTooLarge,
+    /// A member's extended attributes are malformed or larger than we keep.
+    #[error(transparent)]
+    BadXattr(#[from] BadXattr),
     /// A cap was hit.
     #[error(transparent)]
     Limit(#[from] LimitError),
@@ -84,8 +88,8 @@ pub struct Header {
     pub mtime: i64,
     /// Bytes of content that follow (zero for every type but files).
     pub size: u64,
-    /// Extended attributes the header carried (cpio cannot store them).
-    pub xattrs: u32,
+    /// Extended attributes from PAX records, sorted by name, one per name.
+    pub xattrs: Vec<Xattr>,
 }
 
 /// Overrides collected from GNU `L`/`K` and PAX `x` headers for the next member.
@@ -97,7 +101,7 @@ struct Extensions {
     uid: Option<u64>,
     gid: Option<u64>,
     mtime: Option<i64>,
-    xattrs: u32,
+    xattrs: Vec<Xattr>,
 }
 
 /// Reads members one by one; the current member's content is read through `Read`.
@@ -456,10 +460,9 @@ fn parse_pax(mut data: &[u8], ext: &mut Extensions) -> Result<(), TarError> {
             b"gid" => ext.gid = set.then(|| pax_unsigned(value)).transpose()?,
             b"mtime" => ext.mtime = set.then(|| pax_seconds(value)).transpose()?,
             _ if key.starts_with(b"GNU.sparse.") => return Err(TarError::UnsupportedType('S')),
-            _ if key.starts_with(b"SCHILY.xattr.") || key.starts_with(b"LIBARCHIVE.xattr.") => {
-                ext.xattrs += 1;
+            _ => {
+                xattr::pax_record(key, value, &mut ext.xattrs)?;
             }
-            _ => {}
         }
     }
     Ok(())
@@ -587,8 +590,59 @@ mod tests {
         assert_eq!(header.path, b"very/long/pax/name");
         assert_eq!(header.uid, 5_000_000_000);
         assert_eq!(header.mtime, 1_700_000_000);
-        assert_eq!(header.xattrs, 1);
+        assert_eq!(
+            header.xattrs,
+            [Xattr {
+                name: (*b"security.capability").into(),
+                value: (*b"\x01\x00\x00\x02").into(),
+            }]
+        );
         assert_eq!(content, b"hi");
+    }
+
+    #[test]
+    fn xattrs_of_both_pax_dialects_are_kept_sorted_and_capped() {
+        let mut builder = ::tar::Builder::new(Vec::new());
+        let (pax, data) = pax_header(&[
+            ("SCHILY.xattr.user.z", b"binary\n\0="),
+            ("SCHILY.xattr.user.empty", b""),
+            ("LIBARCHIVE.xattr.user.a%3Db", b"aGk="),
+            ("SCHILY.xattr.user.z", b"last wins"),
+        ]);
+        builder.append(&pax, &data[..]).expect("pax");
+        builder
+            .append(&gnu("f", ::tar::EntryType::Regular, 0), &b""[..])
+            .expect("file");
+        let members = read_all(&finish(builder), Limits::default()).expect("valid");
+        let got: Vec<(&[u8], &[u8])> = members[0]
+            .0
+            .xattrs
+            .iter()
+            .map(|x| (&*x.name, &*x.value))
+            .collect();
+        let want: [(&[u8], &[u8]); 3] = [
+            (b"user.a=b", b"hi"),
+            (b"user.empty", b""),
+            (b"user.z", b"last wins"),
+        ];
+        assert_eq!(got, want);
+        for records in [
+            vec![("SCHILY.xattr.user.big", vec![b'v'; xattr::MAX_XATTR_BYTES])],
+            vec![("SCHILY.xattr.", b"x".to_vec())],
+            vec![("LIBARCHIVE.xattr.user.x", b"not base64!".to_vec())],
+            vec![("LIBARCHIVE.xattr.user.%zz", b"aGk=".to_vec())],
+        ] {
+            let records: Vec<(&str, &[u8])> =
+                records.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+            let mut builder = ::tar::Builder::new(Vec::new());
+            let (pax, data) = pax_header(&records);
+            builder.append(&pax, &data[..]).expect("pax");
+            builder
+                .append(&gnu("f", ::tar::EntryType::Regular, 0), &b""[..])
+                .expect("file");
+            let got = read_all(&finish(builder), Limits::default());
+            assert!(matches!(got, Err(TarError::BadXattr(_))), "{records:?}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use super::path::{normalize, PathError};
 use super::tar::{Header, Kind};
+use super::xattr::Xattr;
 use crate::limits::{Budget, LimitError};
 
 /// Index of a node in the tree.
@@ -15,7 +16,8 @@ pub type NodeId = usize;
 /// Index of a file's content (shared by hard links).
 pub type InodeId = usize;
 
-const ROOT: NodeId = 0;
+/// The root directory's node.
+pub const ROOT: NodeId = 0;
 
 /// `.wh.NAME` hides NAME of lower layers (image-spec `layer.md`, "Whiteouts").
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -26,6 +28,9 @@ const OPAQUE_SUFFIX: &str = ".wh..opq";
 
 /// Rough bytes one node costs beyond its name, charged to the tree budget.
 const NODE_COST: usize = 96;
+
+/// Rough bytes one kept extended attribute costs beyond its name and value.
+const XATTR_COST: usize = 32;
 
 /// Why an entry cannot be applied.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +108,8 @@ pub struct Inode {
     pub size: u64,
     /// Metadata of the member that created the file.
     pub meta: Meta,
+    /// Extended attributes of that member.
+    pub xattrs: Box<[Xattr]>,
     /// Surviving names (filled by [`Tree::finish`]); more than one means hard links.
     pub names: Vec<NodeId>,
 }
@@ -125,7 +132,22 @@ struct Node {
     /// nodes of lower layers.
     layer: usize,
     meta: Meta,
+    /// Extended attributes (empty for files: their inode holds them).
+    xattrs: Box<[Xattr]>,
     body: Body,
+}
+
+/// What a surviving node is, for writers that lay out the whole tree (EROFS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind<'a> {
+    /// A directory; its entries come from [`Tree::children`].
+    Dir,
+    /// A name of a regular file (hard links share the inode).
+    File(InodeId),
+    /// A symlink and its target.
+    Symlink(&'a str),
+    /// A named pipe.
+    Fifo,
 }
 
 /// A non-file node the first pass found, in the order it must be written.
@@ -155,6 +177,7 @@ impl Default for Tree {
                 parent: ROOT,
                 layer: 0,
                 meta: Meta::IMPLICIT_DIR,
+                xattrs: Box::default(),
                 body: Body::Dir(BTreeMap::new()),
             }],
             inodes: Vec::new(),
@@ -186,11 +209,13 @@ impl Tree {
         }
         let parent = self.ensure_dirs(parents, layer, budget)?;
         let mut meta = Meta::from_header(header)?;
+        let mut xattrs = charge_xattrs(&header.xattrs, budget)?;
         let body = match header.kind {
             Kind::Directory => {
                 if let Some(id) = self.existing_dir(parent, base) {
                     let node = &mut self.nodes[id];
                     node.meta = meta;
+                    node.xattrs = xattrs;
                     node.layer = layer;
                     return Ok(());
                 }
@@ -202,6 +227,7 @@ impl Tree {
                     ordinal,
                     size: header.size,
                     meta,
+                    xattrs: std::mem::take(&mut xattrs),
                     names: Vec::new(),
                 });
                 Body::File(self.inodes.len() - 1)
@@ -213,15 +239,18 @@ impl Tree {
                 Body::Omitted
             }
             Kind::HardLink => {
-                let (body, target_meta) = self.link_target(&header.link, budget)?;
+                let (body, target_meta, target_xattrs) = self.link_target(&header.link, budget)?;
                 if let Body::Symlink(target) = &body {
                     budget.charge_tree(target.len())?;
                 }
                 meta = target_meta;
+                // A link to a file shares its inode (and its xattrs); a copied symlink
+                // or fifo copies the target's.
+                xattrs = charge_xattrs(&target_xattrs, budget)?;
                 body
             }
         };
-        self.put(parent, base, layer, meta, body, budget)?;
+        self.put(parent, base, layer, meta, xattrs, body, budget)?;
         Ok(())
     }
 
@@ -243,7 +272,8 @@ impl Tree {
                 }
                 None => {
                     let body = Body::Dir(BTreeMap::new());
-                    self.put(dir, name, layer, Meta::IMPLICIT_DIR, body, budget)?
+                    let xattrs = Box::default();
+                    self.put(dir, name, layer, Meta::IMPLICIT_DIR, xattrs, body, budget)?
                 }
             };
         }
@@ -320,31 +350,41 @@ impl Tree {
     /// Resolves a hard link's target as it is now: the link shares the target's inode
     /// (a later whiteout of the target leaves the link intact, as on any filesystem).
     /// Links to symlinks and fifos become copies; newc links regular files only.
-    fn link_target(&self, raw: &[u8], budget: &Budget) -> Result<(Body, Meta), TreeError> {
+    fn link_target(
+        &self,
+        raw: &[u8],
+        budget: &Budget,
+    ) -> Result<(Body, Meta, Vec<Xattr>), TreeError> {
         let path = normalize(raw, budget).map_err(TreeError::LinkTarget)?;
         let shown = || path.join("/");
         let id = self
             .lookup(&path)
             .ok_or_else(|| TreeError::MissingLinkTarget(shown()))?;
         let node = &self.nodes[id];
+        let mut xattrs = node.xattrs.to_vec();
         let body = match &node.body {
-            Body::File(inode) => Body::File(*inode),
+            Body::File(inode) => {
+                xattrs = Vec::new();
+                Body::File(*inode)
+            }
             Body::Symlink(target) => Body::Symlink(target.clone()),
             Body::Fifo => Body::Fifo,
             Body::Omitted => Body::Omitted,
             Body::Dir(_) => return Err(TreeError::LinkToDirectory(shown())),
             Body::Removed => return Err(TreeError::MissingLinkTarget(shown())),
         };
-        Ok((body, node.meta))
+        Ok((body, node.meta, xattrs))
     }
 
     /// Puts `body` at `name` in `dir`, replacing (and freeing) whatever was there.
+    #[allow(clippy::too_many_arguments)]
     fn put(
         &mut self,
         dir: NodeId,
         name: &str,
         layer: usize,
         meta: Meta,
+        xattrs: Box<[Xattr]>,
         body: Body,
         budget: &mut Budget,
     ) -> Result<NodeId, TreeError> {
@@ -353,6 +393,7 @@ impl Tree {
             let node = &mut self.nodes[id];
             node.layer = layer;
             node.meta = meta;
+            node.xattrs = xattrs;
             node.body = body;
             return Ok(id);
         }
@@ -364,6 +405,7 @@ impl Tree {
             parent: dir,
             layer,
             meta,
+            xattrs,
             body,
         });
         if let Body::Dir(children) = &mut self.nodes[dir].body {
@@ -439,6 +481,11 @@ impl Tree {
         }
     }
 
+    /// Number of layers the tree was finished with.
+    pub fn layers(&self) -> usize {
+        self.wanted.len()
+    }
+
     /// Members of `layer` whose content survives, by ascending ordinal (after `finish`).
     pub fn wanted(&self, layer: usize) -> &[(u64, InodeId)] {
         self.wanted.get(layer).map_or(&[], Vec::as_slice)
@@ -472,6 +519,42 @@ impl Tree {
         Ok(())
     }
 
+    /// Number of node slots (removed nodes included); every [`NodeId`] is below it.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// A surviving node's kind, metadata and xattrs (a file's come from its inode);
+    /// `None` for removed nodes and device nodes.
+    pub fn node(&self, id: NodeId) -> Option<(NodeKind<'_>, Meta, &[Xattr])> {
+        let node = &self.nodes[id];
+        Some(match &node.body {
+            Body::Dir(_) => (NodeKind::Dir, node.meta, &node.xattrs),
+            Body::File(id) => {
+                let inode = &self.inodes[*id];
+                (NodeKind::File(*id), inode.meta, &inode.xattrs)
+            }
+            Body::Symlink(target) => (NodeKind::Symlink(target), node.meta, &node.xattrs),
+            Body::Fifo => (NodeKind::Fifo, node.meta, &node.xattrs),
+            Body::Omitted | Body::Removed => return None,
+        })
+    }
+
+    /// The surviving entries of directory `dir`, sorted by name bytes (device nodes
+    /// included: callers skip what [`Tree::node`] does not show).
+    pub fn children(&self, dir: NodeId) -> impl Iterator<Item = (&str, NodeId)> + '_ {
+        let children = match &self.nodes[dir].body {
+            Body::Dir(children) => Some(children.iter().map(|(name, &id)| (&**name, id))),
+            _ => None,
+        };
+        children.into_iter().flatten()
+    }
+
+    /// Number of file inodes; every [`InodeId`] is below it.
+    pub fn inode_count(&self) -> usize {
+        self.inodes.len()
+    }
+
     fn children_rev(&self, dir: NodeId) -> Vec<NodeId> {
         match &self.nodes[dir].body {
             Body::Dir(children) => children.values().rev().copied().collect(),
@@ -489,6 +572,15 @@ impl Tree {
         names.reverse();
         names.join("/")
     }
+}
+
+/// Keeps `xattrs`, charging their memory to the tree budget (they are untrusted input,
+/// up to 64 KiB per entry).
+fn charge_xattrs(xattrs: &[Xattr], budget: &mut Budget) -> Result<Box<[Xattr]>, TreeError> {
+    for xattr in xattrs {
+        budget.charge_tree(XATTR_COST + xattr.name.len() + xattr.value.len())?;
+    }
+    Ok(xattrs.into())
 }
 
 fn symlink_target(raw: &[u8], budget: &mut Budget) -> Result<Box<str>, TreeError> {
@@ -516,7 +608,7 @@ mod tests {
             gid: 0,
             mtime: 0,
             size: 0,
-            xattrs: 0,
+            xattrs: Vec::new(),
         }
     }
 
@@ -826,6 +918,68 @@ mod tests {
         let mut huge = file("x");
         huge.uid = 1 << 32;
         assert!(matches!(merge(&[&[huge]]), Err(TreeError::IdTooLarge(_))));
+    }
+
+    #[test]
+    fn xattrs_follow_their_entries() {
+        let x = |value: &str| {
+            vec![Xattr {
+                name: (*b"user.v").into(),
+                value: value.as_bytes().into(),
+            }]
+        };
+        let with = |header: Header, value: &str| Header {
+            xattrs: x(value),
+            ..header
+        };
+        let tree = merge(&[
+            &[
+                with(dir("d"), "lower dir"),
+                with(file("d/f"), "file"),
+                link("d/h", Kind::HardLink, "d/f"),
+                with(link("s", Kind::Symlink, "d"), "symlink"),
+                link("s2", Kind::HardLink, "s"),
+                with(entry("p", Kind::Fifo), "fifo"),
+            ],
+            &[with(dir("d"), "upper dir")],
+        ])
+        .expect("merge");
+        let value = |path: &[&str]| {
+            let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+            let (_, _, xattrs) = tree
+                .node(tree.lookup(&path).expect("exists"))
+                .expect("shown");
+            xattrs.iter().map(|x| x.value.to_vec()).collect::<Vec<_>>()
+        };
+        assert_eq!(value(&["d"]), [b"upper dir".to_vec()]);
+        assert_eq!(value(&["d", "f"]), [b"file".to_vec()]);
+        assert_eq!(
+            value(&["d", "h"]),
+            [b"file".to_vec()],
+            "hard link shares the inode"
+        );
+        assert_eq!(value(&["s"]), [b"symlink".to_vec()]);
+        assert_eq!(
+            value(&["s2"]),
+            [b"symlink".to_vec()],
+            "copied with the symlink"
+        );
+        assert_eq!(value(&["p"]), [b"fifo".to_vec()]);
+        let limits = Limits {
+            tree_bytes: 1000,
+            ..Limits::default()
+        };
+        let big = Header {
+            xattrs: vec![Xattr {
+                name: (*b"user.big").into(),
+                value: vec![0; 2000].into(),
+            }],
+            ..file("f")
+        };
+        assert!(matches!(
+            merge_with(&[&[big]], limits),
+            Err(TreeError::Limit(LimitError::TreeBytes(_)))
+        ));
     }
 
     #[test]

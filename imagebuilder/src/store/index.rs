@@ -105,7 +105,7 @@ impl Store {
         removed.ok_or_else(|| StoreError::NoSuchImage(reference.to_string()))
     }
 
-    /// Deletes blobs and packed files no recorded image references, abandoned downloads
+    /// Deletes blobs, packed files and disk images no recorded image references, abandoned downloads
     /// and lock files. Waits until no other process uses the store (so it never deletes
     /// what a running pull just stored); do not call it while holding a [`super::UsageGuard`].
     pub fn gc(&self) -> Result<GcReport, StoreError> {
@@ -133,8 +133,11 @@ impl Store {
                 report.blobs_removed += 1;
             }
         }
-        for (path, name) in entries(&self.packed_dir())? {
-            // The packer names its files `sha256-<manifest hex>.<format...>`.
+        let packed = entries(&self.packed_dir())?;
+        let disks = entries(&self.disk_dir())?;
+        for (path, name) in packed.into_iter().chain(disks) {
+            // The packer and the disk image writer name their files
+            // `sha256-<manifest hex>.<format...>`.
             let owner = name
                 .strip_prefix("sha256-")
                 .and_then(|rest| rest.get(..64))
@@ -207,7 +210,13 @@ impl Store {
 
 fn entries(dir: &Path) -> Result<Vec<(std::path::PathBuf, String)>, StoreError> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+    let listing = match fs::read_dir(dir) {
+        Ok(listing) => listing,
+        // A cache that never packed or built a disk image has no such directory.
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    for entry in listing {
         let entry = entry.map_err(io_err(dir))?;
         out.push((
             entry.path(),

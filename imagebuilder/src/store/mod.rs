@@ -104,6 +104,7 @@ impl Store {
             store.tmp_dir(),
             store.root.join("locks"),
             store.packed_dir(),
+            store.disk_dir(),
         ] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -141,6 +142,12 @@ impl Store {
     /// those whose manifest is no longer referenced.
     pub fn packed_dir(&self) -> PathBuf {
         self.root.join("packed")
+    }
+
+    /// Where the EROFS disk images and their block lists live (`sha256-<manifest
+    /// hex><anything>`); `gc` removes those whose manifest is no longer referenced.
+    pub fn disk_dir(&self) -> PathBuf {
+        self.root.join("erofs")
     }
 
     /// Where a verified blob lives (it may not exist yet).

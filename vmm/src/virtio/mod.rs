@@ -2,12 +2,15 @@
 //! The transport decodes registers and owns the queues; a device only knows its ID, features,
 //! config space and how to consume a notified queue, so new devices never touch MMIO.
 
+pub(crate) mod block;
 mod console;
 mod console_input;
 mod mmio;
 mod net;
 mod rng;
 
+pub use block::worker::DiskSetupError;
+pub use block::{Block, CorruptionHook, DiskConfig, DiskError};
 pub use console::Console;
 pub(crate) use console::RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE;
 pub(crate) use console_input::InputPump;

@@ -80,9 +80,11 @@ pub fn jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
     );
     let mut jobs = vec![Job::new("net-initramfs", Kind::Timed, write, 1)];
     let publish = format!("127.0.0.1:{KATALITE_PORT}:80");
+    // The initramfs path, as QEMU boots: the same guest, the time to the first page too.
+    let [root_flag, root_path] = plan::INITRAMFS_ROOT;
     let katalite = plan::katalite_run(
         inputs.registry,
-        &["--memory", &memory, "-p", &publish],
+        &["--memory", &memory, root_flag, root_path, "-p", &publish],
         &command,
     );
     let forward = format!("user,id=n,hostfwd=tcp:127.0.0.1:{QEMU_PORT}-:80");
@@ -274,6 +276,7 @@ mod tests {
             registry: "10.0.2.2:5000",
             vmlinux: Path::new("/src/target/guest/vmlinux"),
             initrds: &initrds,
+            images_dir: Path::new("/host/var/tmp/katalite-images"),
         };
         jobs(&inputs, &settings())
     }
@@ -288,6 +291,10 @@ mod tests {
         assert_eq!(write.last(), Some(&script));
         let katalite = jobs.iter().find(|j| j.id == "net-katalite").expect("job");
         assert_eq!(katalite.kind, Kind::Network);
+        assert!(katalite
+            .argv
+            .windows(2)
+            .any(|w| w == ["--image-root", "initramfs"]));
         assert!(katalite
             .argv
             .windows(2)

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::images;
 use super::net::{self, Probe};
 
 /// Line init prints once it has read its config (`--boot-probe`).
@@ -18,6 +19,10 @@ pub const BOOT_MEMORY_MIB: u32 = 512;
 pub const MEMORY_RUN_MIB: u32 = 256;
 /// Guest memory of each parallel VM (katalite's minimum).
 pub const PARALLEL_MEMORY_MIB: u32 = 64;
+
+/// katalite's flag for the initramfs root path (its default is the EROFS disk), which
+/// the VMM comparisons use so both VMMs boot the same initramfs.
+pub const INITRAMFS_ROOT: [&str; 2] = ["--image-root", "initramfs"];
 
 /// The host's Debian QEMU as L1 runs it: through the host's dynamic loader and libraries,
 /// shared read-only at `/host` (see `lab.rs`).
@@ -61,6 +66,10 @@ pub struct Settings {
     pub net_latency_samples: u32,
     /// Boots per VMM for the network comparison.
     pub net_rounds: u32,
+    /// Recorded runs per image and root path in the `images` section (after one warm-up).
+    pub image_samples: u32,
+    /// Runs of the large image reading its whole file, for the VMM's memory.
+    pub large_rss_samples: u32,
     /// Only the network comparison (`bench --network-only`).
     pub network_only: bool,
 }
@@ -80,6 +89,8 @@ impl Settings {
             net_transfers: 4,
             net_latency_samples: 30,
             net_rounds: 2,
+            image_samples: 3,
+            large_rss_samples: 1,
             network_only: false,
         }
     }
@@ -98,6 +109,8 @@ impl Settings {
             net_transfers: 6,
             net_latency_samples: 50,
             net_rounds: 3,
+            image_samples: 5,
+            large_rss_samples: 3,
             network_only: false,
         }
     }
@@ -112,6 +125,8 @@ pub struct LabInputs<'a> {
     /// Busybox initramfs files written by `--write-initramfs`, per compression; the first
     /// is the one katalite boots (zstd).
     pub initrds: &'a [(String, std::path::PathBuf)],
+    /// The OCI layouts of `cargo xtask images` (`busybox/`, `nginx/`, `large/`...).
+    pub images_dir: &'a Path,
 }
 
 /// What the runner does with a job's argv.
@@ -128,6 +143,10 @@ pub enum Kind {
     Parallel,
     /// Boot a guest serving HTTP and measure through its forwarded port (`bench/net.rs`).
     Network,
+    /// Find the smallest of `candidates_mib` with which `argv` exits 0 (`{memory}` in argv
+    /// is replaced by each), by bisection from the largest.
+    #[serde(rename = "min_memory")]
+    MinMemory,
 }
 
 /// One job of the plan.
@@ -155,6 +174,12 @@ pub struct Job {
     /// `Network`: the port, sizes and sample counts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<Probe>,
+    /// `MinMemory`: the `--memory` sizes to try, in MiB, ascending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidates_mib: Option<Vec<u32>>,
+    /// Longest one process may run before it is killed (the runner's default: 600 s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
 }
 
 impl Job {
@@ -170,6 +195,8 @@ impl Job {
             settle_ms: None,
             count: None,
             network: None,
+            candidates_mib: None,
+            timeout_s: None,
         }
     }
 }
@@ -188,9 +215,16 @@ pub fn image(registry: &str) -> String {
 
 /// `katalite run` of the cached busybox image with `options`, then `command`.
 pub fn katalite_run(registry: &str, options: &[&str], command: &[&str]) -> Vec<String> {
-    let mut argv = strings(&["katalite", "run", "-q", "--pull", "never"]);
+    let mut with_policy = vec!["--pull", "never"];
+    with_policy.extend_from_slice(options);
+    katalite_run_image(&image(registry), &with_policy, command)
+}
+
+/// `katalite run -q` of `image` with `options`, then `command`.
+pub fn katalite_run_image(image: &str, options: &[&str], command: &[&str]) -> Vec<String> {
+    let mut argv = strings(&["katalite", "run", "-q"]);
     argv.extend(strings(options));
-    argv.push(image(registry));
+    argv.push(image.to_string());
     argv.extend(strings(command));
     argv
 }
@@ -246,6 +280,7 @@ pub fn plan(inputs: &LabInputs, settings: &Settings) -> Plan {
     let mut jobs = vec![Job::new("pull", Kind::Timed, pull, 1)];
     if !settings.network_only {
         jobs.extend(vm_jobs(inputs, settings));
+        jobs.extend(images::jobs(inputs, settings));
     }
     jobs.extend(net::jobs(inputs, settings));
     Plan { jobs }
@@ -256,10 +291,13 @@ fn vm_jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
     let registry = inputs.registry;
     let mut jobs = Vec::new();
     let probe = ["--boot-probe"];
+    let [root_flag, root_path] = INITRAMFS_ROOT;
+    // The comparison boots the same initramfs in both VMMs, so katalite takes its
+    // initramfs path rather than its default EROFS disk (see the `images` section).
     jobs.extend(boot_rounds(
         inputs,
         settings,
-        &katalite_run(registry, &probe, &["true"]),
+        &katalite_run(registry, &[probe[0], root_flag, root_path], &["true"]),
     ));
     let memory = format!("{MEMORY_RUN_MIB}m");
     let mut job = Job::new(
@@ -354,6 +392,7 @@ mod tests {
             registry: "10.0.2.2:5000",
             vmlinux: Path::new("/src/target/guest/vmlinux"),
             initrds: &initrds,
+            images_dir: Path::new("/host/var/tmp/katalite-images"),
         };
         plan(&inputs, settings)
     }
@@ -374,7 +413,8 @@ mod tests {
         let katalite = job("boot-katalite");
         assert_eq!(
             katalite.argv.join(" "),
-            "katalite run -q --pull never --boot-probe 10.0.2.2:5000/library/busybox true"
+            "katalite run -q --pull never --boot-probe --image-root initramfs \
+             10.0.2.2:5000/library/busybox true"
         );
         assert_eq!(runs("boot-katalite"), (1, 5));
         let qemu = job("boot-qemu-zstd");
@@ -468,6 +508,7 @@ mod tests {
         assert_eq!(first["id"], "pull");
         assert_eq!(first["kind"], "timed");
         assert!(first.get("count").is_none());
+        assert!(first.get("timeout_s").is_none(), "the runner's default");
         let parallel = json["jobs"]
             .as_array()
             .and_then(|jobs| jobs.iter().find(|j| j["kind"] == "parallel"))

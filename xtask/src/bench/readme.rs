@@ -3,6 +3,7 @@
 
 use anyhow::{ensure, Result};
 
+use super::images::{Images, RootFigures};
 use super::net::{Network, Side, CONNECTIONS};
 use super::report::{Report, NOTE};
 use super::stats::Stats;
@@ -68,6 +69,9 @@ pub fn table(report: &Report) -> String {
     }
     if let Some(network) = &report.network {
         out.push_str(&network_table(network));
+    }
+    if let Some(images) = &report.images {
+        out.push_str(&images_table(images));
     }
     out.push_str("| measure | result |\n| --- | --- |\n");
     for (image, pack) in &report.pack {
@@ -209,6 +213,100 @@ fn network_table(network: &Network) -> String {
     out
 }
 
+/// Each image on both root paths, then the large image's VMM memory and the host builds.
+fn images_table(images: &Images) -> String {
+    let samples = images
+        .runs
+        .values()
+        .flat_map(|roots| roots.values())
+        .filter_map(|figures| figures.start_to_exit_ms.map(|s| s.n))
+        .max()
+        .unwrap_or(0);
+    let mut out = format!(
+        "Images from the cache on katalite's two root paths (`initramfs`: packed and unpacked \
+         into guest RAM; `disk`: the EROFS image on a read-only virtio-blk disk, the \
+         default), `true`, {} MiB, 1 vCPU; median of {samples} runs:\n\n\
+         | image | root | start → workload | start → exit | smallest `--memory` |\n\
+         | --- | --- | --- | --- | --- |\n",
+        images.memory_mib
+    );
+    let largest = images.memory_candidates_mib.last().copied().unwrap_or(0);
+    for (image, roots) in &images.runs {
+        for (root, figures) in roots {
+            out.push_str(&format!(
+                "| {image} | {root} | {} | {} |\n",
+                timing_cells(figures),
+                figures.min_memory_mib.map_or_else(
+                    || format!("none up to {largest} MiB"),
+                    |mib| format!("{mib} MiB")
+                )
+            ));
+        }
+    }
+    out.push('\n');
+    let mut rows = Vec::new();
+    if let Some(memory) = &images.large_rss {
+        rows.push(format!(
+            "| VMM memory, large image from its disk in a {} MiB guest, after reading its \
+             1000 MiB file | VmRSS {:.1} MiB (guest RAM touched {:.1}), peak (VmHWM) {:.1} MiB |",
+            memory.guest_mib,
+            memory.rss_mib.median,
+            memory.guest_touched_mib.median,
+            memory.hwm_mib.median
+        ));
+    }
+    for (image, build) in &images.host_build {
+        rows.push(format!(
+            "| EROFS build of {image} on the host ({} rootfs, from cached layers) | {} \
+             ({:.0} MiB/s), peak RSS {:.1} MiB ({:.1} before) |",
+            mib(build.rootfs_bytes),
+            ms(build.seconds.median * 1000.0),
+            build.rootfs_mib_per_s.median,
+            build.peak_rss_mib.median,
+            build.rss_before_mib.median
+        ));
+    }
+    if !rows.is_empty() {
+        out.push_str("| measure | result |\n| --- | --- |\n");
+        for row in rows {
+            out.push_str(&row);
+            out.push('\n');
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The two timing cells of one image and root, or the failure across both.
+fn timing_cells(figures: &RootFigures) -> String {
+    match (&figures.start_to_workload_ms, &figures.start_to_exit_ms) {
+        (Some(workload), Some(exit)) => {
+            let mut cells = format!("{} | {}", secs(workload), secs(exit));
+            if let Some(failure) = &figures.failure {
+                cells.push_str(&format!(
+                    " ({} of {} runs failed)",
+                    failure.failed_runs, failure.runs
+                ));
+            }
+            cells
+        }
+        _ => {
+            let reason = figures.failure.as_ref().map_or_else(
+                || "not measured".to_string(),
+                |failure| {
+                    let status = failure
+                        .status
+                        .map_or("killed".to_string(), |s| format!("exit {s}"));
+                    // Pipes would end the cell.
+                    let message = failure.message.replace('|', "/");
+                    format!("fails ({status}): {message}")
+                },
+            );
+            format!("{reason} | —")
+        }
+    }
+}
+
 /// `readme` with the text between the bench markers replaced by `table`.
 pub fn replace_section(readme: &str, table: &str) -> Result<String> {
     let start = readme.find(START);
@@ -292,6 +390,7 @@ mod tests {
                 wall_ms: stats(5000.0),
             }],
             network: None,
+            images: None,
             binary_bytes: 27 << 20,
             binaries: Binaries {
                 katalite_bytes: 27 << 20,
@@ -349,6 +448,69 @@ mod tests {
             n
         });
         assert!(table(&report).contains("| 6.0 MiB/s (5.0–7.0) | 3.0 MiB/s (2.0–4.0) | 2.00 |"));
+    }
+
+    #[test]
+    fn the_images_table_shows_both_roots_failures_and_host_builds() {
+        use crate::bench::erofs_build::HostBuild;
+        use crate::bench::images::{Failure, Images, RootFigures};
+        let ok = RootFigures {
+            start_to_workload_ms: Some(stats(1500.0)),
+            start_to_exit_ms: Some(stats(1800.0)),
+            min_memory_mib: Some(96),
+            ..RootFigures::default()
+        };
+        let failed = RootFigures {
+            failure: Some(Failure {
+                status: Some(125),
+                message: "katalite: needs about 4200m | more".into(),
+                failed_runs: 3,
+                runs: 3,
+                expected: true,
+            }),
+            ..RootFigures::default()
+        };
+        let build = HostBuild {
+            rootfs_bytes: 1000 << 20,
+            image_bytes: 1001 << 20,
+            layer_bytes: 1000 << 20,
+            files: 10,
+            seconds: Stats::of(&[2.5]).expect("stats"),
+            rootfs_mib_per_s: stats(400.0),
+            rss_before_mib: stats(150.0),
+            peak_rss_mib: stats(200.0),
+            build_rss_mib: stats(150.0),
+            peak_reset: true,
+        };
+        let mut report = report();
+        report.images = Some(Images {
+            workload: "true".into(),
+            memory_mib: 512,
+            runs: BTreeMap::from([
+                ("busybox".into(), BTreeMap::from([("disk".into(), ok)])),
+                (
+                    "large".into(),
+                    BTreeMap::from([("initramfs".into(), failed)]),
+                ),
+            ]),
+            memory_candidates_mib: vec![64, 1024],
+            large_rss: None,
+            host_build: BTreeMap::from([("large".into(), build)]),
+            method: "m".into(),
+        });
+        let text = table(&report);
+        assert!(text.contains("1 vCPU; median of 3 runs:"), "{text}");
+        assert!(
+            text.contains("| busybox | disk | 1.50 s (1.40–1.60) | 1.80 s (1.70–1.90) | 96 MiB |")
+        );
+        assert!(text.contains(
+            "| large | initramfs | fails (exit 125): katalite: needs about 4200m / more | — \
+             | none up to 1024 MiB |"
+        ));
+        assert!(text.contains(
+            "| EROFS build of large on the host (1000.00 MiB rootfs, from cached layers) | \
+             2.50 s (400 MiB/s), peak RSS 200.0 MiB (150.0 before) |"
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::host::{PackResult, Variant};
+use super::images::Images;
 use super::net::Network;
 use super::plan::{BOOT_MEMORY_MIB, MEMORY_RUN_MIB, PARALLEL_MEMORY_MIB};
 use super::results::{self, BootPhases, JobResult};
@@ -40,6 +41,10 @@ pub struct Report {
     pub parallel: Vec<Parallel>,
     /// katalite's user network beside QEMU's, through a forwarded port.
     pub network: Option<Network>,
+    /// Images on katalite's two root paths (initramfs, EROFS disk): start times, the
+    /// smallest `--memory`, the VMM's memory running the large image, and the host's
+    /// EROFS build.
+    pub images: Option<Images>,
     /// Size of the static release katalite (kernel and init embedded).
     pub binary_bytes: u64,
     /// Sizes of the shipped pieces.
@@ -232,7 +237,7 @@ impl LabResults {
                 ("qemu_microvm".to_string(), qemu),
             ]),
             memory_mib: BOOT_MEMORY_MIB,
-            workload: "busybox `true` from the image cache".into(),
+            workload: "busybox `true` from the image cache, `--image-root initramfs`".into(),
         })
     }
 
@@ -241,9 +246,27 @@ impl LabResults {
         Stats::of(&self.each(&format!("boot-qemu-{compression}"), results::exit_ms)?)
     }
 
+    /// The samples of job `id`, if the lab printed any.
+    pub(super) fn samples(&self, id: &str) -> Option<&[serde_json::Value]> {
+        self.jobs.get(id).map(Vec::as_slice)
+    }
+
     /// Memory figures of the `memory` job.
     pub fn memory(&mut self) -> Option<Memory> {
-        let figures = self.each("memory", |s| results::memory_figures(s, MEMORY_RUN_MIB))?;
+        self.memory_job(
+            "memory",
+            "katalite run --memory 256m busybox `sleep 2` (from its EROFS disk, the \
+             default root), 0.5 s after the workload \
+             started: VmRSS/VmHWM/RssAnon/RssFile from /proc/PID/status; guest RAM \
+             touched = Rss of the one 256 MiB anonymous mapping in /proc/PID/smaps; \
+             overhead = VmRSS minus that, i.e. the executable's resident pages \
+             (embedded kernel included) plus the VMM's heap and stacks",
+        )
+    }
+
+    /// Memory figures of a `memory` job whose guest has [`MEMORY_RUN_MIB`] of RAM.
+    pub(super) fn memory_job(&mut self, id: &str, method: &str) -> Option<Memory> {
+        let figures = self.each(id, |s| results::memory_figures(s, MEMORY_RUN_MIB))?;
         let mib = |pick: &dyn Fn(&results::MemoryFigures) -> i64| {
             let values: Vec<f64> = figures.iter().map(|f| pick(f) as f64 / 1024.0).collect();
             Stats::of(&values)
@@ -258,12 +281,7 @@ impl LabResults {
             peak_overhead_mib: mib(&|f| signed(f.hwm_kib) - signed(f.guest_kib))?,
             anon_overhead_mib: mib(&|f| signed(f.anon_kib) - signed(f.guest_kib))?,
             file_mib: mib(&|f| signed(f.file_kib))?,
-            method: "katalite run --memory 256m busybox `sleep 2`, 0.5 s after the workload \
-                     started: VmRSS/VmHWM/RssAnon/RssFile from /proc/PID/status; guest RAM \
-                     touched = Rss of the one 256 MiB anonymous mapping in /proc/PID/smaps; \
-                     overhead = VmRSS minus that, i.e. the executable's resident pages \
-                     (embedded kernel included) plus the VMM's heap and stacks"
-                .into(),
+            method: method.into(),
         })
     }
 

@@ -98,6 +98,60 @@ pub fn exit_ms(sample: &serde_json::Value) -> Result<f64> {
     Ok(TimedSample::parse(sample)?.exit_ms)
 }
 
+/// How a `timed` run ended, for runs allowed to fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Exit status (`None`: killed at the timeout or by a signal).
+    pub status: Option<i32>,
+    /// The first output line that is not a boot probe (empty if there was none).
+    pub first_line: String,
+}
+
+/// The exit status and first non-probe output line of a `timed` sample, whatever its status.
+pub fn outcome(sample: &serde_json::Value) -> Result<Outcome> {
+    let parsed: TimedSample = serde_json::from_value(sample.clone()).context("malformed sample")?;
+    let first_line = parsed
+        .lines
+        .iter()
+        .map(|(_, line)| line.trim())
+        .find(|line| !line.is_empty() && !line.starts_with("katalite-init: probe "))
+        .unwrap_or_default()
+        .to_string();
+    Ok(Outcome {
+        status: parsed.status,
+        first_line,
+    })
+}
+
+/// One try of a `min_memory` job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The `--memory` tried.
+    pub memory_mib: u32,
+    /// How the run ended.
+    pub outcome: Outcome,
+}
+
+/// The attempts of a `min_memory` sample, in the order the runner made them.
+pub fn memory_attempts(sample: &serde_json::Value) -> Result<Vec<Attempt>> {
+    let attempts = sample["attempts"]
+        .as_array()
+        .context("a min_memory sample without attempts")?;
+    attempts
+        .iter()
+        .map(|attempt| {
+            let memory_mib = attempt["memory_mib"]
+                .as_u64()
+                .and_then(|mib| u32::try_from(mib).ok())
+                .context("an attempt without memory_mib")?;
+            Ok(Attempt {
+                memory_mib,
+                outcome: outcome(attempt)?,
+            })
+        })
+        .collect()
+}
+
 /// Guest→host stdout throughput in MiB/s: the bytes received over the time from the
 /// workload's start (probe line) to the last byte.
 pub fn throughput_mib_s(sample: &serde_json::Value, expected_bytes: u64) -> Result<f64> {
@@ -265,6 +319,45 @@ mod tests {
         );
         assert!(boot_phases(&backwards).is_err());
         assert_eq!(exit_ms(&boot_sample(0, json!([]))).ok(), Some(900.5));
+    }
+
+    #[test]
+    fn an_outcome_keeps_the_status_and_the_first_line_after_the_probes() {
+        let failed = boot_sample(
+            125,
+            json!([
+                [1.0, "katalite-init: probe init"],
+                [2.0, "  "],
+                [3.0, "katalite: the root filesystem needs about 4200m"],
+                [4.0, "second line"]
+            ]),
+        );
+        assert_eq!(
+            outcome(&failed).expect("outcome"),
+            Outcome {
+                status: Some(125),
+                first_line: "katalite: the root filesystem needs about 4200m".into()
+            }
+        );
+        let killed = json!({ "status": null, "exit_ms": 1.0, "lines": [] });
+        assert_eq!(outcome(&killed).expect("outcome").status, None);
+        assert!(outcome(&json!({ "status": 0 })).is_err(), "no exit_ms");
+    }
+
+    #[test]
+    fn memory_attempts_are_read_in_order() {
+        let sample = json!({ "attempts": [
+            { "memory_mib": 1024, "status": 0, "exit_ms": 10.0, "lines": [] },
+            { "memory_mib": 256, "status": 125, "exit_ms": 5.0,
+              "lines": [[1.0, "katalite: too little"]] },
+        ]});
+        let attempts = memory_attempts(&sample).expect("attempts");
+        assert_eq!(attempts.len(), 2);
+        assert_eq!(attempts[0].memory_mib, 1024);
+        assert_eq!(attempts[1].outcome.status, Some(125));
+        assert_eq!(attempts[1].outcome.first_line, "katalite: too little");
+        assert!(memory_attempts(&json!({})).is_err());
+        assert!(memory_attempts(&json!({ "attempts": [{ "status": 0 }] })).is_err());
     }
 
     #[test]

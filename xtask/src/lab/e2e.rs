@@ -14,9 +14,12 @@ pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
     let tests = build_tests(paths)?;
     let host_busybox = Path::new(busybox::HOST_BUSYBOX);
     let rootfs = prepare_rootfs(&paths.cache, host_busybox, &busybox::applets(host_busybox)?)?;
+    // The OCI layouts of the storage stories (cached; built once per machine).
+    let images = crate::images::build(false).context("cannot build the test images")?;
     let mut command = format!(
-        "KATALITE_E2E_ROOTFS={} exec {} --test-threads=1",
+        "KATALITE_E2E_ROOTFS={} KATALITE_E2E_IMAGES={} exec {} --test-threads=1",
         shell_quote(&paths.in_l1(&rootfs).to_string_lossy()),
+        shell_quote(&paths.in_l1(&images).to_string_lossy()),
         shell_quote(&paths.in_l1(&tests).to_string_lossy()),
     );
     // The local test registry (`cargo xtask registry`), as the lab reaches the host.

@@ -44,13 +44,20 @@ host_lib=/host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu
     /host/usr/bin/qemu-system-x86_64 -L /host/usr/share/qemu -M none -accel kvm \
     -nodefaults -display none -monitor none -serial none >/dev/null 2>&1 &
 
+# The scratch disk (an empty ext4 per run): katalite's cache (root's default,
+# /var/lib/katalite) and temporary files live there, not in L1's RAM.
+mkdir -p /scratch /var/lib
+mount -t ext4 /dev/vda /scratch || fail "cannot mount the scratch disk"
+mkdir -p /scratch/katalite /scratch/tmp && chmod 1777 /scratch/tmp
+ln -s /scratch/katalite /var/lib/katalite
+
 hostname lab
 ip link set lo up
 ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up &&
     ip route add default via 10.0.2.2 || fail "cannot configure eth0"
 echo "nameserver 10.0.2.3" >/etc/resolv.conf
 
-export PATH="$LAB_PATH:/bin" HOME=/root TMPDIR=/tmp
+export PATH="$LAB_PATH:/bin" HOME=/root TMPDIR=/scratch/tmp
 cd /src || fail "cannot enter /src"
 echo "@@lab:$LAB_TOKEN:start@@"
 sh /lab/cmd.sh

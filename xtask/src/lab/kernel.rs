@@ -15,13 +15,18 @@ use anyhow::{bail, Context, Result};
 use super::{bzimage, packages};
 
 /// The modules L1 needs, named by what they provide; their dependencies come from `modinfo`.
-/// PCI virtio transport, the network card, the 9p shares (`/src`, `/host`), KVM on AMD and
-/// TUN/TAP (the e2e test of `--network tap:NAME`).
+/// PCI virtio transport, the network card, the 9p shares (`/src`, `/host`), the scratch disk
+/// (virtio-blk, ext4) for katalite's cache and temporary files, KVM on AMD and TUN/TAP (the
+/// e2e test of `--network tap:NAME`).
 pub const L1_ROOT_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_net",
     "9pnet_virtio",
     "9p",
+    "virtio_blk",
+    // ext4 asks the crypto API for crc32c at mount time; L1 has no modprobe to load it then.
+    "crc32c_generic",
+    "ext4",
     "kvm_amd",
     "tun",
 ];
@@ -280,6 +285,8 @@ mod tests {
             "kvm_amd" => "kvm,ccp",
             "kvm" => "irqbypass",
             "tun" => "",
+            "virtio_blk" => "virtio,virtio_ring",
+            "ext4" => "jbd2,mbcache,crc16",
             "virtio_ring"
             | "virtio"
             | "virtio_pci_modern_dev"
@@ -288,7 +295,11 @@ mod tests {
             | "9pnet"
             | "netfs"
             | "ccp"
-            | "irqbypass" => "",
+            | "irqbypass"
+            | "crc32c_generic"
+            | "jbd2"
+            | "mbcache"
+            | "crc16" => "",
             other => bail!("unknown module {other}"),
         };
         Ok(parse_modinfo_depends(deps))
@@ -309,7 +320,7 @@ mod tests {
             }
             assert_eq!(order.iter().filter(|m| *m == module).count(), 1);
         }
-        assert_eq!(order.len(), 18);
+        assert_eq!(order.len(), 24);
         assert_eq!(order.last().map(String::as_str), Some("tun"));
     }
 

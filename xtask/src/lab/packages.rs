@@ -8,9 +8,16 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// Host packages the lab uses: QEMU (TCG with emulated AMD-V), a static busybox for the L1
-/// initramfs and the test rootfs, `cpio` to pack the initramfs and `kmod` for `modinfo`
-/// (present on every Debian machine, checked all the same).
-pub const LAB_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "kmod"];
+/// initramfs and the test rootfs, `cpio` to pack the initramfs, `kmod` for `modinfo` and
+/// `e2fsprogs` for the scratch disk's `mkfs.ext4` (both on every Debian machine, checked
+/// all the same).
+pub const LAB_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
+    "kmod",
+    "e2fsprogs",
+];
 
 /// Installs whichever of `packages` is missing (`apt-get update` once, then `apt-get install`).
 pub fn ensure(packages: &[&str]) -> Result<()> {

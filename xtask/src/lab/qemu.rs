@@ -46,7 +46,7 @@ impl Machine {
     }
 }
 
-fn env_number(name: &str, default: u32) -> Result<u32> {
+pub fn env_number(name: &str, default: u32) -> Result<u32> {
     match std::env::var(name) {
         Ok(value) => value
             .trim()
@@ -68,6 +68,9 @@ pub struct Boot<'a> {
     pub token: &'a str,
     /// Where QEMU's human monitor listens (a Unix socket path).
     pub monitor: &'a Path,
+    /// A raw ext4 image L1 mounts at /scratch: katalite's cache and the tests' temporary
+    /// files live on disk there instead of in L1's RAM.
+    pub scratch: &'a Path,
 }
 
 /// How a boot ended.
@@ -120,6 +123,11 @@ pub fn arguments(machine: &Machine, boot: &Boot) -> Vec<OsString> {
     args.extend(["-initrd".into(), boot.initrd.into()]);
     args.extend(["-virtfs".into(), virtfs(boot.repo, "src")]);
     args.extend(["-virtfs".into(), virtfs(Path::new("/"), "host")]);
+    // cache=unsafe: the image is thrown away with the run, so flushes need not reach disk.
+    let scratch = boot.scratch.to_string_lossy().replace(',', ",,");
+    let drive = format!("file={scratch},if=none,id=scratch,format=raw,cache=unsafe");
+    args.extend(["-drive".into(), drive.into()]);
+    args.extend(["-device".into(), "virtio-blk-pci,drive=scratch".into()]);
     let mut monitor = OsString::from("unix:");
     monitor.push(boot.monitor);
     monitor.push(",server=on,wait=off");
@@ -325,6 +333,7 @@ mod tests {
             repo: Path::new("/work/a,b"),
             token: "t",
             monitor: Path::new("/tmp/m.sock"),
+            scratch: Path::new("/tmp/s,1.img"),
         };
         let args: Vec<String> = arguments(&machine(), &boot)
             .iter()
@@ -347,5 +356,10 @@ mod tests {
         assert!(shares[1].starts_with("local,path=/,mount_tag=host,"));
         assert!(shares.iter().all(|share| share.contains("readonly=on")));
         assert_eq!(after("-monitor"), ["unix:/tmp/m.sock,server=on,wait=off"]);
+        assert_eq!(
+            after("-drive"),
+            ["file=/tmp/s,,1.img,if=none,id=scratch,format=raw,cache=unsafe"]
+        );
+        assert_eq!(after("-device")[1], "virtio-blk-pci,drive=scratch");
     }
 }

@@ -1,0 +1,166 @@
+//! Where the container's root filesystem comes from. An image boots from its EROFS disk
+//! image (cached, built once per manifest) on a read-only virtio-blk disk whose every
+//! block the VMM checks against the image's block list, so neither start time nor guest
+//! RAM grows with the image. `--rootfs DIR` (and `--image-root initramfs`, which the bench
+//! compares) are packed into an initramfs the kernel unpacks into RAM.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use imagebuilder::disk::{cached_disk_image, disk_image, DiskImage, DiskOptions};
+use imagebuilder::image::ImageConfig;
+use imagebuilder::pack::{packed_initramfs, PackOptions};
+use imagebuilder::progress::Progress;
+use imagebuilder::source::PullPolicy;
+
+use crate::cli::{ImageRoot, RunArgs};
+use crate::image_cmds;
+
+/// The guest's block device name of the first disk, which holds the image.
+pub const ROOT_DISK: &str = "vda";
+
+/// MiB the guest kernel and init need besides the root filesystem (measured in the lab:
+/// the smallest `--memory` that runs busybox from its disk image, rounded up).
+pub const BASE_MEMORY_MIB: u64 = 64;
+
+/// An initramfs's bytes are in guest RAM twice while the kernel unpacks it (the archive
+/// and the tmpfs it fills); packed images are compressed, so their contents take more.
+const INITRAMFS_EXPANSION: u64 = 4;
+
+/// The root filesystem of one run.
+pub enum GuestRoot {
+    /// The image's EROFS disk image and its verified block list.
+    Disk(RootDisk),
+    /// An initramfs archive the kernel unpacks before init starts.
+    Archive(Vec<u8>),
+}
+
+/// An image's disk image, opened: the run keeps reading the open file even if a
+/// concurrent `rmi` removes it from the cache.
+pub struct RootDisk {
+    /// The open image.
+    pub file: File,
+    /// Its path in the cache, for messages.
+    pub path: PathBuf,
+    /// SHA-256 of each 4 KiB block, checked by the VMM on every read.
+    pub block_hashes: Arc<[[u8; 32]]>,
+}
+
+/// The root filesystem `args` asks for and the image's config (empty for a directory).
+pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
+    if let Some(dir) = &args.rootfs {
+        let archive = imagebuilder::pack_dir(dir, Vec::new())
+            .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
+        check_initramfs_fits(archive.len() as u64, 2, args.memory)?;
+        return Ok((GuestRoot::Archive(archive), ImageConfig::default()));
+    }
+    let Some(reference) = args.image() else {
+        bail!("\"katalite run\" requires an image (or --rootfs DIR)");
+    };
+    let store = image_cmds::open_store()?;
+    // Keeps a concurrent `rmi` from deleting layers while they are packed.
+    let _hold = store.hold().context("cannot lock the image cache")?;
+    let disk_path = args.image_root == ImageRoot::Disk && args.write_initramfs.is_none();
+    // A cached disk image is all a start needs: the layers are re-hashed (O(image) work)
+    // only when they are about to be read to build one.
+    let image = image_cmds::resolve_verified(&store, reference, args.pull, &args.fetch, false)?;
+    // `--pull always` just fetched the image: nothing to re-hash or resolve again.
+    let fetched = args.pull == PullPolicy::Always;
+    if disk_path {
+        let cached = cached_disk_image(&image, store.root())
+            .with_context(|| format!("cannot use the disk image of {reference}"))?;
+        if let Some(disk) = cached {
+            return Ok((GuestRoot::Disk(open_disk(&disk, reference)?), image.config));
+        }
+    }
+    let image = if fetched {
+        image
+    } else {
+        image_cmds::resolve(&store, reference, args.pull, &args.fetch)?
+    };
+    let progress = Progress::stderr(args.fetch.quiet);
+    // --write-initramfs hands the bench an initramfs, whatever the path.
+    if !disk_path {
+        let opts = PackOptions {
+            progress,
+            ..PackOptions::default()
+        };
+        let packed = packed_initramfs(&image, store.root(), &opts)
+            .with_context(|| format!("cannot pack image {reference}"))?;
+        let archive = std::fs::read(&packed)
+            .with_context(|| format!("cannot read packed image {}", packed.display()))?;
+        check_initramfs_fits(archive.len() as u64, INITRAMFS_EXPANSION, args.memory)?;
+        return Ok((GuestRoot::Archive(archive), image.config));
+    }
+    check_memory(args.memory)?;
+    let opts = DiskOptions {
+        progress,
+        ..DiskOptions::default()
+    };
+    let disk = disk_image(&image, store.root(), &opts)
+        .with_context(|| format!("cannot build the disk image of {reference}"))?;
+    Ok((GuestRoot::Disk(open_disk(&disk, reference)?), image.config))
+}
+
+/// Opens a disk image and reads its checked block list.
+fn open_disk(disk: &DiskImage, reference: &str) -> Result<RootDisk> {
+    let block_hashes = disk
+        .block_hashes()
+        .with_context(|| format!("cannot use the disk image of {reference}"))?;
+    let file = File::open(&disk.path)
+        .with_context(|| format!("cannot open disk image {}", disk.path.display()))?;
+    Ok(RootDisk {
+        file,
+        path: disk.path.clone(),
+        block_hashes: block_hashes.into(),
+    })
+}
+
+/// A disk root needs only what the kernel and init need.
+fn check_memory(memory_mib: u64) -> Result<()> {
+    if memory_mib < BASE_MEMORY_MIB {
+        bail!(
+            "--memory {memory_mib}m is too little for the guest kernel and init: at least \
+             {BASE_MEMORY_MIB}m is needed"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses an initramfs that cannot fit: the kernel would panic unpacking it ("VFS: Unable
+/// to mount root fs") instead of giving a reason.
+fn check_initramfs_fits(archive_bytes: u64, expansion: u64, memory_mib: u64) -> Result<()> {
+    let needed = archive_bytes
+        .saturating_mul(expansion)
+        .div_ceil(1 << 20)
+        .saturating_add(BASE_MEMORY_MIB);
+    if needed > memory_mib {
+        bail!(
+            "the root filesystem needs about {needed}m of guest memory as an initramfs, more \
+             than --memory {memory_mib}m"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initramfs_must_fit_with_the_kernel() {
+        let mib = 1 << 20;
+        assert!(check_initramfs_fits(10 * mib, 2, 512).is_ok());
+        let err = check_initramfs_fits(300 * mib, 2, 512).expect_err("600m of root in 512m");
+        assert!(err.to_string().contains("--memory 512m"), "{err}");
+        assert!(check_initramfs_fits(u64::MAX, 4, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_disk_root_needs_the_base_memory() {
+        assert!(check_memory(BASE_MEMORY_MIB).is_ok());
+        assert!(check_memory(BASE_MEMORY_MIB - 1).is_err());
+    }
+}
