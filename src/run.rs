@@ -85,6 +85,7 @@ pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
         serial,
         network,
         disks,
+        shares: Vec::new(),
     };
     attach::run_attached(args, &command, vm, session)
 }

@@ -20,7 +20,9 @@ pub use devices::stop::VmStopper;
 pub use host::{check_kvm, HostError, KvmKind};
 pub use net::{NetBackend, NetConfig};
 pub use vcpu::VcpuError;
-pub use virtio::{ConsoleInput, CorruptionHook, DiskConfig, DiskError, DiskSetupError, InputError};
+pub use virtio::{
+    ConsoleInput, CorruptionHook, DiskConfig, DiskError, DiskSetupError, FsShareConfig, InputError,
+};
 pub use vm::{
     run, run_raw, RawGuest, VmConfig, VmError, VmExit, BASE_CMDLINE, MAX_MEMORY_MIB, MAX_VCPUS,
     MIN_MEMORY_MIB,

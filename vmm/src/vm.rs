@@ -24,8 +24,8 @@ use crate::net::{nic, NetConfig, NetPump};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
 use crate::virtio::block::worker::{self as disk_worker, BlockWorker};
 use crate::virtio::{
-    Console, ConsoleInput, DiskConfig, DiskSetupError, InputPump, MmioTransport, Rng, VirtioDevice,
-    CONSOLE_RECEIVE_QUEUE,
+    Console, ConsoleInput, DiskConfig, DiskSetupError, FsShareConfig, InputPump, MmioTransport,
+    Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
@@ -74,6 +74,8 @@ pub struct VmConfig<'a> {
     /// virtio-blk disks, at most [`layout::MAX_DISKS`]: the first is `/dev/vda` in the
     /// guest, the next `/dev/vdb`, and so on. Each is served by its own thread.
     pub disks: Vec<DiskConfig>,
+    /// Host directories shared over virtio-fs, each served by its own thread.
+    pub shares: Vec<FsShareConfig>,
 }
 
 /// A hand-written real-mode guest, for testing the VMM on hosts (like PVM) that cannot

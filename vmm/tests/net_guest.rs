@@ -302,6 +302,7 @@ fn a_linux_guest_uses_the_user_network_both_ways() {
                     backend: Box::new(net),
                 }),
                 disks: Vec::new(),
+                shares: Vec::new(),
             })
         })
     };
