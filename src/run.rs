@@ -192,6 +192,7 @@ fn run_config(
         boot_probe: args.boot_probe,
         network: network::guest_plan(&args.network),
         root_disk: None,
+        mounts: Vec::new(),
     })
 }
 

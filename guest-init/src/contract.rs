@@ -95,6 +95,111 @@ pub struct RunConfig {
     /// it. `None`: the root filesystem is the initramfs itself.
     #[serde(default)]
     pub root_disk: Option<String>,
+    /// Volumes and tmpfs mounts (`-v`, `--mount`, `--tmpfs`), mounted by init once the root
+    /// and the kernel filesystems are in place, before the working directory is made.
+    #[serde(default)]
+    pub mounts: Vec<MountConfig>,
+}
+
+/// Longest virtio-fs tag (`struct virtio_fs_config.tag`, virtio 1.2 §5.11.4); the VMM's
+/// `MAX_TAG_LEN` is the same number.
+pub const MAX_TAG_LEN: usize = 36;
+
+/// Whether `tag` can name a virtio-fs share: 1..=[`MAX_TAG_LEN`] ASCII letters, digits,
+/// `-` and `_` (the VMM's rule).
+pub fn is_valid_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= MAX_TAG_LEN
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// One filesystem init mounts into the container, at `Target`:
+/// `{"Target":"/data","ReadOnly":false,"Kind":{"VirtioFs":{"Tag":"katalite-vol0"}}}` or
+/// `{"Target":"/run","ReadOnly":false,"Kind":{"Tmpfs":{"SizeBytes":67108864,"Mode":1023}}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct MountConfig {
+    /// Absolute path in the container, without `..`; missing directories are created.
+    pub target: String,
+    /// Mount it read-only (`:ro`, `readonly`).
+    #[serde(default)]
+    pub read_only: bool,
+    /// What is mounted there.
+    pub kind: MountKind,
+}
+
+/// What a [`MountConfig`] mounts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub enum MountKind {
+    /// A host directory shared by the VMM over virtio-fs (a bind mount or a named volume).
+    VirtioFs(VirtioFsMount),
+    /// A fresh tmpfs in guest RAM (`--tmpfs`, `--mount type=tmpfs`).
+    Tmpfs(TmpfsMount),
+}
+
+/// A virtio-fs share, by the tag its device carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct VirtioFsMount {
+    /// The device's tag (see [`is_valid_tag`]).
+    pub tag: String,
+}
+
+/// A tmpfs's options. Like Docker's, it is mounted `nosuid,nodev` and `noexec` unless
+/// `Exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct TmpfsMount {
+    /// Size limit in bytes; `None`: the kernel's default (half the guest's RAM).
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+    /// Permission bits of its root (at most 0o7777); `None`: the kernel's default, 1777.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Allow executing files from it.
+    #[serde(default)]
+    pub exec: bool,
+}
+
+/// A [`MountConfig`] init refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountConfigError {
+    /// The target is relative, `/`, or has `..` components.
+    #[error("invalid mount target {0:?}: it must be an absolute path other than / without ..")]
+    BadTarget(String),
+    /// The virtio-fs tag breaks [`is_valid_tag`].
+    #[error("invalid virtio-fs tag {0:?}")]
+    BadTag(String),
+    /// The tmpfs mode has bits beyond 0o7777.
+    #[error("invalid tmpfs mode {0:o} for {1}")]
+    BadMode(u32, String),
+}
+
+impl MountConfig {
+    /// Checks what init must be able to trust before mounting: an absolute target other
+    /// than `/` with no `..` (nor NUL), a valid tag, a mode within 0o7777.
+    pub fn validate(&self) -> Result<(), MountConfigError> {
+        let target = &self.target;
+        let clean = target.starts_with('/')
+            && !target.contains('\0')
+            && !target.split('/').any(|c| c == "..")
+            && target.split('/').any(|c| !c.is_empty() && c != ".");
+        if !clean {
+            return Err(MountConfigError::BadTarget(target.clone()));
+        }
+        match &self.kind {
+            MountKind::VirtioFs(share) if !is_valid_tag(&share.tag) => {
+                Err(MountConfigError::BadTag(share.tag.clone()))
+            }
+            MountKind::Tmpfs(TmpfsMount {
+                mode: Some(mode), ..
+            }) if *mode > 0o7777 => Err(MountConfigError::BadMode(*mode, target.clone())),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Whether `name` can be a block device name under /dev that init mounts: a short run of
@@ -193,14 +298,102 @@ mod tests {
                 dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
             }),
             root_disk: Some("vda".into()),
+            mounts: vec![
+                MountConfig {
+                    target: "/data".into(),
+                    read_only: true,
+                    kind: MountKind::VirtioFs(VirtioFsMount {
+                        tag: "katalite-vol0".into(),
+                    }),
+                },
+                MountConfig {
+                    target: "/run".into(),
+                    read_only: false,
+                    kind: MountKind::Tmpfs(TmpfsMount {
+                        size_bytes: Some(64 << 20),
+                        mode: Some(0o1777),
+                        exec: false,
+                    }),
+                },
+            ],
         };
         let json = serde_json::to_string(&config).expect("serialize");
+        assert!(json.contains(
+            r#""Mounts":[{"Target":"/data","ReadOnly":true,"Kind":{"VirtioFs":{"Tag":"katalite-vol0"}}}"#
+        ));
+        assert!(json.contains(
+            r#"{"Target":"/run","ReadOnly":false,"Kind":{"Tmpfs":{"SizeBytes":67108864,"Mode":1023,"Exec":false}}}"#
+        ));
         assert!(json.contains("\"Args\"") && json.contains("\"WorkingDir\""));
         assert!(json.contains("\"RootDisk\":\"vda\""));
         assert!(json.contains("\"BootProbe\":true"));
         assert!(json.contains("\"Address\":\"10.0.2.15\""));
         let back: RunConfig = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn mounts_default_to_none_and_refuse_unknown_fields() {
+        let config: RunConfig = serde_json::from_str(r#"{"Args":["true"]}"#).expect("parse");
+        assert!(config.mounts.is_empty());
+        let minimal = r#"{"Args":["true"],"Mounts":[{"Target":"/t","Kind":{"Tmpfs":{}}}]}"#;
+        let config: RunConfig = serde_json::from_str(minimal).expect("parse");
+        assert_eq!(
+            config.mounts,
+            [MountConfig {
+                target: "/t".into(),
+                read_only: false,
+                kind: MountKind::Tmpfs(TmpfsMount::default()),
+            }]
+        );
+        for bad in [
+            r#"{"Target":"/t","Kind":{"Tmpfs":{}},"Propagation":"shared"}"#,
+            r#"{"Target":"/t","Kind":{"Bind":{"Source":"/x"}}}"#,
+            r#"{"Target":"/t","Kind":{"VirtioFs":{"Tag":"a","Cache":"always"}}}"#,
+            r#"{"Kind":{"Tmpfs":{}}}"#,
+        ] {
+            assert!(serde_json::from_str::<MountConfig>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mount_targets_tags_and_modes_are_validated() {
+        let share = |target: &str, tag: &str| MountConfig {
+            target: target.into(),
+            read_only: false,
+            kind: MountKind::VirtioFs(VirtioFsMount { tag: tag.into() }),
+        };
+        for good in ["/data", "/a/b/c", "/with space", "/x/./y", "/trailing/"] {
+            assert_eq!(share(good, "katalite-vol0").validate(), Ok(()), "{good}");
+        }
+        for bad in [
+            "", "data", "/", "//", "/a/../b", "/..", "/a/..", "/.", "/a\0b",
+        ] {
+            assert_eq!(
+                share(bad, "t").validate(),
+                Err(MountConfigError::BadTarget(bad.into())),
+                "{bad:?}"
+            );
+        }
+        let long = "t".repeat(MAX_TAG_LEN + 1);
+        for bad in ["", "a/b", "a b", "é", long.as_str()] {
+            assert_eq!(
+                share("/d", bad).validate(),
+                Err(MountConfigError::BadTag(bad.into()))
+            );
+        }
+        assert!(is_valid_tag(&"t".repeat(MAX_TAG_LEN)));
+        let tmpfs = |mode| MountConfig {
+            target: "/t".into(),
+            read_only: false,
+            kind: MountKind::Tmpfs(TmpfsMount {
+                mode: Some(mode),
+                ..TmpfsMount::default()
+            }),
+        };
+        assert_eq!(tmpfs(0o7777).validate(), Ok(()));
+        let err = tmpfs(0o10000).validate().expect_err("mode too large");
+        assert_eq!(err.to_string(), "invalid tmpfs mode 10000 for /t");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The PID-1 steps, in order: mount the kernel filesystems, open the host channel, read
-//! the run config, configure the network, write the identity files, resolve the user,
-//! start the workload, relay its stdio and signals until it exits, stop what is left,
-//! report the status, power off.
+//! the run config, mount the volumes, configure the network, write the identity files,
+//! resolve the user, start the workload, relay its stdio and signals until it exits, stop
+//! what is left, report the status, power off.
 //! Failures of init itself are reported as `InitFailed` (the host exits 125).
 
 mod console;
@@ -16,6 +16,7 @@ mod root;
 mod session;
 mod signals;
 mod users;
+mod volumes;
 mod workload;
 
 use std::io;
@@ -36,6 +37,7 @@ use relay::{Relay, RelayError, WORKLOAD};
 use root::RootError;
 use signals::{SignalError, Signals};
 use users::UserError;
+use volumes::VolumeError;
 use workload::WorkloadError;
 
 /// With `-t`, how long init waits for the host's first terminal size before starting the
@@ -53,6 +55,8 @@ enum InitError {
     Mount(#[from] MountError),
     #[error(transparent)]
     Root(#[from] RootError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
     #[error(transparent)]
     Console(#[from] ConsoleError),
     #[error(transparent)]
@@ -105,6 +109,9 @@ fn run() -> Result<GuestStatus, InitError> {
     if config.boot_probe {
         console::log("probe init");
     }
+    // Docker's order: volumes first, so the working directory and the files init writes
+    // may land inside them.
+    volumes::mount_all(&config.mounts)?;
 
     let hostname = etc_files::choose_hostname(&config.hostname)?;
     etc_files::set_hostname(&hostname)?;
