@@ -22,10 +22,12 @@ use crate::devices::{SerialPort, StatusPort, StopReason, VmStop, I8042};
 use crate::layout;
 use crate::net::{nic, NetConfig, NetPump};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
-use crate::virtio::block::worker::{self as disk_worker, BlockWorker};
+use crate::virtio::block::worker as disk_worker;
+use crate::virtio::fs;
+use crate::virtio::worker::QueueWorker;
 use crate::virtio::{
     Console, ConsoleInput, DiskConfig, DiskSetupError, FsShareConfig, InputPump, MmioTransport,
-    Rng, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
+    Rng, ShareSetupError, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
@@ -180,8 +182,8 @@ pub enum VmError {
     /// The NIC's link or notification eventfds could not be set up.
     #[error("cannot set up the network device")]
     Net(#[source] io::Error),
-    /// More disks than there are device slots for them.
-    #[error("{count} disks requested; at most {max} are supported")]
+    /// More disks and shares than there are device slots for them.
+    #[error("{count} disks and shared directories requested; at most {max} are supported")]
     DiskCount {
         /// Requested disks.
         count: usize,
@@ -196,6 +198,15 @@ pub enum VmError {
         /// What went wrong.
         #[source]
         source: DiskSetupError,
+    },
+    /// A shared directory could not be set up.
+    #[error("cannot share directory {index}")]
+    Share {
+        /// Its position in [`VmConfig::shares`].
+        index: usize,
+        /// What went wrong.
+        #[source]
+        source: ShareSetupError,
     },
     /// A vCPU could not be set up or failed while running.
     #[error("vcpu {index} failed")]
@@ -222,7 +233,10 @@ pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
         Console::new(config.console, config.console_input.unwrap_or_default()),
         config.stopper.unwrap_or_default(),
         config.network,
-        config.disks,
+        Storage {
+            disks: config.disks,
+            shares: config.shares,
+        },
     )?;
     let cmdline = machine.cmdline(config.cmdline);
     let image = LinuxImage {
@@ -244,7 +258,7 @@ pub fn run_raw(guest: RawGuest<'_>) -> Result<VmExit, VmError> {
         Console::new(Box::new(io::sink()), ConsoleInput::new()),
         guest.stopper.unwrap_or_default(),
         None,
-        Vec::new(),
+        Storage::default(),
     )?;
     let addr = u64::from(guest.load_addr);
     machine
@@ -297,9 +311,18 @@ struct Machine {
     // Likewise, dropping it stops the network thread and closes the backend's sockets.
     net: Option<(Arc<Mutex<MmioTransport>>, NetPump)>,
     // Likewise for each disk's thread.
-    disks: Vec<(Arc<Mutex<MmioTransport>>, BlockWorker)>,
+    disks: Vec<(Arc<Mutex<MmioTransport>>, QueueWorker)>,
+    // And for each share's.
+    shares: Vec<(Arc<Mutex<MmioTransport>>, QueueWorker)>,
     stop: Arc<VmStop>,
     device_args: Vec<String>,
+}
+
+/// The VM's disks and shared directories, which take the virtio slots after the NIC's.
+#[derive(Default)]
+struct Storage {
+    disks: Vec<DiskConfig>,
+    shares: Vec<FsShareConfig>,
 }
 
 impl Machine {
@@ -310,11 +333,16 @@ impl Machine {
         console: Console,
         stopper: VmStopper,
         network: Option<NetConfig>,
-        disk_configs: Vec<DiskConfig>,
+        storage: Storage,
     ) -> Result<Self, VmError> {
-        if disk_configs.len() > usize::try_from(layout::MAX_DISKS).unwrap_or(usize::MAX) {
+        let Storage {
+            disks: disk_configs,
+            shares: share_configs,
+        } = storage;
+        let count = disk_configs.len() + share_configs.len();
+        if count > usize::try_from(layout::MAX_DISKS).unwrap_or(usize::MAX) {
             return Err(VmError::DiskCount {
-                count: disk_configs.len(),
+                count,
                 max: layout::MAX_DISKS,
             });
         }
@@ -401,6 +429,20 @@ impl Machine {
                 .map_err(|source| VmError::Disk { index, source })?;
             disks.push((place(slot, "virtio-blk", device)?, worker));
         }
+        // Shares take the slots after the disks.
+        let mut shares = Vec::with_capacity(share_configs.len());
+        let first_share_slot =
+            layout::VIRTIO_BLK_FIRST_SLOT + u32::try_from(disks.len()).unwrap_or(0);
+        for ((index, config), slot) in share_configs
+            .into_iter()
+            .enumerate()
+            .zip(first_share_slot..)
+        {
+            let window = layout::virtio_mmio_addr(slot);
+            let (device, worker) = fs::build(&vm, window, index, config)
+                .map_err(|source| VmError::Share { index, source })?;
+            shares.push((place(slot, "virtio-fs", device)?, worker));
+        }
 
         Ok(Self {
             kvm,
@@ -415,6 +457,7 @@ impl Machine {
             pump,
             net,
             disks,
+            shares,
             stop,
             device_args,
         })
@@ -475,6 +518,12 @@ impl Machine {
         for (transport, worker) in &mut self.disks {
             worker
                 .start(disk_worker::run_queue(transport.clone()))
+                .map_err(VmError::IoThread)?;
+        }
+        // And file system requests by each share's.
+        for (transport, worker) in &mut self.shares {
+            worker
+                .start(fs::run_queues(transport.clone()))
                 .map_err(VmError::IoThread)?;
         }
 

@@ -9,6 +9,7 @@ pub(crate) mod fs;
 mod mmio;
 mod net;
 mod rng;
+pub(crate) mod worker;
 
 pub use block::worker::DiskSetupError;
 pub use block::{Block, CorruptionHook, DiskConfig, DiskError};
@@ -16,7 +17,7 @@ pub use console::Console;
 pub(crate) use console::RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE;
 pub(crate) use console_input::InputPump;
 pub use console_input::{ConsoleInput, InputError};
-pub use fs::{is_valid_tag, FsShareConfig, MAX_TAG_LEN};
+pub use fs::{is_valid_tag, FsShareConfig, ShareSetupError, MAX_TAG_LEN};
 pub use mmio::MmioTransport;
 pub(crate) use net::{Net, NET_RX_QUEUE, NET_TX_QUEUE};
 pub use rng::Rng;

@@ -1,0 +1,177 @@
+//! The virtio-fs device (virtio 1.2 §5.11): a hiprio queue (FORGET) and one request
+//! queue, each chain a FUSE request in its device-readable part and room for the reply in
+//! its device-writable part. Chains are copied in and out through bounded buffers, so
+//! the server only ever parses host memory of a size we chose.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::abi::OutHeader;
+use super::server::{Server, MAX_REQUEST};
+use super::MAX_TAG_LEN;
+use crate::virtio::{DeviceError, VirtioDevice};
+use crate::GuestMemory;
+
+/// virtio device ID of a file system device (§5.11.1).
+const VIRTIO_ID_FS: u32 = 26;
+/// hiprio holds only FORGETs; the request queue is large enough for a 1 MiB WRITE or READ
+/// in page-sized descriptors (Linux caps a request at the queue size less 4).
+const QUEUE_SIZES: [u16; 2] = [128, 1024];
+/// `struct virtio_fs_config`: the tag and num_request_queues.
+const CONFIG_LEN: usize = MAX_TAG_LEN + 4;
+/// Request bytes served per run before the worker is asked to come back: the transport
+/// stays locked while the device works, and the guest's interrupt handler needs it.
+const WORK_BUDGET: usize = 4 << 20;
+
+pub struct Fs {
+    config: [u8; CONFIG_LEN],
+    server: Server,
+    request: Vec<u8>,
+    reply: Vec<u8>,
+    writable: Vec<(GuestAddress, u32)>,
+    more: Arc<AtomicBool>,
+}
+
+impl Fs {
+    pub fn new(tag: &str, server: Server) -> Self {
+        let mut config = [0u8; CONFIG_LEN];
+        let tag = tag.as_bytes();
+        let n = tag.len().min(MAX_TAG_LEN);
+        config[..n].copy_from_slice(&tag[..n]);
+        config[MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        Self {
+            config,
+            server,
+            request: Vec::new(),
+            reply: Vec::new(),
+            writable: Vec::new(),
+            more: Arc::default(),
+        }
+    }
+
+    pub(crate) fn more_work(&self) -> Arc<AtomicBool> {
+        self.more.clone()
+    }
+
+    /// Serves one chain; returns the bytes written into it and the request's size.
+    fn serve(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> (u32, usize) {
+        if self.gather(chain, mem).is_err() {
+            return (0, 0);
+        }
+        self.server.handle(&self.request, &mut self.reply);
+        let room: u64 = self.writable.iter().map(|&(_, len)| u64::from(len)).sum();
+        if self.reply.len() as u64 > room {
+            // The guest left too little room for the answer: say so if the header fits.
+            let header = std::mem::size_of::<OutHeader>();
+            if room < header as u64 {
+                return (0, self.request.len());
+            }
+            let unique = self
+                .reply
+                .get(8..16)
+                .map_or([0; 8], |u| u.try_into().unwrap_or([0; 8]));
+            self.reply.truncate(header);
+            self.reply[0..4].copy_from_slice(&16u32.to_le_bytes());
+            self.reply[4..8].copy_from_slice(&(-libc::EIO).to_le_bytes());
+            self.reply[8..16].copy_from_slice(&unique);
+        }
+        let written = self.scatter(mem);
+        (written, self.request.len() + self.reply.len())
+    }
+
+    /// Copies the chain's readable part into `request` (at most MAX_REQUEST bytes: a longer
+    /// request arrives cut short, and its header's length then fails the server's check)
+    /// and notes its writable part. A readable descriptor after a writable one breaks the
+    /// chain's layout (§2.7.4.2) and the chain is dropped unanswered.
+    fn gather(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> Result<(), ()> {
+        self.request.clear();
+        self.writable.clear();
+        for desc in chain {
+            if desc.is_write_only() {
+                self.writable.push((desc.addr(), desc.len()));
+                continue;
+            }
+            if !self.writable.is_empty() {
+                return Err(());
+            }
+            let room = MAX_REQUEST - self.request.len();
+            let take = usize::try_from(desc.len()).map_or(room, |len| len.min(room));
+            let start = self.request.len();
+            self.request.resize(start + take, 0);
+            mem.read_slice(&mut self.request[start..], desc.addr())
+                .map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    /// Copies the reply into the writable part; returns the bytes written.
+    fn scatter(&self, mem: &GuestMemory) -> u32 {
+        let mut rest = &self.reply[..];
+        let mut written = 0u32;
+        for &(addr, len) in &self.writable {
+            if rest.is_empty() {
+                break;
+            }
+            let n = usize::try_from(len).map_or(rest.len(), |len| len.min(rest.len()));
+            if mem.write_slice(&rest[..n], addr).is_err() {
+                break;
+            }
+            rest = &rest[n..];
+            written = written.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        }
+        written
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        if let Some(config) = self.config.get(start..) {
+            let n = config.len().min(data.len());
+            data[..n].copy_from_slice(&config[..n]);
+        }
+    }
+
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<bool, DeviceError> {
+        let mut used = false;
+        let mut work = 0usize;
+        for _ in 0..queue.size() {
+            if work >= WORK_BUDGET {
+                self.more.store(true, Ordering::Release);
+                break;
+            }
+            let Some(chain) = queue.iter(mem)?.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            let (len, cost) = self.serve(chain, mem);
+            work += cost.max(4096);
+            queue.add_used(mem, head, len)?;
+            used = true;
+        }
+        Ok(used)
+    }
+}

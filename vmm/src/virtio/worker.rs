@@ -1,0 +1,149 @@
+//! A device's worker thread: woken by the ioeventfd KVM signals when the guest notifies a
+//! queue (no exit to the VMM, and no device I/O on a vCPU), it runs the device's queues
+//! while the device asks for more.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const STOP: Token = Token(0);
+const NOTIFY: Token = Token(1);
+
+/// One device's worker thread. Dropping it stops and joins the thread.
+pub(crate) struct QueueWorker {
+    name: String,
+    notify: Option<EventFd>,
+    more: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    wake: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueWorker {
+    /// A worker woken by `notify` (the queue's ioeventfd) that runs the queue again while
+    /// the device sets `more`; no thread runs yet.
+    pub(crate) fn new(name: String, notify: EventFd, more: Arc<AtomicBool>) -> io::Result<Self> {
+        Ok(Self {
+            name,
+            notify: Some(notify),
+            more,
+            stop: Arc::default(),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            thread: None,
+        })
+    }
+
+    /// Starts the thread; `kick` must run the device's queue (see [`run_queue`]).
+    pub(crate) fn start(&mut self, kick: impl FnMut() + Send + 'static) -> io::Result<()> {
+        let Some(notify) = self.notify.take() else {
+            return Ok(());
+        };
+        let poll = Poll::new()?;
+        let registry = poll.registry();
+        registry.register(
+            &mut SourceFd(&self.wake.as_raw_fd()),
+            STOP,
+            Interest::READABLE,
+        )?;
+        registry.register(
+            &mut SourceFd(&notify.as_raw_fd()),
+            NOTIFY,
+            Interest::READABLE,
+        )?;
+        let (more, stop) = (self.more.clone(), self.stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || run(poll, &notify, &more, &stop, kick))?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        // Only fails if the counter would overflow, and then the thread is awake anyway.
+        let _ = self.wake.write(1);
+        if let Some(thread) = self.thread.take() {
+            // A panic in the device already reported itself; the VM is over either way.
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(
+    mut poll: Poll,
+    notify: &EventFd,
+    more: &AtomicBool,
+    stop: &AtomicBool,
+    mut kick: impl FnMut(),
+) {
+    let mut events = Events::with_capacity(2);
+    loop {
+        if let Err(err) = poll.poll(&mut events, None) {
+            if err.kind() != io::ErrorKind::Interrupted {
+                return;
+            }
+        }
+        // Resets the counter first: a notification during the run below is a new edge.
+        let _ = notify.read();
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            kick();
+            if !more.swap(false, Ordering::AcqRel) {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn notifications_run_the_queue_until_the_device_is_done_and_drop_stops_it() {
+        let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let guest = notify.try_clone().expect("clone");
+        let more = Arc::new(AtomicBool::new(false));
+        let mut worker =
+            QueueWorker::new("katalite-blk-test".into(), notify, more.clone()).expect("worker");
+        let (kicked, kicks) = mpsc::channel();
+        // The device asks to be run twice more after the first kick.
+        let mut left = 2;
+        worker
+            .start(move || {
+                let _ = kicked.send(std::thread::current().name().map(str::to_owned));
+                if left > 0 {
+                    left -= 1;
+                    more.store(true, Ordering::Release);
+                }
+            })
+            .expect("start");
+        let wait = || kicks.recv_timeout(Duration::from_secs(5)).expect("a kick");
+
+        guest.write(1).expect("notify");
+        for _ in 0..3 {
+            assert_eq!(wait().as_deref(), Some("katalite-blk-test"));
+        }
+        assert!(kicks.recv_timeout(Duration::from_millis(50)).is_err());
+        guest.write(1).expect("notify");
+        assert!(wait().is_some());
+
+        drop(worker);
+        assert!(
+            matches!(kicks.recv(), Err(mpsc::RecvError)),
+            "the thread has exited"
+        );
+    }
+}
