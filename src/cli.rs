@@ -13,6 +13,9 @@ use crate::lifecycle::commands::{
     InspectArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, SuperviseArgs, WaitArgs,
 };
 use crate::network::{parse_network, parse_publish, NetworkMode, PortMapping};
+use crate::volumes::commands::VolumeArgs;
+use crate::volumes::parse::{parse_mount, parse_tmpfs, parse_volume};
+use crate::volumes::MountSpec;
 
 /// VM-isolated containers from one static binary.
 #[derive(Parser, Debug)]
@@ -48,6 +51,8 @@ pub enum Command {
     Rm(RmArgs),
     /// Show containers' state and configuration as JSON.
     Inspect(InspectArgs),
+    /// Manage named volumes.
+    Volume(VolumeArgs),
     /// Wait for containers to exit and print their exit codes.
     Wait(WaitArgs),
     /// Run a detached container's VM (started by `run -d`, not by hand).
@@ -138,6 +143,21 @@ pub struct RunArgs {
     /// Mount the container's root filesystem read-only.
     #[arg(long)]
     pub read_only: bool,
+
+    /// Share a host directory or a named volume: HOST-DIR:DIR[:ro], NAME:DIR[:ro], or DIR
+    /// alone for a new anonymous volume. A missing HOST-DIR is created.
+    #[arg(short = 'v', long = "volume", value_name = "[SRC:]DST[:ro|rw]",
+          value_parser = parse_volume)]
+    pub volumes: Vec<MountSpec>,
+
+    /// Attach a mount: type=bind|volume|tmpfs,source=SRC,target=DST[,readonly]
+    /// [,tmpfs-size=SIZE][,tmpfs-mode=MODE].
+    #[arg(long = "mount", value_name = "type=TYPE,...", value_parser = parse_mount)]
+    pub mounts: Vec<MountSpec>,
+
+    /// Mount a tmpfs in the container: DIR[:size=64m,mode=1777,ro,exec].
+    #[arg(long, value_name = "DIR[:OPTIONS]", value_parser = parse_tmpfs)]
+    pub tmpfs: Vec<MountSpec>,
 
     /// Seconds to wait after forwarding SIGTERM or SIGINT before stopping the VM.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]

@@ -13,6 +13,7 @@ mod run;
 mod signals;
 mod stdio;
 mod terminal;
+mod volumes;
 
 use clap::Parser;
 
@@ -57,6 +58,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Inspect(args) => commands::inspect(args),
         cli::Command::Wait(args) => commands::wait(args),
         cli::Command::Supervise(args) => commands::supervise(args),
+        cli::Command::Volume(args) => volumes::commands::volume(args),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code),

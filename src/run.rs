@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use guest_init::{RunConfig, CONFIG_PATH, INIT_PATH};
+use guest_init::{MountConfig, RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
@@ -16,6 +16,7 @@ use crate::attach::{self, Session};
 use crate::cli::RunArgs;
 use crate::guest_root::{self, GuestRoot, RootDisk, ROOT_DISK};
 use crate::lifecycle::supervise;
+use crate::volumes::{self, ResolvedMount};
 use crate::{embedded, network, terminal};
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
@@ -38,8 +39,11 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         return Ok(EXIT_CLI_ERROR);
     }
     if let Some(path) = &args.write_initramfs {
+        if volumes::specs(args).next().is_some() {
+            bail!("--write-initramfs cannot be combined with -v, --mount or --tmpfs");
+        }
         let env_files = read_env_files(&args.env_file)?;
-        let (root, run_archive, _) = boot_images(args, env_files, &container_id()?)?;
+        let (root, run_archive, _) = boot_images(args, env_files, &container_id()?, Vec::new())?;
         let GuestRoot::Archive(rootfs) = root else {
             bail!("--write-initramfs needs an initramfs root");
         };
@@ -50,12 +54,14 @@ pub fn run(args: &RunArgs) -> Result<u8> {
     supervise::foreground(args)
 }
 
-/// Boots the workload of `args` attached to `session` and returns its exit code.
-pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
+/// Boots the workload of `args` with its resolved `mounts` attached to `session` and
+/// returns its exit code.
+pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> Result<u8> {
     let env_files = read_env_files(&args.env_file)?;
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
-    let (root, run_archive, command) = boot_images(args, env_files, &session.id)?;
+    let (shares, guest_mounts) = volumes::plan(mounts)?;
+    let (root, run_archive, command) = boot_images(args, env_files, &session.id, guest_mounts)?;
     let network = network::attach(&args.network, &args.publish)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
@@ -85,18 +91,20 @@ pub fn boot(args: &RunArgs, session: Session<'_>) -> Result<u8> {
         serial,
         network,
         disks,
-        shares: Vec::new(),
+        shares,
     };
     attach::run_attached(args, &command, vm, session)
 }
 
 /// The root filesystem and the per-run archive with init and its config (the kernel
 /// unpacks it after the root's archive, if the root is one). `id` is the container id
-/// (its first 12 digits are the default hostname). Also returns the workload's argv.
+/// (its first 12 digits are the default hostname); `mounts` are init's. Also returns the
+/// workload's argv.
 fn boot_images(
     args: &RunArgs,
     env_files: Vec<String>,
     id: &str,
+    mounts: Vec<MountConfig>,
 ) -> Result<(GuestRoot, Vec<u8>, Vec<String>)> {
     let init = embedded::init().context(
         "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
@@ -104,6 +112,7 @@ fn boot_images(
     let (root, image_config) = guest_root::prepare(args)?;
     let short_id = &id[..id.len().min(12)];
     let mut config = run_config(args, &image_config, env_files, short_id)?;
+    config.mounts = mounts;
     if let GuestRoot::Disk(_) = root {
         config.root_disk = Some(ROOT_DISK.to_string());
     }

@@ -96,6 +96,9 @@ pub struct RmArgs {
     /// Kill a running container first.
     #[arg(short, long)]
     pub force: bool,
+    /// Remove the anonymous volumes of the containers too.
+    #[arg(short, long)]
+    pub volumes: bool,
     /// Containers (id, id prefix or name).
     #[arg(required = true)]
     pub containers: Vec<String>,
@@ -317,6 +320,9 @@ pub fn rm(args: &RmArgs) -> Result<u8> {
             wait_exited(&container, Some(STOP_GRACE))?;
         }
         container.remove()?;
+        if args.volumes {
+            crate::volumes::remove_anonymous(&container.state.mounts);
+        }
         println!("{key}");
         Ok(())
     }))

@@ -54,6 +54,7 @@ pub fn inspect(state: &State) -> Value {
         "LogPath": state.log_path,
         "Config": config(state),
         "HostConfig": host_config(state),
+        "Mounts": crate::volumes::inspect(&state.mounts),
         "NetworkSettings": { "Ports": ports(state) },
     })
 }
@@ -128,6 +129,7 @@ mod tests {
             log_path: PathBuf::from("/run/x/container.log"),
             run_args: run_args.iter().map(|s| s.to_string()).collect(),
             auto_remove: true,
+            mounts: Vec::new(),
             lost: false,
         }
     }
@@ -148,6 +150,7 @@ mod tests {
         assert_eq!(value["Config"]["Env"], json!(["A=1"]));
         assert_eq!(value["Config"]["Hostname"], "web");
         assert_eq!(value["HostConfig"]["AutoRemove"], true);
+        assert_eq!(value["Mounts"], json!([]));
         assert_eq!(
             value["NetworkSettings"]["Ports"]["80/tcp"][0]["HostPort"],
             "8080"

@@ -114,6 +114,7 @@ mod tests {
             log_path: PathBuf::new(),
             run_args: Vec::new(),
             auto_remove: false,
+            mounts: Vec::new(),
             lost: false,
         }
     }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::time::Timestamp;
+use crate::volumes::ResolvedMount;
 
 /// Overrides the runtime dir (tests give each run its own).
 pub const RUNTIME_DIR_ENV: &str = "KATALITE_RUNTIME_DIR";
@@ -129,6 +130,9 @@ pub struct State {
     pub run_args: Vec<String>,
     /// `--rm`: the entry goes when the container ends.
     pub auto_remove: bool,
+    /// Its volumes, bind mounts and tmpfs mounts, resolved once by `run`.
+    #[serde(default)]
+    pub mounts: Vec<ResolvedMount>,
     /// Set when reading, never stored: the entry said running but its supervisor is gone,
     /// so the exit code is a guess.
     #[serde(skip)]
@@ -150,6 +154,8 @@ pub struct NewContainer {
     pub run_args: Vec<String>,
     /// `--rm`.
     pub auto_remove: bool,
+    /// The resolved mounts.
+    pub mounts: Vec<ResolvedMount>,
 }
 
 /// The per-user directory holding every container's entry.
@@ -253,6 +259,7 @@ impl Runtime {
                 log_path: dir.join(LOG_FILE),
                 run_args: new.run_args,
                 auto_remove: new.auto_remove,
+                mounts: new.mounts,
                 lost: false,
             },
             dir,

@@ -17,7 +17,7 @@ use super::logfile::JsonLog;
 use super::state::{Container, NewContainer, Runtime, Status};
 use crate::attach::{Output, Session};
 use crate::cli::{Cli, Command as CliCommand, RunArgs};
-use crate::run;
+use crate::{run, volumes};
 
 /// What the supervisor writes on its stdout (a pipe to the launcher) once init is up.
 const BOOTED: &str = "booted";
@@ -31,12 +31,11 @@ const EXIT_RUNTIME_FAILED: i32 = 125;
 /// A foreground `katalite run`: the entry is made before boot, marked running with this
 /// process as its supervisor, and records the end (or goes, with `--rm`).
 pub fn foreground(args: &RunArgs) -> Result<u8> {
-    let runtime = Runtime::open()?;
-    let container = runtime.create(new_container(args, run_argv()?))?;
+    let container = create(args)?;
     let log = match JsonLog::open(&container.state.log_path) {
         Ok(log) => log.shared(),
         Err(err) => {
-            let _ = container.remove();
+            discard(&container);
             return Err(err).context("cannot open the container log");
         }
     };
@@ -46,8 +45,7 @@ pub fn foreground(args: &RunArgs) -> Result<u8> {
 /// `katalite run -d`: makes the entry, starts the supervisor and prints the id once the
 /// VM is up. Whatever fails before that leaves no entry and exits 125.
 pub fn launch(args: &RunArgs) -> Result<u8> {
-    let runtime = Runtime::open()?;
-    let container = runtime.create(new_container(args, run_argv()?))?;
+    let container = create(args)?;
     match start_supervisor(&container) {
         Ok(true) => {
             println!("{}", container.state.id);
@@ -64,13 +62,33 @@ pub fn launch(args: &RunArgs) -> Result<u8> {
     }
 }
 
+/// Makes the entry of a new container, its mounts resolved first (volumes made; the
+/// volume store stays locked until the entry records them). Anonymous volumes made for an
+/// entry that could not be made are removed again.
+fn create(args: &RunArgs) -> Result<Container> {
+    let argv = run_argv()?;
+    let runtime = Runtime::open()?;
+    let resolved = volumes::resolve(args)?;
+    let new = NewContainer {
+        mounts: resolved.mounts.clone(),
+        ..new_container(args, argv)
+    };
+    runtime
+        .create(new)
+        .inspect_err(|_| volumes::remove_anonymous(&resolved.mounts))
+}
+
+/// Removes an entry and the anonymous volumes made for it.
+fn discard(container: &Container) {
+    let _ = container.remove();
+    volumes::remove_anonymous(&container.state.mounts);
+}
+
 /// Removes the entry of a `run -d` that failed, unless its VM runs after all.
 fn discard_unstarted(container: &Container) {
     match container.reload() {
         Ok(now) if now.is_running() => {}
-        _ => {
-            let _ = container.remove();
-        }
+        _ => discard(container),
     }
 }
 
@@ -156,8 +174,10 @@ fn execute(
     on_ready: Box<dyn FnOnce() + Send>,
 ) -> Result<u8> {
     let mut started = false;
+    let mounts = container.state.mounts.clone();
     let result = run::boot(
         args,
+        &mounts,
         Session {
             id: container.state.id.clone(),
             output,
@@ -173,7 +193,12 @@ fn execute(
         },
     );
     let recorded = match &result {
-        _ if !started || container.state.auto_remove => container.remove(),
+        _ if !started || container.state.auto_remove => {
+            // Docker's --rm takes the anonymous volumes along; so does an entry that never
+            // started, which nothing could remove later.
+            volumes::remove_anonymous(&mounts);
+            container.remove()
+        }
         Ok(code) => container.mark_exited(i32::from(*code)),
         Err(_) => container.mark_exited(EXIT_RUNTIME_FAILED),
     };
@@ -196,6 +221,7 @@ fn new_container(args: &RunArgs, run_args: Vec<String>) -> NewContainer {
         ports: args.publish.iter().map(ToString::to_string).collect(),
         run_args,
         auto_remove: args.rm,
+        mounts: Vec::new(),
     }
 }
 
