@@ -313,10 +313,13 @@ pub fn remove_anonymous(mounts: &[ResolvedMount]) {
 
 fn remove_anonymous_in(store: &VolumeStore, mounts: &[ResolvedMount]) {
     for name in anonymous(mounts) {
-        if store.get(name).is_ok() {
-            if let Err(err) = store.remove(name) {
-                eprintln!("katalite: cannot remove the anonymous volume {name}: {err:#}");
-            }
+        // Gone already is fine: a `run -d` supervisor that failed removes them before its
+        // launcher does.
+        if store.get(name).is_err() {
+            continue;
+        }
+        if let Err(err) = store.remove(name) {
+            eprintln!("katalite: cannot remove the anonymous volume {name}: {err:#}");
         }
     }
 }
