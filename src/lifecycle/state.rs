@@ -614,6 +614,45 @@ mod tests {
     }
 
     #[test]
+    fn mounts_are_recorded_and_old_entries_have_none() {
+        use crate::volumes::ResolvedSource;
+        let (_tmp, runtime) = runtime();
+        let mounts = vec![
+            ResolvedMount {
+                source: ResolvedSource::Volume {
+                    name: "data".into(),
+                    path: PathBuf::from("/v/data/_data"),
+                    anonymous: true,
+                },
+                target: "/data".into(),
+                read_only: true,
+            },
+            ResolvedMount {
+                source: ResolvedSource::Tmpfs {
+                    size_bytes: None,
+                    mode: Some(0o1777),
+                    exec: false,
+                },
+                target: "/run".into(),
+                read_only: false,
+            },
+        ];
+        let container = runtime
+            .create(NewContainer {
+                mounts: mounts.clone(),
+                ..named("")
+            })
+            .expect("create");
+        assert_eq!(container.reload().expect("reload").state.mounts, mounts);
+        let path = container.dir().join(STATE_FILE);
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).expect("read")).expect("json");
+        json.as_object_mut().expect("object").remove("mounts");
+        fs::write(&path, json.to_string()).expect("write");
+        assert!(container.reload().expect("reload").state.mounts.is_empty());
+    }
+
+    #[test]
     fn a_running_entry_with_a_dead_or_reused_pid_reads_as_exited() {
         let (_tmp, runtime) = runtime();
         let mut container = runtime.create(named("")).expect("create");

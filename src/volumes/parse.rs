@@ -46,7 +46,8 @@ pub fn parse_volume(text: &str) -> Result<MountSpec, String> {
 }
 
 /// `--mount type=bind|volume|tmpfs,source=...,target=...[,readonly][,tmpfs-size=...]...`
-/// (Docker's keys; the type defaults to volume).
+/// (Docker's keys; the type defaults to volume). Like Docker's, the value is one CSV
+/// record: `"src=/a,b",dst=/c` names the directory `/a,b`.
 pub fn parse_mount(text: &str) -> Result<MountSpec, String> {
     let mut kind = "volume";
     let mut source = None;
@@ -54,7 +55,9 @@ pub fn parse_mount(text: &str) -> Result<MountSpec, String> {
     let mut read_only = false;
     let mut tmpfs = TmpfsMount::default();
     let mut tmpfs_option = None;
-    for field in text.split(',') {
+    let fields = csv_fields(text)?;
+    for field in &fields {
+        let field = field.as_str();
         let (key, value) = match field.split_once('=') {
             Some((key, value)) => (key.trim().to_ascii_lowercase(), Some(value)),
             None => (field.trim().to_ascii_lowercase(), None),
@@ -110,6 +113,47 @@ pub fn parse_mount(text: &str) -> Result<MountSpec, String> {
         target: clean_target(target)?,
         read_only,
     })
+}
+
+/// The fields of one CSV record (RFC 4180, as Go's `encoding/csv` reads it): a field
+/// starting with `"` runs to the next lone `"`, with `""` standing for a quote.
+fn csv_fields(text: &str) -> Result<Vec<String>, String> {
+    let bad = || format!("invalid CSV in '{text}'");
+    let mut fields = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                    None => return Err(bad()),
+                }
+            }
+            if !matches!(chars.peek(), None | Some(',')) {
+                return Err(bad());
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                match c {
+                    ',' => break,
+                    '"' => return Err(bad()),
+                    _ => field.push(c),
+                }
+                chars.next();
+            }
+        }
+        fields.push(field);
+        if chars.next().is_none() {
+            return Ok(fields);
+        }
+    }
 }
 
 /// `--tmpfs PATH[:OPTIONS]`: OPTIONS are comma separated `size=64m`, `mode=1777`, `ro`,
@@ -415,6 +459,25 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(parse_mount(text), Err(want.to_string()), "{text}");
         }
+    }
+
+    #[test]
+    fn mount_values_are_csv() {
+        assert_eq!(
+            csv_fields(r#"a,"b,c",d"#),
+            Ok(vec!["a".into(), "b,c".into(), "d".into()])
+        );
+        assert_eq!(
+            csv_fields(r#""x""y",,"#),
+            Ok(vec![r#"x"y"#.into(), String::new(), String::new()])
+        );
+        for bad in [r#""open"#, r#"a"b"#, r#""a"b"#] {
+            assert_eq!(csv_fields(bad), Err(format!("invalid CSV in '{bad}'")));
+        }
+        assert_eq!(
+            parse_mount(r#"type=bind,"src=/a,b",dst=/c"#),
+            Ok(spec(bind("/a,b", false), "/c", false))
+        );
     }
 
     #[test]
