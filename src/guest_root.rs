@@ -5,7 +5,7 @@
 //! compares) are packed into an initramfs the kernel unpacks into RAM.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -35,6 +35,19 @@ pub enum GuestRoot {
     Disk(RootDisk),
     /// An initramfs archive the kernel unpacks before init starts.
     Archive(Vec<u8>),
+    /// A host directory (`--rootfs DIR`, absolute), shared with the guest over virtio-fs.
+    Share(PathBuf),
+}
+
+/// The `--rootfs` directory as the VMM shares it: absolute, symlinks resolved, and a
+/// directory.
+fn shared_root(dir: &Path) -> Result<PathBuf> {
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("cannot use root filesystem {}", dir.display()))?;
+    if !dir.is_dir() {
+        bail!("root filesystem {} is not a directory", dir.display());
+    }
+    Ok(dir)
 }
 
 /// An image's disk image, opened: the run keeps reading the open file even if a
@@ -51,6 +64,11 @@ pub struct RootDisk {
 /// The root filesystem `args` asks for and the image's config (empty for a directory).
 pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
     if let Some(dir) = &args.rootfs {
+        // `--write-initramfs` and the bench's `--image-root initramfs` still pack it.
+        if args.write_initramfs.is_none() && args.image_root == ImageRoot::Disk {
+            let dir = shared_root(dir)?;
+            return Ok((GuestRoot::Share(dir), ImageConfig::default()));
+        }
         let archive = imagebuilder::pack_dir(dir, Vec::new())
             .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
         check_initramfs_fits(archive.len() as u64, 2, args.memory)?;

@@ -10,7 +10,7 @@ use guest_init::{MountConfig, RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
-use vmm::{DiskConfig, VmConfig};
+use vmm::{DiskConfig, FsShareConfig, VmConfig};
 
 use crate::attach::{self, Session};
 use crate::cli::RunArgs;
@@ -18,6 +18,9 @@ use crate::guest_root::{self, GuestRoot, RootDisk, ROOT_DISK};
 use crate::lifecycle::supervise;
 use crate::volumes::{self, ResolvedMount};
 use crate::{embedded, network, terminal};
+
+/// The virtio-fs tag of a `--rootfs` directory.
+const ROOT_SHARE: &str = "katalite-root";
 
 /// Kernel arguments of every katalite guest: our init, and no spurious-IRQ accounting (the
 /// console's used-buffer interrupts often find nothing left to do, which is expected).
@@ -60,7 +63,7 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
     let env_files = read_env_files(&args.env_file)?;
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
-    let (shares, guest_mounts) = volumes::plan(mounts)?;
+    let (mut shares, guest_mounts) = volumes::plan(mounts)?;
     let (root, run_archive, command) = boot_images(args, env_files, &session.id, guest_mounts)?;
     let network = network::attach(&args.network, &args.publish)?;
 
@@ -73,6 +76,14 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
     let (rootfs, disks) = match root {
         GuestRoot::Archive(archive) => (Some(archive), Vec::new()),
         GuestRoot::Disk(disk) => (None, vec![root_disk_config(disk)]),
+        GuestRoot::Share(dir) => {
+            shares.push(FsShareConfig {
+                tag: ROOT_SHARE.into(),
+                root: dir,
+                read_only: args.read_only,
+            });
+            (None, Vec::new())
+        }
     };
     let initramfs: Vec<&[u8]> = rootfs
         .iter()
@@ -113,8 +124,10 @@ fn boot_images(
     let short_id = &id[..id.len().min(12)];
     let mut config = run_config(args, &image_config, env_files, short_id)?;
     config.mounts = mounts;
-    if let GuestRoot::Disk(_) = root {
-        config.root_disk = Some(ROOT_DISK.to_string());
+    match root {
+        GuestRoot::Disk(_) => config.root_disk = Some(ROOT_DISK.to_string()),
+        GuestRoot::Share(_) => config.root_share = Some(ROOT_SHARE.to_string()),
+        GuestRoot::Archive(_) => {}
     }
     let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
     Ok((root, run_archive, config.args))
@@ -201,6 +214,7 @@ fn run_config(
         boot_probe: args.boot_probe,
         network: network::guest_plan(&args.network),
         root_disk: None,
+        root_share: None,
         mounts: Vec::new(),
     })
 }

@@ -21,6 +21,8 @@ mod stdio;
 mod storage;
 #[path = "e2e/tty.rs"]
 mod tty;
+#[path = "e2e/volumes.rs"]
+mod volumes;
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};

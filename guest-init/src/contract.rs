@@ -95,6 +95,12 @@ pub struct RunConfig {
     /// it. `None`: the root filesystem is the initramfs itself.
     #[serde(default)]
     pub root_disk: Option<String>,
+    /// The container's root as a virtio-fs share (its tag): `--rootfs DIR`, the host
+    /// directory itself, written through unless `ReadOnly`. Init mounts it and moves into
+    /// it; the identity files it writes (/etc/hosts, /etc/hostname, /etc/resolv.conf) go
+    /// to a tmpfs bound over the directory's own, which stay untouched.
+    #[serde(default)]
+    pub root_share: Option<String>,
     /// Volumes and tmpfs mounts (`-v`, `--mount`, `--tmpfs`), mounted by init once the root
     /// and the kernel filesystems are in place, before the working directory is made.
     #[serde(default)]
@@ -298,6 +304,7 @@ mod tests {
                 dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
             }),
             root_disk: Some("vda".into()),
+            root_share: None,
             mounts: vec![
                 MountConfig {
                     target: "/data".into(),

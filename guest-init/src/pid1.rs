@@ -95,13 +95,19 @@ fn run() -> Result<GuestStatus, InitError> {
     // to read it is reported once a console exists.
     let config = read_config();
     let root_disk = config.as_ref().ok().and_then(|c| c.root_disk.as_deref());
+    let root_share = config.as_ref().ok().and_then(|c| c.root_share.as_deref());
     if let Some(disk) = root_disk {
         root::mount_early_dev()?;
         console::ensure_std_fds();
         let read_only = config.as_ref().is_ok_and(|c| c.read_only);
         root::enter(disk, read_only)?;
+    } else if let Some(tag) = root_share {
+        root::mount_early_dev()?;
+        console::ensure_std_fds();
+        root::enter_share(tag)?;
     }
-    mounts::mount_kernel_filesystems(root_disk.is_none())?;
+    let switched = root_disk.is_some() || root_share.is_some();
+    mounts::mount_kernel_filesystems(!switched)?;
     console::ensure_std_fds();
     let signals = Signals::install()?;
     let channel = console::open_channel()?;

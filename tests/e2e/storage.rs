@@ -147,7 +147,18 @@ fn the_initramfs_path_refuses_an_image_bigger_than_memory_before_boot() {
     fs::create_dir(&big).expect("mkdir");
     fs::write(big.join("blob"), vec![7u8; 80 << 20]).expect("write");
     let dir = big.to_string_lossy();
-    let run = katalite(&["run", "-q", "--memory", "128m", "--rootfs", &dir, "/blob"]);
+    // `--rootfs` boots a directory over virtio-fs; the initramfs path packs it.
+    let run = katalite(&[
+        "run",
+        "-q",
+        "--memory",
+        "128m",
+        "--image-root",
+        "initramfs",
+        "--rootfs",
+        &dir,
+        "/blob",
+    ]);
     assert_eq!(run.status, Some(125), "{}", run.describe());
     assert!(
         run.stderr.contains("more than --memory 128m"),

@@ -108,7 +108,13 @@ pub fn write_all(
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             Err(err) => return Err(error(&path)(err)),
         }
-        fs::write(&path, content).map_err(error(&path))?;
+        match fs::write(&path, content) {
+            Ok(()) => {}
+            // A read-only shared root (`--rootfs DIR --read-only`) without the file: the
+            // directory is the host's and stays as it is.
+            Err(err) if err.kind() == io::ErrorKind::ReadOnlyFilesystem => continue,
+            Err(err) => return Err(error(&path)(err)),
+        }
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(error(&path))?;
     }
     Ok(())

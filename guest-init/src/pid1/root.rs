@@ -8,7 +8,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 
-use guest_init::is_disk_name;
+use guest_init::{is_disk_name, is_valid_tag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{chdir, chroot};
 
@@ -31,6 +31,9 @@ pub enum RootError {
     /// The config names something that is not a disk name.
     #[error("root disk name {0:?} is not a block device name")]
     BadName(String),
+    /// The config names something that is not a share tag.
+    #[error("root share tag {0:?} is not a virtio-fs tag")]
+    BadTag(String),
     /// A mount point could not be created.
     #[error("cannot create {path}")]
     Create {
@@ -130,6 +133,81 @@ pub fn enter(disk: &str, read_only: bool) -> Result<(), RootError> {
     })?;
     // The new root gets its own /dev from the kernel-filesystem step; this one only served
     // the disk node and the console, whose open descriptors stay valid.
+    let _ = umount2("/dev", MntFlags::MNT_DETACH);
+    switch_root()
+}
+
+/// Where the identity files of a shared root live: a small tmpfs in the initramfs whose
+/// files are bound over the root's own, so init never writes the host's directory.
+const IDENTITY: &str = "/katalite-etc";
+/// The files [`super::etc_files`] writes.
+const IDENTITY_FILES: [&str; 3] = ["hostname", "hosts", "resolv.conf"];
+
+/// Mounts the virtio-fs share `tag` (`--rootfs DIR`: the host directory, writable unless
+/// the host made the share read-only) and makes it the root.
+pub fn enter_share(tag: &str) -> Result<(), RootError> {
+    if !is_valid_tag(tag) {
+        return Err(RootError::BadTag(tag.to_string()));
+    }
+    for dir in [MERGED, IDENTITY] {
+        create_dir(dir)?;
+    }
+    mount(
+        Some(tag),
+        MERGED,
+        Some("virtiofs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| RootError::Mount {
+        what: format!("{tag} (virtiofs)"),
+        target: MERGED,
+        source,
+    })?;
+    mount(
+        Some("tmpfs"),
+        IDENTITY,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .map_err(|source| RootError::Mount {
+        what: "tmpfs".into(),
+        target: IDENTITY,
+        source,
+    })?;
+    for name in IDENTITY_FILES {
+        let target = format!("{MERGED}/etc/{name}");
+        // Regular files are covered; a symlink (e.g. to systemd's resolv.conf) is the
+        // directory's to keep, as on a disk root. A missing file gets an empty one to mount
+        // on, as runc does for Docker's; on a read-only share there is none.
+        match fs::symlink_metadata(&target) {
+            Ok(meta) if meta.file_type().is_file() => {}
+            Ok(_) => continue,
+            Err(_) => {
+                if fs::File::create(&target).is_err() {
+                    continue;
+                }
+            }
+        }
+        let source = format!("{IDENTITY}/{name}");
+        fs::write(&source, "").map_err(|source| RootError::Create {
+            path: IDENTITY,
+            source,
+        })?;
+        mount(
+            Some(source.as_str()),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|source| RootError::Mount {
+            what: format!("{IDENTITY}/{name}"),
+            target: "/etc",
+            source,
+        })?;
+    }
     let _ = umount2("/dev", MntFlags::MNT_DETACH);
     switch_root()
 }

@@ -9,6 +9,9 @@ use anyhow::{bail, Context, Result};
 
 use super::{busybox, cache, cargo_musl, shell_quote, Paths};
 
+/// Where L1 keeps the tests' writable copy of the rootfs trees.
+const E2E_ROOTFS: &str = "/scratch/e2e-rootfs";
+
 /// Builds the tests, prepares the rootfs trees and runs the tests in the lab.
 pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
     let tests = build_tests(paths)?;
@@ -16,8 +19,11 @@ pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
     let rootfs = prepare_rootfs(&paths.cache, host_busybox, &busybox::applets(host_busybox)?)?;
     // The OCI layouts of the storage stories (cached; built once per machine).
     let images = crate::images::build(false).context("cannot build the test images")?;
+    // `--rootfs DIR` boots the directory itself, writably, and the host's tree is shared
+    // read-only with L1: the tests get a writable copy on L1's scratch disk.
     let mut command = format!(
-        "KATALITE_E2E_ROOTFS={} KATALITE_E2E_IMAGES={} exec {} --test-threads=1",
+        "rm -rf {E2E_ROOTFS} && cp -a {} {E2E_ROOTFS} && \
+         KATALITE_E2E_ROOTFS={E2E_ROOTFS} KATALITE_E2E_IMAGES={} exec {} --test-threads=1",
         shell_quote(&paths.in_l1(&rootfs).to_string_lossy()),
         shell_quote(&paths.in_l1(&images).to_string_lossy()),
         shell_quote(&paths.in_l1(&tests).to_string_lossy()),

@@ -191,9 +191,7 @@ impl Share {
             .ok_or(Errno::INVAL)?;
         let old_dir = self.node_fd(parent)?;
         let new_dir = self.node_fd(new_parent)?;
-        rustix::fs::renameat_with(
-            old_dir, name, new_dir, new_name, flags,
-        )
+        rustix::fs::renameat_with(old_dir, name, new_dir, new_name, flags)
     }
 
     /// FUSE_LINK: a new name in the share for an inode already in it.

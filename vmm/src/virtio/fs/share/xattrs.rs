@@ -82,12 +82,7 @@ impl Share {
             return Err(Errno::TOOBIG);
         }
         let flags = XattrFlags::from_bits(flags).ok_or(Errno::INVAL)?;
-        rustix::fs::setxattr(
-            self.proc_path(node)?.as_str(),
-            name,
-            value,
-            flags,
-        )
+        rustix::fs::setxattr(self.proc_path(node)?.as_str(), name, value, flags)
     }
 
     /// FUSE_REMOVEXATTR.
@@ -96,9 +91,6 @@ impl Share {
         if !self.policy.xattrs.may_write(name.to_bytes()) {
             return Err(Errno::PERM);
         }
-        rustix::fs::removexattr(
-            self.proc_path(node)?.as_str(),
-            name,
-        )
+        rustix::fs::removexattr(self.proc_path(node)?.as_str(), name)
     }
 }
