@@ -1,7 +1,7 @@
 //! User stories for host directories in the VM: `-v`, `--mount`, `--tmpfs`, named volumes
 //! and `--rootfs DIR` over virtio-fs.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use super::{katalite_busybox, katalite_captured_with, rootfs, sha256_hex, Outcome};
@@ -67,6 +67,9 @@ fn fifty_megabytes_cross_both_ways_byte_exact() {
 #[test]
 fn files_the_guest_creates_belong_to_the_guests_user() {
     let dir = tempfile::tempdir().expect("share");
+    // The guest's kernel checks permissions as the host's would: the directory must let
+    // user 1234 in, as on Docker.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let volume = format!("{}:/data", dir.path().display());
     let run = katalite_busybox(
         &["-v", &volume, "-u", "1234:5678"],

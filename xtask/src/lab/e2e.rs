@@ -30,7 +30,10 @@ pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
     );
     // The local test registry (`cargo xtask registry`), as the lab reaches the host.
     if let Ok(registry) = std::env::var("KATALITE_E2E_REGISTRY") {
-        command = format!("KATALITE_E2E_REGISTRY={} {command}", shell_quote(&registry));
+        command = format!(
+            "export KATALITE_E2E_REGISTRY={}; {command}",
+            shell_quote(&registry)
+        );
     }
     for arg in test_args {
         command.push(' ');

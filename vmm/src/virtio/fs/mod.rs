@@ -61,6 +61,7 @@ pub(crate) fn build(
         },
         ids: IdMap::for_this_process(),
     };
+    raise_fd_limit();
     let share = Share::new(&config.root, policy).map_err(|source| ShareSetupError::Root {
         path: config.root.clone(),
         source,
@@ -77,13 +78,41 @@ pub(crate) fn build(
     Ok((device, worker))
 }
 
-/// What the worker calls: run both queues as if the driver had notified them.
+/// What the worker calls: run both queues as if the driver had notified them. The first
+/// call, on the share's own thread, drops that thread's supplementary groups: host access
+/// checks for the guest must not borrow groups the invoking user happens to be in.
 pub(crate) fn run_queues(transport: Arc<Mutex<MmioTransport>>) -> impl FnMut() + Send {
+    let mut first = true;
     move || {
+        if std::mem::take(&mut first) {
+            drop_thread_groups();
+        }
         let mut transport = transport.lock().unwrap_or_else(PoisonError::into_inner);
         for queue in QUEUES {
             transport.run_queue(queue);
         }
+    }
+}
+
+/// `setgroups(0, NULL)` for the calling thread only: the raw syscall, not libc's wrapper,
+/// which applies it to every thread of the process. Without CAP_SETGID (rootless) it fails
+/// and the user's own groups stay, which are the user's to use anyway.
+fn drop_thread_groups() {
+    // SAFETY: setgroups with a zero count reads no memory; it changes only this thread's
+    // credentials.
+    let _ = unsafe { libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) };
+}
+
+/// Lets the process hold as many descriptors as its hard limit allows: each node the guest
+/// looks up holds one ([`share::MAX_INODES`] per share at most).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        // Best effort: the caps per share bound use either way, and hitting the limit is
+        // an error for the guest's request, not for the VMM.
+        let _ = setrlimit(Resource::Nofile, limit);
     }
 }
 
