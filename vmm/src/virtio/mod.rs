@@ -97,6 +97,52 @@ where
     Ok(used)
 }
 
+/// Reads `data.len()` bytes of a device's config space `config` at `offset`; bytes past
+/// its end read as zero (fields of features the device does not offer).
+fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+/// [`drain_queue`] for devices whose chains cost host I/O: `handle` returns the used
+/// length and the chain's cost (bytes moved), and once `budget` is spent the run stops
+/// with `more` set, so the device's worker comes back after unlocking the transport (the
+/// guest's interrupt handler needs it meanwhile).
+fn drain_queue_budgeted<'m, F>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+    budget: u64,
+    more: &std::sync::atomic::AtomicBool,
+    mut handle: F,
+) -> Result<bool, DeviceError>
+where
+    F: FnMut(DescriptorChain<&'m GuestMemory>) -> (u32, u64),
+{
+    let mut used = false;
+    let mut work = 0u64;
+    for _ in 0..queue.size() {
+        if work >= budget {
+            more.store(true, std::sync::atomic::Ordering::Release);
+            break;
+        }
+        let Some(chain) = queue.iter(mem)?.next() else {
+            break;
+        };
+        let head = chain.head_index();
+        let (len, cost) = handle(chain);
+        work = work.saturating_add(cost);
+        queue.add_used(mem, head, len)?;
+        used = true;
+    }
+    Ok(used)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -196,14 +196,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(start..) {
-            let len = src.len().min(data.len());
-            data[..len].copy_from_slice(&src[..len]);
-        }
+        super::read_config_space(&self.config, offset, data);
     }
 
     fn process_queue(

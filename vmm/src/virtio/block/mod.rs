@@ -8,7 +8,7 @@ mod request;
 pub(crate) mod tests;
 pub(crate) mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -16,12 +16,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use disk::{CorruptionHook, DiskConfig, DiskError, MAX_ID_LEN};
 
-use super::{DeviceError, VirtioDevice};
+use super::{drain_queue_budgeted, read_config_space, DeviceError, VirtioDevice};
 use crate::GuestMemory;
 use disk::{Disk, ServeError};
 use request::{Kind, Rejected, Request, RequestError, Segment};
@@ -176,14 +176,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(config) = self.config.get(start..) {
-            let n = config.len().min(data.len());
-            data[..n].copy_from_slice(&config[..n]);
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn process_queue(
@@ -192,24 +185,10 @@ impl VirtioDevice for Block {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
-        let mut used = false;
-        let mut work = 0u64;
-        for _ in 0..queue.size() {
-            if work >= WORK_BUDGET {
-                // Chains may be left: the worker comes back once the transport is unlocked.
-                self.more.store(true, Ordering::Release);
-                break;
-            }
-            let Some(chain) = queue.iter(mem)?.next() else {
-                break;
-            };
-            let head = chain.head_index();
-            let (len, cost) = self.serve(chain, mem);
-            work += cost;
-            queue.add_used(mem, head, len)?;
-            used = true;
-        }
-        Ok(used)
+        let more = self.more.clone();
+        drain_queue_budgeted(queue, mem, WORK_BUDGET, &more, |chain| {
+            self.serve(chain, mem)
+        })
     }
 }
 

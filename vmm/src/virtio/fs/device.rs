@@ -3,16 +3,16 @@
 //! its device-writable part. Chains are copied in and out through bounded buffers, so
 //! the server only ever parses host memory of a size we chose.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::abi::OutHeader;
 use super::server::{Server, MAX_REQUEST};
 use super::MAX_TAG_LEN;
-use crate::virtio::{DeviceError, VirtioDevice};
+use crate::virtio::{drain_queue_budgeted, read_config_space, DeviceError, VirtioDevice};
 use crate::GuestMemory;
 
 /// virtio device ID of a file system device (§5.11.1).
@@ -24,7 +24,7 @@ const QUEUE_SIZES: [u16; 2] = [128, 1024];
 const CONFIG_LEN: usize = MAX_TAG_LEN + 4;
 /// Request bytes served per run before the worker is asked to come back: the transport
 /// stays locked while the device works, and the guest's interrupt handler needs it.
-const WORK_BUDGET: usize = 4 << 20;
+const WORK_BUDGET: u64 = 4 << 20;
 
 pub struct Fs {
     config: [u8; CONFIG_LEN],
@@ -140,14 +140,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(config) = self.config.get(start..) {
-            let n = config.len().min(data.len());
-            data[..n].copy_from_slice(&config[..n]);
-        }
+        read_config_space(&self.config, offset, data);
     }
 
     fn process_queue(
@@ -156,22 +149,11 @@ impl VirtioDevice for Fs {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
-        let mut used = false;
-        let mut work = 0usize;
-        for _ in 0..queue.size() {
-            if work >= WORK_BUDGET {
-                self.more.store(true, Ordering::Release);
-                break;
-            }
-            let Some(chain) = queue.iter(mem)?.next() else {
-                break;
-            };
-            let head = chain.head_index();
+        let more = self.more.clone();
+        drain_queue_budgeted(queue, mem, WORK_BUDGET, &more, |chain| {
             let (len, cost) = self.serve(chain, mem);
-            work += cost.max(4096);
-            queue.add_used(mem, head, len)?;
-            used = true;
-        }
-        Ok(used)
+            // Even an empty request costs its round trip.
+            (len, (cost as u64).max(4096))
+        })
     }
 }
