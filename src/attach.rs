@@ -262,7 +262,10 @@ fn exit_code(exit: VmExit, cause: Option<StopCause>) -> Result<u8> {
         },
         VmExit::Reset {
             panic: Some(line), ..
-        } => bail!("the guest kernel panicked: {line}"),
+        } => bail!(
+            "the guest kernel panicked: {}",
+            crate::guest_text::escape(line.as_bytes())
+        ),
         VmExit::Reset {
             triple_fault: true, ..
         } => bail!("the guest crashed (triple fault)"),

@@ -6,6 +6,7 @@ mod cli;
 mod embedded;
 mod exec;
 mod guest_root;
+mod guest_text;
 mod image_cmds;
 mod lifecycle;
 mod network;

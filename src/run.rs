@@ -68,7 +68,10 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
     let network = network::attach(&args.network, &args.publish)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
-        (Box::new(io::stderr()), VERBOSE_CMDLINE)
+        (
+            Box::new(crate::guest_text::EscapedLines::new(io::stderr())),
+            VERBOSE_CMDLINE,
+        )
     } else {
         (Box::new(ConsoleErrors::default()), QUIET_CMDLINE)
     };
@@ -353,7 +356,8 @@ fn run_archive(init: &[u8], config: &RunConfig) -> Result<Vec<u8>> {
 }
 
 /// Serial sink when the kernel log is hidden: passes through only lines init writes about
-/// its own failures (prefixed `katalite-init:`), so they still reach the user.
+/// its own failures (prefixed `katalite-init:`), so they still reach the user, escaped and
+/// marked as the guest's.
 #[derive(Default)]
 struct ConsoleErrors {
     line: Vec<u8>,
@@ -367,9 +371,12 @@ impl Write for ConsoleErrors {
         for &byte in buf {
             if byte == b'\n' {
                 if self.line.starts_with(b"katalite-init:") {
-                    let mut stderr = io::stderr().lock();
-                    stderr.write_all(&self.line)?;
-                    stderr.write_all(b"\n")?;
+                    let line = crate::guest_text::escape(&self.line);
+                    writeln!(
+                        io::stderr().lock(),
+                        "{}{line}",
+                        crate::guest_text::GUEST_MARK
+                    )?;
                 }
                 self.line.clear();
             } else if self.line.len() < MAX_LINE && byte != b'\r' {
