@@ -515,3 +515,25 @@ fn missing_manifest_and_blob() {
     });
     expect_clean_error(&registry, &store, "blob unknown");
 }
+
+#[test]
+fn a_layer_announced_as_one_tebibyte_is_refused_before_any_byte_is_fetched() {
+    let registry = FakeRegistry::start();
+    let mut image = images::simple(false);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&image.manifest.bytes).expect("manifest json");
+    manifest["layers"][0]["size"] = serde_json::json!(1u64 << 40);
+    image.manifest = Blob::new(
+        &image.manifest.media_type,
+        serde_json::to_vec(&manifest).expect("json"),
+    );
+    registry.add_image("app", "latest", &image);
+    let (_dir, store) = support::store();
+    let chain = expect_clean_error(&registry, &store, "more than the");
+    assert!(chain.contains("1099511627776"), "{chain}");
+    let layer = layer_path(&image);
+    assert!(
+        !registry.requests().iter().any(|r| r.path.ends_with(&layer)),
+        "the layer was requested"
+    );
+}

@@ -23,6 +23,13 @@ use session::Session;
 
 /// Layers downloaded at once from one registry.
 const PARALLEL_LAYERS: usize = 3;
+/// Largest compressed layer a manifest may announce (the biggest real layers, CUDA and ML
+/// images, are a few GiB): a hostile registry cannot make us start writing more.
+pub const MAX_LAYER_SIZE: u64 = 10 << 30;
+/// Largest sum of an image's compressed layers.
+pub const MAX_IMAGE_SIZE: u64 = 50 << 30;
+/// Free space the cache keeps beyond what a pull needs.
+const SPACE_MARGIN: u64 = 256 << 20;
 
 /// Errors while pulling from a registry.
 #[derive(Debug, thiserror::Error)]
@@ -197,12 +204,77 @@ pub enum RegistryError {
         /// Its announced size.
         size: u64,
     },
+    /// A manifest announces a layer larger than [`MAX_LAYER_SIZE`].
+    #[error("layer {digest} is announced as {size} bytes, more than the {MAX_LAYER_SIZE} allowed")]
+    LayerTooLarge {
+        /// The layer.
+        digest: Digest,
+        /// Its announced size.
+        size: u64,
+    },
+    /// A manifest's layers add up to more than [`MAX_IMAGE_SIZE`].
+    #[error(
+        "the image's layers are announced as {size} bytes, more than the {MAX_IMAGE_SIZE} allowed"
+    )]
+    ImageTooLarge {
+        /// The announced total.
+        size: u64,
+    },
+    /// The cache's file system has too little free space for the layers still missing.
+    #[error("the cache needs {needed} bytes for this image but its file system has {free} free")]
+    NoSpace {
+        /// Bytes of missing layers plus a margin.
+        needed: u64,
+        /// Bytes available to us.
+        free: u64,
+    },
     /// The cache failed.
     #[error("cache")]
     Store(#[from] StoreError),
     /// Every mirror and the origin failed.
     #[error("pull failed at every endpoint: {}", Failures(.0))]
     Endpoints(Vec<(String, RegistryError)>),
+}
+
+/// Checks what the manifest announces before any layer byte is written: each layer and
+/// the image within the caps, and the missing layers within the cache's free space.
+fn check_layer_sizes<'a>(
+    store: &Store,
+    layers: impl Iterator<Item = &'a manifest::Descriptor>,
+) -> Result<(), RegistryError> {
+    let (mut total, mut missing) = (0u64, 0u64);
+    for layer in layers {
+        if layer.size > MAX_LAYER_SIZE {
+            return Err(RegistryError::LayerTooLarge {
+                digest: layer.digest.clone(),
+                size: layer.size,
+            });
+        }
+        total = total.saturating_add(layer.size);
+        if !store.has_blob(&layer.digest) {
+            missing = missing.saturating_add(layer.size);
+        }
+    }
+    if total > MAX_IMAGE_SIZE {
+        return Err(RegistryError::ImageTooLarge { size: total });
+    }
+    if missing > 0 {
+        let free = free_space(store.root()).map_err(|source| StoreError::Io {
+            path: store.root().to_path_buf(),
+            source,
+        })?;
+        let needed = missing.saturating_add(SPACE_MARGIN);
+        if needed > free {
+            return Err(RegistryError::NoSpace { needed, free });
+        }
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+fn free_space(path: &std::path::Path) -> std::io::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    Ok(stat.blocks_available().saturating_mul(stat.fragment_size()))
 }
 
 /// Formats the per-endpoint failures with their causes, one per endpoint.
@@ -291,6 +363,7 @@ async fn pull_from(
     parsed.check_layer_count(manifest.layers.len())?;
     parsed.check_platform(platform)?;
 
+    check_layer_sizes(store, manifest.layers.iter().map(|(layer, _)| layer))?;
     futures_util::stream::iter(manifest.layers.iter())
         .map(|(layer, _)| {
             let bar = progress.bytes(layer.digest.short(), Some(layer.size));
