@@ -12,8 +12,9 @@ pub struct FsShareConfig {
     /// The name the guest mounts it by: 1..=[`MAX_TAG_LEN`] bytes of ASCII letters, digits,
     /// `-` and `_`, unique per VM.
     pub tag: String,
-    /// The host directory. Every path the guest names is resolved beneath it; nothing
-    /// outside it is ever reachable.
+    /// The host directory, canonical (its last component is opened without following a
+    /// symlink). Every path the guest names is resolved beneath it; nothing outside it is
+    /// ever reachable.
     pub root: PathBuf,
     /// Refuse every change (writes, creates, setattr, xattr changes) with EROFS, whatever
     /// the guest's mount says.

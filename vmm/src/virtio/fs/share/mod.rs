@@ -69,11 +69,13 @@ pub struct Share {
 }
 
 impl Share {
-    /// The share rooted at `root`, which must be a directory.
+    /// The share rooted at `root`, which must be a directory and not a symlink.
     pub fn new(root: &Path, policy: Policy) -> std::io::Result<Self> {
+        // The caller resolved `root` already (it is canonical): a symlink swapped in since
+        // is refused rather than followed.
         let fd = rustix::fs::open(
             root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
         let stat = rustix::fs::fstat(&fd)?;
