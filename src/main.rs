@@ -7,6 +7,7 @@ mod embedded;
 mod exec;
 mod guest_root;
 mod guest_text;
+mod hardening;
 mod image_cmds;
 mod lifecycle;
 mod network;
@@ -24,6 +25,10 @@ const EXIT_KATALITE_FAILED: u8 = 125;
 const EXIT_COMMAND_FAILED: u8 = 1;
 
 fn main() -> std::process::ExitCode {
+    if let Err(err) = hardening::at_start() {
+        eprintln!("katalite: {err:#}");
+        return std::process::ExitCode::from(EXIT_KATALITE_FAILED);
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
