@@ -122,8 +122,9 @@ pub struct RunArgs {
           value_parser = parse_publish)]
     pub publish: Vec<PortMapping>,
 
-    /// Network: user (built-in NAT with DNS, no privileges needed), none (loopback only),
-    /// or tap:NAME (an existing TAP device; the guest is 10.0.2.15/24 via 10.0.2.2).
+    /// Network: user (built-in NAT with DNS, no privileges needed; the host itself is not
+    /// reachable unless user:allow_host_loopback=true), none (loopback only), or tap:NAME
+    /// (an existing TAP device; the guest is 10.0.2.15/24 via 10.0.2.2).
     #[arg(long = "network", alias = "net", value_name = "MODE", default_value = "user",
           value_parser = parse_network)]
     pub network: NetworkMode,

@@ -19,7 +19,12 @@ pub const DEFAULT_PUBLISH_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetworkMode {
     /// The built-in user-mode network (no privileges): NAT, DNS relay, published ports.
-    User,
+    /// The host itself (its loopback as 10.0.2.2, its own and link-local addresses) is
+    /// reachable only with `user:allow_host_loopback=true`.
+    User {
+        /// `allow_host_loopback=true`.
+        allow_host_loopback: bool,
+    },
     /// Loopback only.
     None,
     /// An existing TAP device (for root users who want line rate).
@@ -29,17 +34,41 @@ pub enum NetworkMode {
 impl fmt::Display for NetworkMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NetworkMode::User => f.write_str("user"),
+            NetworkMode::User {
+                allow_host_loopback: false,
+            } => f.write_str("user"),
+            NetworkMode::User {
+                allow_host_loopback: true,
+            } => f.write_str("user:allow_host_loopback=true"),
             NetworkMode::None => f.write_str("none"),
             NetworkMode::Tap(name) => write!(f, "tap:{name}"),
         }
     }
 }
 
-/// `--network user|none|tap:NAME`.
+/// The default network: the user network, the host not reachable.
+pub const DEFAULT_NETWORK: NetworkMode = NetworkMode::User {
+    allow_host_loopback: false,
+};
+
+/// `--network user[:allow_host_loopback=true|false]|none|tap:NAME`.
 pub fn parse_network(text: &str) -> Result<NetworkMode, String> {
+    if let Some(options) = text.strip_prefix("user:") {
+        let allow_host_loopback = match options {
+            "allow_host_loopback=true" => true,
+            "allow_host_loopback=false" => false,
+            _ => {
+                return Err(format!(
+                    "unknown user network option {options:?} (use allow_host_loopback=true)"
+                ))
+            }
+        };
+        return Ok(NetworkMode::User {
+            allow_host_loopback,
+        });
+    }
     match text {
-        "user" | "default" | "bridge" => Ok(NetworkMode::User),
+        "user" | "default" | "bridge" => Ok(DEFAULT_NETWORK),
         "none" => Ok(NetworkMode::None),
         "host" => Err("host networking is not available: a VM has its own kernel".into()),
         _ => match text.strip_prefix("tap:") {
@@ -118,7 +147,7 @@ fn port(text: &str) -> Result<u16, String> {
 pub fn guest_plan(mode: &NetworkMode) -> Option<NetworkConfig> {
     match mode {
         NetworkMode::None => None,
-        NetworkMode::User | NetworkMode::Tap(_) => Some(NetworkConfig {
+        NetworkMode::User { .. } | NetworkMode::Tap(_) => Some(NetworkConfig {
             address: usernet::GUEST,
             prefix_len: usernet::PREFIX_LEN,
             gateway: usernet::GATEWAY,
@@ -131,7 +160,7 @@ pub fn guest_plan(mode: &NetworkMode) -> Option<NetworkConfig> {
 /// the run before the guest boots. The VM drops the backend when it ends, which closes
 /// every socket and releases the ports.
 pub fn attach(mode: &NetworkMode, publish: &[PortMapping]) -> Result<Option<NetConfig>> {
-    if !publish.is_empty() && *mode != NetworkMode::User {
+    if !publish.is_empty() && !matches!(mode, NetworkMode::User { .. }) {
         bail!("ports can only be published on the user network, not with --network {mode}");
     }
     match mode {
@@ -143,9 +172,12 @@ pub fn attach(mode: &NetworkMode, publish: &[PortMapping]) -> Result<Option<NetC
                 backend: Box::new(tap),
             }))
         }
-        NetworkMode::User => {
+        NetworkMode::User {
+            allow_host_loopback,
+        } => {
             raise_descriptor_limit();
-            let config = UserNetConfig::new(usernet::host_resolvers());
+            let mut config = UserNetConfig::new(usernet::host_resolvers());
+            config.host_loopback = *allow_host_loopback;
             let mut net = UserNet::new(config).context("cannot start the user network")?;
             for mapping in publish {
                 net.publish(
@@ -216,7 +248,19 @@ mod tests {
 
     #[test]
     fn network_modes_parse() {
-        assert_eq!(parse_network("user"), Ok(NetworkMode::User));
+        assert_eq!(parse_network("user"), Ok(DEFAULT_NETWORK));
+        assert_eq!(
+            parse_network("user:allow_host_loopback=true"),
+            Ok(NetworkMode::User {
+                allow_host_loopback: true
+            })
+        );
+        assert_eq!(
+            parse_network("user:allow_host_loopback=false"),
+            Ok(DEFAULT_NETWORK)
+        );
+        assert!(parse_network("user:allow_host_loopback=yes").is_err());
+        assert!(parse_network("user:other=1").is_err());
         assert_eq!(parse_network("none"), Ok(NetworkMode::None));
         assert_eq!(
             parse_network("tap:tap0"),
@@ -231,7 +275,7 @@ mod tests {
     #[test]
     fn loopback_only_has_no_plan_and_no_backend() {
         assert_eq!(guest_plan(&NetworkMode::None), None);
-        let plan = guest_plan(&NetworkMode::User).expect("user plan");
+        let plan = guest_plan(&DEFAULT_NETWORK).expect("user plan");
         assert_eq!(plan.address, usernet::GUEST);
         assert_eq!(plan.dns, vec![usernet::DNS]);
         assert!(attach(&NetworkMode::None, &[]).expect("none").is_none());
@@ -251,7 +295,7 @@ mod tests {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = taken.local_addr().expect("addr").port();
         let mapping = parse_publish(&format!("{port}:80")).expect("valid");
-        let err = attach(&NetworkMode::User, &[mapping])
+        let err = attach(&DEFAULT_NETWORK, &[mapping])
             .map(|_| ())
             .expect_err("in use");
         assert!(format!("{err:#}").contains("cannot publish"), "{err:#}");

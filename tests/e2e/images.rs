@@ -1,5 +1,5 @@
 //! User stories for OCI images: pulled from the host's local registry (reached from the lab
-//! as `KATALITE_E2E_REGISTRY`, e.g. 10.0.2.2:5000) as a mirror of docker.io, packed, booted.
+//! as `KATALITE_E2E_REGISTRY`, e.g. 10.0.3.2:5000) as a mirror of docker.io, packed, booted.
 
 use super::{katalite, Outcome};
 

@@ -34,7 +34,7 @@ pub use erofs_build::{run as erofs_build, Args as ErofsBuildArgs};
 
 /// The test registry as the host reaches it, and as L1 does (QEMU user network).
 const REGISTRY_HOST: &str = "127.0.0.1:5000";
-const REGISTRY_LAB: &str = "10.0.2.2:5000";
+const REGISTRY_LAB: &str = "10.0.3.2:5000";
 
 /// The lab run's limit in seconds unless `LAB_TIMEOUT` is set: the `images` section loads,
 /// packs and builds an image over 1 GiB under TCG, beyond the lab's default 40 minutes.

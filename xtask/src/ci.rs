@@ -59,8 +59,8 @@ fn run_steps(args: &Args) -> Result<()> {
 fn tests_with_registry(root: &Path, args: &Args) -> Result<()> {
     std::env::set_var("KATALITE_TEST_REGISTRY", "127.0.0.1:5000");
     std::env::set_var("KATALITE_TEST_REGISTRY_TLS", "127.0.0.1:5443");
-    // The lab reaches the host's loopback as 10.0.2.2.
-    std::env::set_var("KATALITE_E2E_REGISTRY", "10.0.2.2:5000");
+    // The lab reaches the host's loopback as 10.0.3.2.
+    std::env::set_var("KATALITE_E2E_REGISTRY", "10.0.3.2:5000");
     // A one-CPU lab: with two, L1's kernel (under TCG) can livelock in its int3 handler
     // while live-patching static keys as VMs come and go (seen in about one run in 15-60).
     if std::env::var_os("LAB_SMP").is_none() {

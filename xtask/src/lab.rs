@@ -5,8 +5,9 @@
 //! genuine `/dev/kvm`. See shared/docs/environment.md, "The lab".
 //!
 //! Inside L1: the repository is `/src` (read-only 9p, the working directory), the host's
-//! root is `/host` (read-only 9p), the musl release dir is on `PATH`, eth0 is 10.0.2.15/24
-//! and the host's 127.0.0.1 answers at 10.0.2.2. Host programs run through the host's
+//! root is `/host` (read-only 9p), the musl release dir is on `PATH`, eth0 is 10.0.3.15/24
+//! and the host's 127.0.0.1 answers at 10.0.3.2 (QEMU's user network moved off 10.0.2.0/24,
+//! the plan of katalite's own guests). Host programs run through the host's
 //! loader, e.g. Debian's QEMU as a peer:
 //! `/host/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path
 //! /host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu

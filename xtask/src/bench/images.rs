@@ -342,7 +342,7 @@ mod tests {
     fn lab_jobs(settings: &Settings) -> Vec<Job> {
         let initrds = [("zstd".to_string(), PathBuf::from("/src/x.img"))];
         let inputs = LabInputs {
-            registry: "10.0.2.2:5000",
+            registry: "10.0.3.2:5000",
             vmlinux: Path::new("/src/target/guest/vmlinux"),
             initrds: &initrds,
             images_dir: Path::new("/host/var/tmp/katalite-images"),

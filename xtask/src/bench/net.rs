@@ -82,9 +82,20 @@ pub fn jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
     let publish = format!("127.0.0.1:{KATALITE_PORT}:80");
     // The initramfs path, as QEMU boots: the same guest, the time to the first page too.
     let [root_flag, root_path] = plan::INITRAMFS_ROOT;
+    // The guest downloads from L1's loopback, which katalite's user network opens only
+    // when asked (QEMU's slirp does by default).
     let katalite = plan::katalite_run(
         inputs.registry,
-        &["--memory", &memory, root_flag, root_path, "-p", &publish],
+        &[
+            "--memory",
+            &memory,
+            root_flag,
+            root_path,
+            "-p",
+            &publish,
+            "--network",
+            "user:allow_host_loopback=true",
+        ],
         &command,
     );
     let forward = format!("user,id=n,hostfwd=tcp:127.0.0.1:{QEMU_PORT}-:80");
@@ -273,7 +284,7 @@ mod tests {
     fn lab_jobs() -> Vec<Job> {
         let initrds = [("zstd".to_string(), PathBuf::from("/src/x.img"))];
         let inputs = LabInputs {
-            registry: "10.0.2.2:5000",
+            registry: "10.0.3.2:5000",
             vmlinux: Path::new("/src/target/guest/vmlinux"),
             initrds: &initrds,
             images_dir: Path::new("/host/var/tmp/katalite-images"),

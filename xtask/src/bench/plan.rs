@@ -118,7 +118,7 @@ impl Settings {
 
 /// Paths and addresses as L1 sees them.
 pub struct LabInputs<'a> {
-    /// The test registry (`cargo xtask registry`), e.g. `10.0.2.2:5000`.
+    /// The test registry (`cargo xtask registry`), e.g. `10.0.3.2:5000`.
     pub registry: &'a str,
     /// The guest kernel QEMU boots (katalite embeds the same file).
     pub vmlinux: &'a Path,
@@ -389,7 +389,7 @@ mod tests {
             ),
         ];
         let inputs = LabInputs {
-            registry: "10.0.2.2:5000",
+            registry: "10.0.3.2:5000",
             vmlinux: Path::new("/src/target/guest/vmlinux"),
             initrds: &initrds,
             images_dir: Path::new("/host/var/tmp/katalite-images"),
@@ -414,7 +414,7 @@ mod tests {
         assert_eq!(
             katalite.argv.join(" "),
             "katalite run -q --pull never --boot-probe --image-root initramfs \
-             10.0.2.2:5000/library/busybox true"
+             10.0.3.2:5000/library/busybox true"
         );
         assert_eq!(runs("boot-katalite"), (1, 5));
         let qemu = job("boot-qemu-zstd");

@@ -53,9 +53,9 @@ ln -s /scratch/katalite /var/lib/katalite
 
 hostname lab
 ip link set lo up
-ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up &&
-    ip route add default via 10.0.2.2 || fail "cannot configure eth0"
-echo "nameserver 10.0.2.3" >/etc/resolv.conf
+ip addr add 10.0.3.15/24 dev eth0 && ip link set eth0 up &&
+    ip route add default via 10.0.3.2 || fail "cannot configure eth0"
+echo "nameserver 10.0.3.3" >/etc/resolv.conf
 
 export PATH="$LAB_PATH:/bin" HOME=/root TMPDIR=/scratch/tmp
 cd /src || fail "cannot enter /src"

@@ -112,7 +112,10 @@ pub fn arguments(machine: &Machine, boot: &Boot) -> Vec<OsString> {
         "-append",
         CMDLINE,
         "-netdev",
-        "user,id=n0",
+        // Not QEMU's default 10.0.2.0/24, which is the plan of katalite's guests: inside
+        // them the outer host must be an ordinary outside address (10.0.3.2), reached
+        // through L1's gateway, not their own gateway 10.0.2.2.
+        "user,id=n0,net=10.0.3.0/24",
         "-device",
         "virtio-net-pci,netdev=n0,romfile=",
     ]

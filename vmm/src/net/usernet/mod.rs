@@ -56,7 +56,10 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 pub struct UserNetConfig {
     /// Where queries to 10.0.2.3 go, in order of preference (see [`host_resolvers`]).
     pub resolvers: Vec<SocketAddr>,
-    /// Whether 10.0.2.2 reaches services on the host's loopback (as with QEMU's slirp).
+    /// Whether the guest may reach the host itself: 10.0.2.2 as the host's loopback (as
+    /// with QEMU's slirp), the host's own addresses and link-local 169.254.0.0/16 (cloud
+    /// metadata). Off by default, like podman's `allow_host_loopback`: local-only services
+    /// (databases, the Docker API, kubelet) are not a container's to reach.
     pub host_loopback: bool,
     /// Most TCP connections at once (pending, open and closing), each holding a host
     /// descriptor and up to 128 KiB of buffers; SYNs past it are reset.
@@ -67,12 +70,12 @@ pub struct UserNetConfig {
 }
 
 impl UserNetConfig {
-    /// The defaults, relaying DNS to `resolvers`: host loopback reachable, 1024 TCP
+    /// The defaults, relaying DNS to `resolvers`: the host not reachable, 1024 TCP
     /// connections (128 MiB of buffers at most), 256 UDP flows.
     pub fn new(resolvers: Vec<SocketAddr>) -> Self {
         Self {
             resolvers,
-            host_loopback: true,
+            host_loopback: false,
             max_connections: 1024,
             max_udp_flows: 256,
         }
@@ -135,6 +138,13 @@ pub struct UserNet {
     next_sweep: Instant,
 }
 
+/// Whether `ip` is one of this host's own addresses: a socket can bind to exactly those
+/// (without IP_FREEBIND). Asked per new connection or flow, so addresses added to the host
+/// later count too.
+fn is_host_address(ip: Ipv4Addr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 impl UserNet {
     /// A network with nothing published yet.
     pub fn new(config: UserNetConfig) -> Result<Self, UserNetError> {
@@ -173,8 +183,9 @@ impl UserNet {
 
     /// Where a destination the guest dials is on the host's side: 10.0.2.2 is the host's
     /// loopback (if allowed), 10.0.2.3 the first resolver (DNS over TCP), the rest of the
-    /// guest's subnet and non-unicast addresses lead nowhere, and everything else is
-    /// itself.
+    /// guest's subnet, loopback and non-unicast addresses lead nowhere, nor do the host's
+    /// own addresses and link-local ones unless the host is allowed, and everything else
+    /// is itself.
     fn host_target(&self, dst: SocketAddrV4) -> Option<SocketAddr> {
         let ip = *dst.ip();
         let port = dst.port();
@@ -194,7 +205,8 @@ impl UserNet {
             || ip.is_loopback()
             || ip.is_unspecified()
             || ip.is_broadcast()
-            || ip.is_multicast();
+            || ip.is_multicast()
+            || (!self.host_loopback && (ip.is_link_local() || is_host_address(ip)));
         (!unreachable).then_some(SocketAddr::V4(dst))
     }
 

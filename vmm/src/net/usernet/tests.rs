@@ -16,6 +16,8 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn user_net(configure: impl FnOnce(&mut UserNetConfig)) -> UserNet {
     let mut config = UserNetConfig::new(Vec::new());
+    // Most stories talk to servers on the host's loopback.
+    config.host_loopback = true;
     configure(&mut config);
     UserNet::new(config).expect("user net")
 }
@@ -629,5 +631,35 @@ fn host_targets_follow_the_address_plan() {
     let out = Ipv4Addr::new(192, 0, 2, 1);
     assert_eq!(target(out, 443), Some(SocketAddr::from((out, 443))));
     let closed = user_net(|config| config.host_loopback = false);
-    assert_eq!(closed.host_target(SocketAddrV4::new(GATEWAY, 22)), None);
+    let blocked = |ip: Ipv4Addr| closed.host_target(SocketAddrV4::new(ip, 22));
+    assert_eq!(blocked(GATEWAY), None);
+    assert_eq!(
+        blocked(Ipv4Addr::new(169, 254, 169, 254)),
+        None,
+        "cloud metadata"
+    );
+    // Every address of this host's own interfaces is the host too.
+    for ip in host_ipv4_addresses() {
+        assert_eq!(blocked(ip), None, "{ip}");
+    }
+    assert_eq!(
+        closed.host_target(SocketAddrV4::new(out, 443)),
+        Some(SocketAddr::from((out, 443)))
+    );
+    assert!(
+        !UserNetConfig::new(Vec::new()).host_loopback,
+        "closed by default"
+    );
+}
+
+/// This host's IPv4 addresses, from the kernel's routing table of local addresses.
+fn host_ipv4_addresses() -> Vec<Ipv4Addr> {
+    let text = std::fs::read_to_string("/proc/net/fib_trie").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .windows(2)
+        .filter(|w| w[1].contains("/32 host LOCAL"))
+        .filter_map(|w| w[0].trim().trim_start_matches("|-- ").parse().ok())
+        .filter(|ip: &Ipv4Addr| !ip.is_loopback())
+        .collect()
 }
