@@ -103,16 +103,39 @@ fn drop_thread_groups() {
     let _ = unsafe { libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) };
 }
 
-/// Lets the process hold as many descriptors as its hard limit allows: each node the guest
-/// looks up holds one ([`share::MAX_INODES`] per share at most).
+/// Lets the process hold a descriptor for every node the guest may keep looked up
+/// ([`share::MAX_INODES`] per share): the guest kernel forgets inodes only under memory
+/// pressure, so a guest that created 5000 files holds 5000 of them. As root the hard
+/// limit is raised too (to `fs.nr_open`, at most 1M); otherwise the soft limit goes up to
+/// the hard one.
 fn raise_fd_limit() {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    const WANTED: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(WANTED);
+    let target = WANTED.min(nr_open);
+    if limit.maximum.is_some_and(|max| max < target) {
+        let raised = Rlimit {
+            current: Some(target),
+            maximum: Some(target),
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return;
+        }
+    }
     if limit.current < limit.maximum {
-        limit.current = limit.maximum;
         // Best effort: the caps per share bound use either way, and hitting the limit is
         // an error for the guest's request, not for the VMM.
-        let _ = setrlimit(Resource::Nofile, limit);
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
     }
 }
 
