@@ -15,6 +15,7 @@ mod readme;
 mod report;
 mod results;
 mod stats;
+mod volumes;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -58,6 +59,9 @@ pub struct Args {
     /// Only the network comparison in the lab (no host figures, boots or parallel starts).
     #[arg(long, conflicts_with = "readme")]
     network_only: bool,
+    /// Only the volume comparison in the lab (like `--network-only`).
+    #[arg(long, hide = true, conflicts_with_all = ["readme", "network_only"])]
+    volumes_only: bool,
 }
 
 /// Runs every measurement and writes the report files.
@@ -72,6 +76,7 @@ pub fn run(args: &Args) -> Result<()> {
         Settings::quick()
     };
     settings.network_only = args.network_only;
+    settings.volumes_only = args.volumes_only;
     let host_load_1m = load_average();
 
     let runner = build_runner(&root)?;
@@ -89,7 +94,7 @@ pub fn run(args: &Args) -> Result<()> {
         init_bytes: host::file_bytes(&target.join("guest/katalite-init"))?,
     };
 
-    let host = if args.network_only {
+    let host = if args.network_only || args.volumes_only {
         HostFigures::default()
     } else {
         measure_host(&root, &katalite, &out, if args.full { 5 } else { 3 })?
@@ -179,7 +184,7 @@ fn assemble(
     host_load_1m: Option<f64>,
 ) -> Report {
     // `--network-only` ran no other lab job: asking for them would only list errors.
-    let vm = !settings.network_only;
+    let vm = !settings.network_only && !settings.volumes_only;
     let boot = if vm { lab.boot() } else { None };
     let mut compression = BTreeMap::new();
     for (image, variants) in host.compression {
@@ -211,7 +216,16 @@ fn assemble(
         .filter_map(|&count| lab.parallel(count))
         .collect();
     let images = vm.then(|| images::section(&mut lab, host.erofs_build));
-    let network = net::network(&mut lab, settings);
+    let network = if settings.volumes_only {
+        None
+    } else {
+        net::network(&mut lab, settings)
+    };
+    let volumes = if settings.network_only {
+        None
+    } else {
+        volumes::volumes(&mut lab)
+    };
     lab.errors.extend(host.errors);
     let now = SystemTime::now().duration_since(UNIX_EPOCH);
     Report {
@@ -234,6 +248,7 @@ fn assemble(
         throughput,
         parallel,
         network,
+        volumes,
         images,
         binary_bytes: binaries.katalite_bytes,
         binaries,

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::images;
 use super::net::{self, Probe};
+use super::volumes;
 
 /// Line init prints once it has read its config (`--boot-probe`).
 pub const PROBE_INIT: &str = "katalite-init: probe init";
@@ -72,6 +73,10 @@ pub struct Settings {
     pub large_rss_samples: u32,
     /// Only the network comparison (`bench --network-only`).
     pub network_only: bool,
+    /// Boots per VMM for the volume comparison.
+    pub volume_rounds: u32,
+    /// Only the volume comparison (`bench --volumes-only`).
+    pub volumes_only: bool,
 }
 
 impl Settings {
@@ -92,6 +97,8 @@ impl Settings {
             image_samples: 3,
             large_rss_samples: 1,
             network_only: false,
+            volume_rounds: 2,
+            volumes_only: false,
         }
     }
 
@@ -112,6 +119,8 @@ impl Settings {
             image_samples: 5,
             large_rss_samples: 3,
             network_only: false,
+            volume_rounds: 3,
+            volumes_only: false,
         }
     }
 }
@@ -229,6 +238,13 @@ pub fn katalite_run_image(image: &str, options: &[&str], command: &[&str]) -> Ve
     argv
 }
 
+/// A host program as L1 runs it: through the host's loader and libraries at `/host`.
+pub fn host_program(path: &str) -> Vec<String> {
+    let mut argv = strings(&QEMU[..3]);
+    argv.push(path.to_string());
+    argv
+}
+
 /// QEMU `-M microvm` booting `vmlinux` with `initrd`: the same memory and vCPU count as
 /// katalite, the serial console on stdout, a virtio console on virtio-mmio as init's
 /// `/dev/hvc0` (its frames go to a null chardev), and a virtio-net NIC on QEMU's user
@@ -278,11 +294,16 @@ pub fn plan(inputs: &LabInputs, settings: &Settings) -> Plan {
     let mut pull = strings(&["katalite", "pull", "-q", "--insecure-registry", registry]);
     pull.push(image(registry));
     let mut jobs = vec![Job::new("pull", Kind::Timed, pull, 1)];
-    if !settings.network_only {
+    if !settings.network_only && !settings.volumes_only {
         jobs.extend(vm_jobs(inputs, settings));
         jobs.extend(images::jobs(inputs, settings));
     }
-    jobs.extend(net::jobs(inputs, settings));
+    if !settings.volumes_only {
+        jobs.extend(net::jobs(inputs, settings));
+    }
+    if !settings.network_only {
+        jobs.extend(volumes::jobs(inputs, settings));
+    }
     Plan { jobs }
 }
 
@@ -480,7 +501,15 @@ mod tests {
         };
         let mut settings = Settings::quick();
         assert!(ids(&settings).iter().any(|id| id == "boot-katalite"));
-        assert_eq!(ids(&settings).last().map(String::as_str), Some("net-qemu"));
+        assert_eq!(
+            ids(&settings).last().map(String::as_str),
+            Some("vol-virtiofsd")
+        );
+        settings.volumes_only = true;
+        let volumes = ids(&settings);
+        assert_eq!(volumes[..3], ["pull", "vol-setup", "vol-initramfs"]);
+        assert!(volumes[3..].iter().all(|id| id.starts_with("vol-")));
+        settings.volumes_only = false;
         settings.network_only = true;
         assert_eq!(
             ids(&settings),

@@ -390,6 +390,7 @@ mod tests {
                 wall_ms: stats(5000.0),
             }],
             network: None,
+            volumes: None,
             images: None,
             binary_bytes: 27 << 20,
             binaries: Binaries {

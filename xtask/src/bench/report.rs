@@ -13,6 +13,7 @@ use super::net::Network;
 use super::plan::{BOOT_MEMORY_MIB, MEMORY_RUN_MIB, PARALLEL_MEMORY_MIB};
 use super::results::{self, BootPhases, JobResult};
 use super::stats::{ratio, round, Stats};
+use super::volumes::Volumes;
 
 /// The whole report.
 #[derive(Debug, Serialize)]
@@ -41,6 +42,8 @@ pub struct Report {
     pub parallel: Vec<Parallel>,
     /// katalite's user network beside QEMU's, through a forwarded port.
     pub network: Option<Network>,
+    /// katalite `-v` beside QEMU with virtiofsd on the same share.
+    pub volumes: Option<Volumes>,
     /// Images on katalite's two root paths (initramfs, EROFS disk): start times, the
     /// smallest `--memory`, the VMM's memory running the large image, and the host's
     /// EROFS build.
