@@ -70,6 +70,9 @@ pub fn table(report: &Report) -> String {
     if let Some(network) = &report.network {
         out.push_str(&network_table(network));
     }
+    if let Some(volumes) = &report.volumes {
+        out.push_str(&super::volumes::table(volumes));
+    }
     if let Some(images) = &report.images {
         out.push_str(&images_table(images));
     }

@@ -320,6 +320,54 @@ pub fn volumes(lab: &mut LabResults) -> Option<Volumes> {
     })
 }
 
+/// `median (min–max)` with `unit` and `decimals`.
+fn range(stats: &Stats, decimals: usize, unit: &str) -> String {
+    format!(
+        "{:.decimals$} {unit} ({:.decimals$}–{:.decimals$})",
+        stats.median, stats.min, stats.max
+    )
+}
+
+/// README's volume table: one row per figure, virtio-9p's column saying why it is empty.
+pub fn table(volumes: &Volumes) -> String {
+    let mut out = format!(
+        "Volumes, the same busybox guest on a directory of L1's disk (katalite `-v`, QEMU \
+         microvm with Debian's virtiofsd, cache=auto):\n\n\
+         | | katalite `-v` | QEMU + virtiofsd | QEMU virtio-9p | katalite / virtiofsd |\n\
+         | --- | --- | --- | --- | --- |\n"
+    );
+    type Cell = fn(&Side) -> String;
+    let (dirs, files) = TREE;
+    let write = format!("sequential write, {SEQ_MIB} MiB");
+    let read = format!("sequential read, {SEQ_MIB} MiB");
+    let small = format!("create + stat + unlink, {SMALL_FILES} files");
+    let tar = format!("`tar cf /dev/null`, {} files", dirs * files);
+    let rows: [(&str, &str, Cell); 4] = [
+        (&write, "seq_write", |s| {
+            range(&s.seq_write_mib_s, 1, "MiB/s")
+        }),
+        (&read, "seq_read", |s| range(&s.seq_read_mib_s, 1, "MiB/s")),
+        (&small, "small_files", |s| {
+            range(&s.small_files_per_s, 0, "files/s")
+        }),
+        (&tar, "tar", |s| range(&s.tar_s, 2, "s")),
+    ];
+    for (label, key, cell) in rows {
+        let side = |side: &Option<Side>| side.as_ref().map_or("—".to_string(), cell);
+        let speedup = volumes
+            .speedup_median
+            .get(key)
+            .map_or("—".to_string(), |r| format!("{r:.2}×"));
+        out.push_str(&format!(
+            "| {label} | {} | {} | not measured (no 9p in the guest kernel) | {speedup} |\n",
+            side(&volumes.katalite),
+            side(&volumes.qemu_virtiofsd)
+        ));
+    }
+    out.push('\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,6 +482,12 @@ mod tests {
             assert_eq!(volumes.speedup_median[figure], 2.0, "{figure}");
         }
         assert!(volumes.qemu_9p.contains("CONFIG_9P_FS"));
+        let table = table(&volumes);
+        assert!(table.contains(
+            "| sequential read, 100 MiB | 100.0 MiB/s (100.0–100.0) | 50.0 MiB/s (50.0–50.0) \
+             | not measured (no 9p in the guest kernel) | 2.00× |"
+        ));
+        assert!(table.contains("| `tar cf /dev/null`, 10000 files | 4.00 s (4.00–4.00) |"));
     }
 
     #[test]
