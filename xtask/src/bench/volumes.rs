@@ -330,11 +330,11 @@ fn range(stats: &Stats, decimals: usize, unit: &str) -> String {
 
 /// README's volume table: one row per figure, virtio-9p's column saying why it is empty.
 pub fn table(volumes: &Volumes) -> String {
-    let mut out = format!(
+    let mut out = String::from(
         "Volumes, the same busybox guest on a directory of L1's disk (katalite `-v`, QEMU \
          microvm with Debian's virtiofsd, cache=auto):\n\n\
          | | katalite `-v` | QEMU + virtiofsd | QEMU virtio-9p | katalite / virtiofsd |\n\
-         | --- | --- | --- | --- | --- |\n"
+         | --- | --- | --- | --- | --- |\n",
     );
     type Cell = fn(&Side) -> String;
     let (dirs, files) = TREE;
