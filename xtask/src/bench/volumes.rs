@@ -57,11 +57,15 @@ pub fn setup_script() -> String {
     )
 }
 
-/// The guest's workload on the share at [`GUEST_DIR`]. Each result goes to stdout (katalite)
-/// and to /dev/console (QEMU's serial; its hvc0 is a null chardev).
+/// The guest's workload on the share at [`GUEST_DIR`]. katalite's init mounts it for `-v`;
+/// the initramfs QEMU boots has no mounts (`--write-initramfs` refuses `-v`), so the script
+/// mounts the tag itself when nothing is at [`GUEST_DIR`]. Each result goes to stdout
+/// (katalite) and to /dev/console (QEMU's serial; its hvc0 is a null chardev).
 pub fn guest_script() -> String {
     format!(
-        "set -e; cd {GUEST_DIR}; t() {{ cut -d' ' -f1 /proc/uptime; }}; \
+        "set -e; grep -q ' {GUEST_DIR} ' /proc/mounts || {{ mkdir -p {GUEST_DIR}; \
+         mount -t virtiofs {TAG} {GUEST_DIR}; }}; cd {GUEST_DIR}; \
+         t() {{ cut -d' ' -f1 /proc/uptime; }}; \
          r() {{ echo \"@@vol $*\"; echo \"@@vol $*\" >/dev/console 2>/dev/null || true; }}; \
          rm -rf w.bin small; \
          a=$(t); dd if=/dev/zero of=w.bin bs=1M count={SEQ_MIB} 2>/dev/null; sync; b=$(t); \
@@ -88,8 +92,11 @@ pub fn qemu_virtiofsd(vmlinux: &Path) -> Vec<String> {
     let mut qemu = plan::qemu_microvm(vmlinux, Path::new(INITRD), "user,id=n");
     let memory = format!("memory-backend-memfd,id=mem,size={BOOT_MEMORY_MIB}M,share=on");
     let chardev = format!("socket,id=fs,path={SOCKET}");
-    let device = format!("vhost-user-fs-device,chardev=fs,tag={TAG}");
+    let device = format!("vhost-user-fs-device,chardev=fs,tag={TAG},queue-size=1024");
     for arg in [
+        // vhost-user-fs is a virtio 1.0 device; microvm's virtio-mmio defaults to legacy.
+        "-global",
+        "virtio-mmio.force-legacy=false",
         "-object",
         &memory,
         "-machine",
@@ -130,14 +137,7 @@ pub fn jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
     let volume = format!("{SHARE}:{GUEST_DIR}");
     let write = plan::katalite_run(
         inputs.registry,
-        &[
-            "--memory",
-            &memory,
-            "-v",
-            &volume,
-            "--write-initramfs",
-            INITRD,
-        ],
+        &["--memory", &memory, "--write-initramfs", INITRD],
         &command,
     );
     let mut jobs = vec![
@@ -308,10 +308,12 @@ pub fn volumes(lab: &mut LabResults) -> Option<Volumes> {
         method: format!(
             "One boot per VMM and round in the lab, {BOOT_MEMORY_MIB} MiB, 1 vCPU, the same \
              busybox guest (katalite's initramfs path; QEMU boots the initramfs `katalite run \
-             --write-initramfs -v` wrote, so init mounts tag {TAG}) on a directory of L1's \
+             --write-initramfs` wrote, whose script mounts tag {TAG} itself as \
+             --write-initramfs refuses -v) on a directory of L1's \
              disk ({SHARE}), L1's page cache dropped before each boot. katalite: `run -v`. \
              QEMU: microvm, vhost-user-fs-device, memfd-backed shared memory, Debian's \
-             virtiofsd -o cache=auto,sandbox=chroot. The guest times each phase with \
+             virtiofsd -o cache=auto,sandbox=chroot, queue-size=1024, modern virtio-mmio. \
+             The guest times each phase with \
              /proc/uptime (10 ms): dd of {SEQ_MIB} MiB of zeros in 1 MiB blocks + sync; cat \
              of a {SEQ_MIB} MiB file L1 wrote; touch, stat and rm of {SMALL_FILES} empty \
              files by xargs; tar cf /dev/null of {dirs}×{files} small files. QEMU virtio-9p: \
@@ -408,7 +410,7 @@ mod tests {
         let script = guest_script();
         let write = &jobs[1].argv;
         assert!(has(write, ["--write-initramfs", INITRD]));
-        assert!(has(write, ["-v", "/scratch/katalite-bench-vol:/data"]));
+        assert!(!write.iter().any(|a| a == "-v"));
         assert_eq!(write.last(), Some(&script));
         // katalite runs after L1's cache is dropped, its argv quoted whole.
         let katalite = &jobs[2].argv;
@@ -423,7 +425,10 @@ mod tests {
             "'/host/usr/lib/qemu/virtiofsd' '--socket-path=/tmp/katalite-bench-virtiofsd.sock' \
              '-o' 'source=/scratch/katalite-bench-vol' '-o' 'cache=auto'"
         ));
-        assert!(qemu.contains("'-device' 'vhost-user-fs-device,chardev=fs,tag=katalite-vol0'"));
+        assert!(qemu.contains(
+            "'-device' 'vhost-user-fs-device,chardev=fs,tag=katalite-vol0,queue-size=1024'"
+        ));
+        assert!(qemu.contains("'-global' 'virtio-mmio.force-legacy=false'"));
         assert!(qemu.contains("'memory-backend-memfd,id=mem,size=512M,share=on'"));
         assert!(qemu.contains("'-machine' 'memory-backend=mem'"));
         assert!(qemu.contains("'-initrd' '/tmp/katalite-bench-vol.img'"));
@@ -434,6 +439,10 @@ mod tests {
     fn quoting_survives_single_quotes() {
         assert_eq!(quote("a'b"), r"'a'\''b'");
         assert!(guest_script().contains("cut -d' ' -f1 /proc/uptime"));
+        assert!(guest_script().starts_with(
+            "set -e; grep -q ' /data ' /proc/mounts || { mkdir -p /data; \
+             mount -t virtiofs katalite-vol0 /data; }; cd /data;"
+        ));
         assert!(setup_script().contains("bs=1M count=100"));
     }
 
