@@ -79,22 +79,33 @@ impl JsonLog {
     }
 
     /// Logs `data` from `stream`: one entry per line, and one for a trailing partial line.
+    /// The entries of one call go out in one write (a burst of short lines must not cost a
+    /// syscall each), split only where the log rotates.
     pub fn write(&mut self, stream: Stream, data: &[u8]) -> io::Result<()> {
         let time = Timestamp::now().to_rfc3339();
+        let mut lines = Vec::new();
         for piece in data.split_inclusive(|&b| b == b'\n') {
             let entry = LogEntry {
                 log: String::from_utf8_lossy(piece).into_owned(),
                 stream: stream.as_str().into(),
                 time: time.clone(),
             };
-            let mut line = serde_json::to_vec(&entry)?;
-            line.push(b'\n');
-            if self.size > 0 && self.size + line.len() as u64 > self.limit {
-                self.rotate()?;
+            let start = lines.len();
+            serde_json::to_writer(&mut lines, &entry)?;
+            lines.push(b'\n');
+            let line_len = (lines.len() - start) as u64;
+            let pending = start as u64;
+            if self.size + pending > 0 && self.size + pending + line_len > self.limit {
+                self.file.write_all(&lines[..start])?;
+                self.size += pending;
+                lines.drain(..start);
+                if self.size > 0 {
+                    self.rotate()?;
+                }
             }
-            self.file.write_all(&line)?;
-            self.size += line.len() as u64;
         }
+        self.file.write_all(&lines)?;
+        self.size += lines.len() as u64;
         Ok(())
     }
 

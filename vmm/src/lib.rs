@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod devices;
 pub mod host;
+mod host_writer;
 pub mod layout;
 pub mod net;
 mod vcpu;

@@ -19,15 +19,16 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::{Bus, BusError};
 use crate::devices::stop::VmStopper;
 use crate::devices::{SerialPort, StatusPort, StopReason, VmStop, I8042};
+use crate::host_writer::{HostWriter, OutputSender};
 use crate::layout;
 use crate::net::{nic, NetConfig, NetPump};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuSetup};
 use crate::virtio::block::worker as disk_worker;
 use crate::virtio::fs;
-use crate::virtio::worker::QueueWorker;
+use crate::virtio::worker::{notify_eventfd, QueueWorker};
 use crate::virtio::{
     Console, ConsoleInput, DiskConfig, DiskSetupError, FsShareConfig, InputPump, MmioTransport,
-    Rng, ShareSetupError, VirtioDevice, CONSOLE_RECEIVE_QUEUE,
+    Rng, ShareSetupError, VirtioDevice, CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::memory::{self, MemoryError};
@@ -47,6 +48,12 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 pub const BASE_CMDLINE: &str = "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1";
 
 const MIB: u64 = 1 << 20;
+/// Guest console output the writer thread may hold before the device stops taking the
+/// guest's buffers.
+const CONSOLE_OUT_CAPACITY: usize = 1 << 20;
+/// Kernel log the writer thread may hold; past it, lines are dropped (COM1 has no flow
+/// control worth honouring, and the kernel must not stall on its log).
+const KERNEL_LOG_CAPACITY: usize = 256 << 10;
 
 /// A Linux VM to run.
 pub struct VmConfig<'a> {
@@ -179,6 +186,9 @@ pub enum VmError {
     /// The console input or network thread could not be started.
     #[error("cannot start the io thread")]
     IoThread(#[source] io::Error),
+    /// A device's queue notification eventfd could not be set up.
+    #[error("cannot set up a device's queue notification")]
+    Notify(#[source] io::Error),
     /// The NIC's link or notification eventfds could not be set up.
     #[error("cannot set up the network device")]
     Net(#[source] io::Error),
@@ -229,8 +239,11 @@ pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
     let machine = Machine::new(
         config.vcpus,
         config.memory_mib,
-        config.serial,
-        Console::new(config.console, config.console_input.unwrap_or_default()),
+        Outputs {
+            serial: config.serial,
+            console: config.console,
+            console_input: config.console_input.unwrap_or_default(),
+        },
         config.stopper.unwrap_or_default(),
         config.network,
         Storage {
@@ -254,8 +267,11 @@ pub fn run_raw(guest: RawGuest<'_>) -> Result<VmExit, VmError> {
     let machine = Machine::new(
         guest.vcpus,
         guest.memory_mib,
-        guest.serial,
-        Console::new(Box::new(io::sink()), ConsoleInput::new()),
+        Outputs {
+            serial: guest.serial,
+            console: Box::new(io::sink()),
+            console_input: ConsoleInput::new(),
+        },
         guest.stopper.unwrap_or_default(),
         None,
         Storage::default(),
@@ -305,7 +321,14 @@ struct Machine {
     pio: Bus,
     mmio: Bus,
     serial: Arc<Mutex<SerialPort>>,
+    serial_out: HostWriter,
     console: Arc<Mutex<MmioTransport>>,
+    // Runs the console's queues when the guest notifies them or the writer has room.
+    console_worker: QueueWorker,
+    console_out: HostWriter,
+    console_stalled: Arc<AtomicBool>,
+    rng: Arc<Mutex<MmioTransport>>,
+    rng_worker: QueueWorker,
     // Dropped with the machine, which ends the console input on every path out of `run`.
     pump: InputPump,
     // Likewise, dropping it stops the network thread and closes the backend's sockets.
@@ -316,6 +339,13 @@ struct Machine {
     shares: Vec<(Arc<Mutex<MmioTransport>>, QueueWorker)>,
     stop: Arc<VmStop>,
     device_args: Vec<String>,
+}
+
+/// Where the guest's output goes and where its console input comes from.
+struct Outputs {
+    serial: Box<dyn Write + Send>,
+    console: Box<dyn Write + Send>,
+    console_input: ConsoleInput,
 }
 
 /// The VM's disks and shared directories, which take the virtio slots after the NIC's.
@@ -329,8 +359,7 @@ impl Machine {
     fn new(
         vcpus: u8,
         memory_mib: u64,
-        serial_out: Box<dyn Write + Send>,
-        console: Console,
+        outputs: Outputs,
         stopper: VmStopper,
         network: Option<NetConfig>,
         storage: Storage,
@@ -346,7 +375,7 @@ impl Machine {
                 max: layout::MAX_DISKS,
             });
         }
-        let pump = InputPump::new(console.input().clone());
+        let pump = InputPump::new(outputs.console_input.clone());
         let mem_size = check_shape(vcpus, memory_mib)?;
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let max = kvm.get_max_vcpus();
@@ -379,7 +408,13 @@ impl Machine {
         let stop = stopper.shared();
         let mut pio = Bus::new();
         let serial_irq = irqfd(&vm, "serial", layout::SERIAL_IRQ)?;
-        let serial = Arc::new(Mutex::new(SerialPort::new(serial_irq, serial_out)));
+        let serial_out =
+            HostWriter::start("katalite-klog", outputs.serial, KERNEL_LOG_CAPACITY, None)
+                .map_err(VmError::IoThread)?;
+        let serial = Arc::new(Mutex::new(SerialPort::new(
+            serial_irq,
+            Box::new(DroppingWriter(serial_out.sender())),
+        )));
         pio.insert(
             serial.clone(),
             u64::from(layout::SERIAL_PORT_BASE),
@@ -408,8 +443,34 @@ impl Machine {
             device_args.push(format!("virtio_mmio.device=4K@0x{addr:x}:{irq}"));
             Ok::<_, VmError>(transport)
         };
-        place(0, "virtio-rng", Box::new(Rng::new()))?;
-        let console = place(1, "virtio-console", Box::new(console))?;
+        // The rng and the console run on worker threads woken by their queues' ioeventfds:
+        // a vCPU never does their host work (getrandom, output) in its exit.
+        let rng_notify =
+            notify_eventfd(&vm, layout::virtio_mmio_addr(0), &[0]).map_err(VmError::Notify)?;
+        let rng_worker = QueueWorker::new("katalite-rng".into(), rng_notify, Arc::default())
+            .map_err(VmError::IoThread)?;
+        let rng = place(0, "virtio-rng", Box::new(Rng::new()))?;
+        let console_notify = notify_eventfd(
+            &vm,
+            layout::virtio_mmio_addr(1),
+            &[CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE],
+        )
+        .map_err(VmError::Notify)?;
+        // The writer signals the same eventfd when a full queue has room again.
+        let room = console_notify.try_clone().map_err(VmError::Notify)?;
+        let console_out = HostWriter::start(
+            "katalite-out",
+            outputs.console,
+            CONSOLE_OUT_CAPACITY,
+            Some(room),
+        )
+        .map_err(VmError::IoThread)?;
+        let console_device = Console::new(console_out.sender(), outputs.console_input);
+        let console_stalled = console_device.stalled();
+        let console_worker =
+            QueueWorker::new("katalite-cons".into(), console_notify, Arc::default())
+                .map_err(VmError::IoThread)?;
+        let console = place(1, "virtio-console", Box::new(console_device))?;
         let net = match network {
             Some(config) => {
                 let window = layout::virtio_mmio_addr(layout::VIRTIO_NET_SLOT);
@@ -453,7 +514,13 @@ impl Machine {
             pio,
             mmio,
             serial,
+            serial_out,
             console,
+            console_worker,
+            console_out,
+            console_stalled,
+            rng,
+            rng_worker,
             pump,
             net,
             disks,
@@ -498,6 +565,22 @@ impl Machine {
             fds.push(fd);
         }
 
+        let console = self.console.clone();
+        self.console_worker
+            .start(move || {
+                let mut transport = console.lock().unwrap_or_else(PoisonError::into_inner);
+                transport.run_queue(CONSOLE_RECEIVE_QUEUE);
+                transport.run_queue(CONSOLE_TRANSMIT_QUEUE);
+            })
+            .map_err(VmError::IoThread)?;
+        let rng = self.rng.clone();
+        self.rng_worker
+            .start(move || {
+                rng.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .run_queue(0);
+            })
+            .map_err(VmError::IoThread)?;
         // Host input reaches the guest even while no vCPU exits (a guest spinning in user
         // space, or idle in HLT inside KVM): the io thread runs receiveq0 itself.
         let console = self.console.clone();
@@ -551,12 +634,27 @@ impl Machine {
 
         let reason = self.stop.wait();
         let results = stop_vcpus(&running, threads);
+        // The workers first, so nothing else takes the guest's output, then what the guest
+        // left in its transmit queue (its last buffers may not have been taken yet). A VM
+        // stopped from outside does not wait for a host reader that may never read.
+        drop(self.console_worker);
+        drop(self.rng_worker);
+        let drain = reason != StopReason::Stopped;
+        if drain {
+            drain_console(
+                &self.console,
+                &self.console_stalled,
+                &self.console_out.sender(),
+            );
+        }
+        self.console_out.finish(drain);
         let mut serial = self
             .serial
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // The kernel log is best effort; a closed output must not hide the guest's result.
         let _ = serial.finish();
+        self.serial_out.finish(drain);
         match reason {
             StopReason::Status(word) => Ok(VmExit::Status(word)),
             StopReason::Reset { triple_fault } => Ok(VmExit::Reset {
@@ -573,6 +671,36 @@ impl Machine {
                 Err(VmError::Vcpu { index, source })
             }
         }
+    }
+}
+
+/// Takes what the guest left in the console's transmit queue once its vCPUs are stopped,
+/// waiting for the writer whenever its queue is full.
+fn drain_console(console: &Mutex<MmioTransport>, stalled: &AtomicBool, out: &OutputSender) {
+    loop {
+        console
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .run_queue(CONSOLE_TRANSMIT_QUEUE);
+        if !stalled.load(Ordering::Acquire) {
+            return;
+        }
+        out.wait_for_room();
+    }
+}
+
+/// The kernel log's host side: COM1 must never wait, so lines the writer has no room for
+/// are dropped.
+struct DroppingWriter(OutputSender);
+
+impl Write for DroppingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.push_or_drop(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -1,14 +1,19 @@
-//! virtio-console device (virtio 1.2 §5.3) with a single port: the guest's hvc0 output goes
-//! to a host writer, batched so a burst of writes costs one host write per notification;
-//! host input queued in a [`ConsoleInput`] fills the guest's receive buffers.
+//! virtio-console device (virtio 1.2 §5.3) with a single port: the guest's hvc0 output is
+//! handed in batches to the console's writer thread (never written to the host here, so a
+//! stalled reader holds back only the guest's transmit queue); host input queued in a
+//! [`ConsoleInput`] fills the guest's receive buffers. The device runs on the console's
+//! worker thread, woken by the queues' ioeventfd.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
-use super::{drain_queue, ConsoleInput, DeviceError, VirtioDevice};
+use super::{ConsoleInput, DeviceError, VirtioDevice};
+use crate::host_writer::OutputSender;
 use crate::GuestMemory;
 
 /// Size of receiveq0 and transmitq0.
@@ -16,25 +21,31 @@ const QUEUE_SIZE: u16 = 256;
 /// Index of receiveq0 (host to guest, §5.3.2).
 pub(crate) const RECEIVE_QUEUE: u32 = 0;
 /// Index of transmitq0 (guest to host).
-const TRANSMIT_QUEUE: usize = 1;
-/// Output is gathered up to this many bytes before it is written to the host; the batch
-/// never grows past it, so a guest flooding the console costs the host this much memory.
+pub(crate) const TRANSMIT_QUEUE: u32 = 1;
+/// Output is gathered up to this many bytes before it is handed to the writer thread.
 const BATCH_BYTES: usize = 64 * 1024;
+/// Most bytes taken from one transmit chain. Linux sends at most a page per buffer; a
+/// hostile chain naming gigabytes is cut here, so what the device queues past the writer's
+/// capacity stays bounded.
+pub(crate) const MAX_CHAIN_BYTES: usize = 1 << 20;
 
 /// The virtio-console device.
 pub struct Console {
-    out: Box<dyn Write + Send>,
+    out: OutputSender,
     batch: Vec<u8>,
     input: ConsoleInput,
+    /// Set while buffers wait in transmitq0 because the writer's queue is full.
+    stalled: Arc<AtomicBool>,
 }
 
 impl Console {
     /// A console whose guest output goes to `out` and whose guest input comes from `input`.
-    pub fn new(out: Box<dyn Write + Send>, input: ConsoleInput) -> Self {
+    pub(crate) fn new(out: OutputSender, input: ConsoleInput) -> Self {
         Self {
             out,
             batch: Vec::with_capacity(BATCH_BYTES),
             input,
+            stalled: Arc::default(),
         }
     }
 
@@ -43,10 +54,16 @@ impl Console {
         &self.input
     }
 
+    /// Whether transmitq0 was left with buffers because the writer's queue was full (the
+    /// VM's owner drains it at the end).
+    pub(crate) fn stalled(&self) -> Arc<AtomicBool> {
+        self.stalled.clone()
+    }
+
     /// Moves queued host input into the available receiveq0 buffers, in order, each
     /// buffer used with the number of bytes written to it (§5.3.6.1, §2.7.8). Buffers stay
-    /// available while there is nothing to send. As in [`drain_queue`], at most one
-    /// queue's worth of buffers is used per call.
+    /// available while there is nothing to send. At most one queue's worth of buffers is
+    /// used per call.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
         self.input.take_with(|pending| {
             let mut used = false;
@@ -66,39 +83,64 @@ impl Console {
         })
     }
 
-    /// Appends the device-readable bytes of `chain` to the batch, in order.
+    /// Takes transmitted buffers while the writer has room: each is used with length 0
+    /// (only read, §2.7.8). Once the writer is full the rest wait in the ring, where the
+    /// guest's driver sees them pending, until the writer signals room on the console's
+    /// notify eventfd and the worker runs the queue again.
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
+        let mut used = false;
+        self.stalled.store(false, Ordering::Release);
+        for _ in 0..queue.size() {
+            if !self.out.has_room() {
+                self.flush();
+                if !self.out.wake_when_room() {
+                    self.stalled.store(true, Ordering::Release);
+                    break;
+                }
+            }
+            let Some(chain) = queue.iter(mem)?.next() else {
+                break;
+            };
+            let head = chain.head_index();
+            self.gather(chain, mem);
+            queue.add_used(mem, head, 0)?;
+            used = true;
+        }
+        self.flush();
+        Ok(used)
+    }
+
+    /// Appends the device-readable bytes of `chain` (up to [`MAX_CHAIN_BYTES`]) to the
+    /// batch, in order, handing full batches to the writer.
     fn gather(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) {
         // A chain reaching outside guest memory is dropped whole rather than half-trusted.
         let Ok(mut reader) = chain.reader(mem) else {
             return;
         };
-        while reader.available_bytes() > 0 {
+        let mut left = reader.available_bytes().min(MAX_CHAIN_BYTES);
+        while left > 0 {
             if self.batch.len() >= BATCH_BYTES {
                 self.flush();
             }
             let start = self.batch.len();
-            let want = (BATCH_BYTES - start).min(reader.available_bytes());
+            let want = (BATCH_BYTES - start).min(left);
             self.batch.resize(start + want, 0);
             let got = reader.read(&mut self.batch[start..]).unwrap_or(0);
             self.batch.truncate(start + got);
             if got == 0 {
                 break;
             }
+            left -= got;
         }
     }
 
-    /// Writes the batch to the host. A failing host writer loses the bytes instead of
-    /// stalling the guest: Linux's hvc path spins until its buffer is used
-    /// (drivers/char/virtio_console.c, `__send_to_port`), so refusing would hang the guest.
+    /// Hands the batch to the writer thread.
     fn flush(&mut self) {
         if self.batch.is_empty() {
             return;
         }
-        let _ = self
-            .out
-            .write_all(&self.batch)
-            .and_then(|()| self.out.flush());
-        self.batch.clear();
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES));
+        self.out.push(batch);
     }
 }
 
@@ -123,16 +165,11 @@ impl VirtioDevice for Console {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
-        if index != TRANSMIT_QUEUE {
-            return self.receive(queue, mem);
+        if index == TRANSMIT_QUEUE as usize {
+            self.transmit(queue, mem)
+        } else {
+            self.receive(queue, mem)
         }
-        // Transmitted buffers are only read, so each is used with length 0 (§2.7.8).
-        let used = drain_queue(queue, mem, |chain| {
-            self.gather(chain, mem);
-            Ok(0)
-        });
-        self.flush();
-        used
     }
 }
 
@@ -164,8 +201,9 @@ fn fill(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host_writer::HostWriter;
     use crate::virtio::tests::{guest_memory, used_elem, DATA_ADDR};
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -191,6 +229,14 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A console writing through a writer thread to `out`; finish the writer before
+    /// looking at what `out` got.
+    fn console_to(out: impl Write + Send + 'static, input: ConsoleInput) -> (Console, HostWriter) {
+        let writer =
+            HostWriter::start("test-console", Box::new(out), 1 << 20, None).expect("writer");
+        (Console::new(writer.sender(), input), writer)
     }
 
     struct Broken;
@@ -232,9 +278,10 @@ mod tests {
         ];
         vq.add_desc_chains(&descs, 0).expect("chains");
         let out = SharedOut::default();
-        let mut console = Console::new(Box::new(out.clone()), ConsoleInput::new());
+        let (mut console, writer) = console_to(out.clone(), ConsoleInput::new());
 
         assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        writer.finish(true);
 
         assert_eq!(&*out.bytes.lock().expect("lock"), b"hello from the guest\n");
         assert_eq!(*out.writes.lock().expect("lock"), 1);
@@ -258,9 +305,10 @@ mod tests {
         vq.build_desc_chain(&[desc(DATA_ADDR, u32::try_from(len).expect("len"), 0, 0)])
             .expect("chain");
         let out = SharedOut::default();
-        let mut console = Console::new(Box::new(out.clone()), ConsoleInput::new());
+        let (mut console, writer) = console_to(out.clone(), ConsoleInput::new());
 
         assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        writer.finish(true);
 
         assert_eq!(*out.bytes.lock().expect("lock"), data);
         assert_eq!(*out.writes.lock().expect("lock"), 3);
@@ -285,9 +333,10 @@ mod tests {
         ];
         vq.add_desc_chains(&descs, 0).expect("chains");
         let out = SharedOut::default();
-        let mut console = Console::new(Box::new(out.clone()), ConsoleInput::new());
+        let (mut console, writer) = console_to(out.clone(), ConsoleInput::new());
 
         assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        writer.finish(true);
 
         assert_eq!(&*out.bytes.lock().expect("lock"), b"ok");
         assert_eq!(queue.next_used(), 2);
@@ -304,9 +353,10 @@ mod tests {
         vq.add_desc_chains(&[desc(DATA_ADDR, 4, VRING_DESC_F_NEXT, 0)], 0)
             .expect("chain");
         let out = SharedOut::default();
-        let mut console = Console::new(Box::new(out.clone()), ConsoleInput::new());
+        let (mut console, writer) = console_to(out.clone(), ConsoleInput::new());
 
         assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        writer.finish(true);
 
         assert_eq!(*out.bytes.lock().expect("lock"), b"loop".repeat(16));
         assert_eq!(queue.next_used(), 1);
@@ -319,7 +369,7 @@ mod tests {
         let mut queue: Queue = vq.create_queue().expect("queue");
         vq.build_desc_chain(&[desc(DATA_ADDR, 64, VRING_DESC_F_WRITE, 0)])
             .expect("chain");
-        let mut console = Console::new(Box::new(SharedOut::default()), ConsoleInput::new());
+        let (mut console, _writer) = console_to(SharedOut::default(), ConsoleInput::new());
 
         assert!(!console.process_queue(0, &mut queue, &mem).expect("process"));
 
@@ -334,12 +384,77 @@ mod tests {
         let mut queue: Queue = vq.create_queue().expect("queue");
         vq.build_desc_chain(&[desc(DATA_ADDR, 64, 0, 0)])
             .expect("chain");
-        let mut console = Console::new(Box::new(Broken), ConsoleInput::new());
+        let (mut console, writer) = console_to(Broken, ConsoleInput::new());
 
         assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        writer.finish(true);
 
         assert_eq!(queue.next_used(), 1);
         assert!(console.batch.is_empty());
+    }
+
+    /// A host output whose writes each wait for the test to let them through.
+    struct Gated(std::sync::mpsc::Receiver<()>, Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .recv()
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+            self.1.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_writer_leaves_buffers_in_the_ring_until_it_has_room() {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        mem.write_slice(&[b'x'; 64], GuestAddress(DATA_ADDR))
+            .expect("write");
+        let chains = |first: u16, count: u16| {
+            let descs: Vec<_> = (0..count).map(|_| desc(DATA_ADDR, 64, 0, 0)).collect();
+            vq.add_desc_chains(&descs, first).expect("chains");
+        };
+        let (open, gate) = std::sync::mpsc::channel();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let room = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let writer = HostWriter::start(
+            "test-console",
+            Box::new(Gated(gate, written.clone())),
+            100,
+            Some(room.try_clone().expect("clone")),
+        )
+        .expect("writer");
+        let mut console = Console::new(writer.sender(), ConsoleInput::new());
+        let stalled = console.stalled();
+
+        chains(0, 4);
+        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert_eq!(queue.next_used(), 4);
+        // 256 bytes wait in the writer, past its 100: the next buffers stay in the ring.
+        chains(4, 2);
+        assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert_eq!(queue.next_used(), 4);
+        assert!(stalled.load(Ordering::Acquire));
+
+        open.send(()).expect("open");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while room.read().is_err() {
+            assert!(std::time::Instant::now() < deadline, "room never signalled");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert_eq!(queue.next_used(), 6);
+        assert!(!stalled.load(Ordering::Acquire));
+        open.send(()).expect("open");
+        writer.finish(true);
+        assert_eq!(written.lock().expect("lock").len(), 6 * 64);
     }
 
     /// `count` writable receive buffers of `len` bytes, one chain each, at DATA_ADDR +
@@ -367,7 +482,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::new();
-        let mut console = Console::new(Box::new(SharedOut::default()), input.clone());
+        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
         input.send(b"hello, ").expect("send");
         input.send(b"guest").expect("send");
 
@@ -399,7 +514,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::new();
-        let mut console = Console::new(Box::new(SharedOut::default()), input.clone());
+        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
         mem.write_slice(b"RRRR", GuestAddress(DATA_ADDR))
             .expect("write");
         // Chain 0: a readable descriptor (skipped), then 3 + 4 writable bytes.
@@ -434,7 +549,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::new();
-        let mut console = Console::new(Box::new(SharedOut::default()), input.clone());
+        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
         let descs = [
             desc(0xffff_ffff_0000, 64, VRING_DESC_F_WRITE, 0),
             desc(DATA_ADDR + 0x100, 64, VRING_DESC_F_WRITE, 0),
@@ -481,7 +596,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::with_capacity(8);
-        let mut console = Console::new(Box::new(SharedOut::default()), input.clone());
+        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
         let data: Vec<u8> = (0..40).collect();
         let sender = {
             let (input, data) = (input.clone(), data.clone());

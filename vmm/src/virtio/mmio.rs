@@ -828,7 +828,14 @@ mod tests {
         let vqs = mock_queues(&mem);
         let rx = &vqs[0];
         let input = ConsoleInput::with_capacity(64);
-        let console = Console::new(Box::new(std::io::sink()), input.clone());
+        let writer = crate::host_writer::HostWriter::start(
+            "test-console",
+            Box::new(std::io::sink()),
+            1 << 20,
+            None,
+        )
+        .expect("writer");
+        let console = Console::new(writer.sender(), input.clone());
         let mut h = Harness::with_device(&mem, Box::new(console), Arc::default());
         h.negotiate(1 << VIRTIO_F_VERSION_1);
         h.setup_queue(0, rx);

@@ -14,7 +14,9 @@ pub(crate) mod worker;
 pub use block::worker::DiskSetupError;
 pub use block::{Block, CorruptionHook, DiskConfig, DiskError};
 pub use console::Console;
-pub(crate) use console::RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE;
+pub(crate) use console::{
+    RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE, TRANSMIT_QUEUE as CONSOLE_TRANSMIT_QUEUE,
+};
 pub(crate) use console_input::InputPump;
 pub use console_input::{ConsoleInput, InputError};
 pub use fs::{is_valid_tag, FsShareConfig, ShareSetupError, MAX_TAG_LEN};
