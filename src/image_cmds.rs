@@ -109,6 +109,7 @@ pub fn resolve_verified(
         registries: registry_config(fetch)?,
         progress: Progress::stderr(fetch.quiet),
         verify_cached_layers,
+        ..PullOptions::default()
     };
     source::pull(&source, store, &opts).with_context(|| format!("cannot get image {source}"))
 }

@@ -1,6 +1,7 @@
-//! Caps on what one image may make the packer do: every layer is untrusted input, so size,
-//! entry count, name length, depth and planning memory are bounded, and a decompression
-//! bomb hits a cap long before it fills a disk or the host's memory.
+//! Caps on what one image may make the puller and the packer do: every manifest and layer is
+//! untrusted input, so download sizes, size, entry count, name length, depth and planning
+//! memory are bounded, and a hostile registry or decompression bomb hits a cap long before
+//! it fills a disk or the host's memory. A `--rootfs` directory is walked under the same caps.
 
 use std::fmt;
 
@@ -33,9 +34,14 @@ pub enum LimitError {
     BadValue(String),
 }
 
-/// The caps applied while turning layers into an initramfs.
+/// The caps applied while pulling an image and turning layers (or a directory) into an
+/// initramfs or disk image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Compressed bytes of one layer, as its manifest announces it and as it streams.
+    pub layer_size: u64,
+    /// Compressed bytes of all of an image's layers together, as its manifest announces.
+    pub image_size: u64,
     /// Bytes of all decompressed tar streams together (headers, contents, padding).
     pub total_size: u64,
     /// Bytes of one file (newc stores sizes in 32 bits, so at most 4 GiB - 1 anyway).
@@ -55,23 +61,31 @@ const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
 impl Default for Limits {
-    /// Generous for real images (a Debian-based nginx is ~150 MiB and ~10k entries) yet
-    /// small enough that the initramfs still fits a VM's memory.
     fn default() -> Self {
-        Limits {
-            total_size: 4 * GIB,
-            file_size: 2 * GIB,
-            entries: 500_000,
-            name_length: 4095,
-            depth: 128,
-            tree_bytes: 256 * MIB,
-        }
+        Self::DEFAULT
     }
 }
 
 impl Limits {
+    /// Generous for real images (a Debian-based nginx is ~150 MiB and ~10k entries; the
+    /// biggest real layers, CUDA and ML images, are a few GiB compressed) yet small enough
+    /// that the initramfs still fits a VM's memory. A `const`, so that a `const` of custom
+    /// limits can take the rest from it (`..Limits::DEFAULT`).
+    pub const DEFAULT: Limits = Limits {
+        layer_size: 10 * GIB,
+        image_size: 50 * GIB,
+        total_size: 4 * GIB,
+        file_size: 2 * GIB,
+        entries: 500_000,
+        name_length: 4095,
+        depth: 128,
+        tree_bytes: 256 * MIB,
+    };
+
     /// Names accepted by [`Limits::set`].
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 8] = [
+        "layer-size",
+        "image-size",
         "total-size",
         "file-size",
         "entries",
@@ -84,6 +98,8 @@ impl Limits {
     pub fn set(&mut self, name: &str, value: &str) -> Result<(), LimitError> {
         let value = parse_size(value)?;
         let slot = match name {
+            "layer-size" => &mut self.layer_size,
+            "image-size" => &mut self.image_size,
             "total-size" => &mut self.total_size,
             "file-size" => &mut self.file_size,
             "entries" => &mut self.entries,
@@ -112,7 +128,10 @@ impl fmt::Display for Limits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "total-size={},file-size={},entries={},name-length={},depth={},tree-bytes={}",
+            "layer-size={},image-size={},total-size={},file-size={},entries={},name-length={},\
+             depth={},tree-bytes={}",
+            self.layer_size,
+            self.image_size,
             self.total_size,
             self.file_size,
             self.entries,
@@ -231,8 +250,10 @@ mod tests {
     fn overrides_parse_sizes_and_names() {
         let mut limits = Limits::default();
         limits
-            .apply_overrides("total-size=8G,entries=10,file-size=512KiB,depth=3")
+            .apply_overrides("total-size=8G,entries=10,file-size=512KiB,depth=3,layer-size=1T")
             .expect("valid overrides");
+        assert_eq!(limits.layer_size, 1024 * GIB);
+        assert_eq!(limits.image_size, 50 * GIB, "untouched");
         assert_eq!(limits.total_size, 8 * GIB);
         assert_eq!(limits.entries, 10);
         assert_eq!(limits.file_size, 512 * KIB);
@@ -253,6 +274,8 @@ mod tests {
     #[test]
     fn budget_trips_exactly_past_each_limit() {
         let limits = Limits {
+            layer_size: 1,
+            image_size: 1,
             total_size: 100,
             file_size: 10,
             entries: 2,
@@ -283,6 +306,7 @@ mod tests {
     fn display_round_trips_through_overrides() {
         let limits = Limits {
             entries: 7,
+            image_size: 3 * MIB,
             ..Limits::default()
         };
         let mut parsed = Limits {

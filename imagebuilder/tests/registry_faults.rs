@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use imagebuilder::digest::Digest;
 use imagebuilder::image::PulledImage;
-use imagebuilder::source::PullError;
+use imagebuilder::limits::Limits;
+use imagebuilder::source::{PullError, PullOptions};
 use imagebuilder::store::Store;
-use support::images::{self, Blob, TestImage};
+use support::images::{self, Blob, Compress, TestImage};
 use support::registry::{Body, FakeRegistry, Response};
 
 fn setup() -> (FakeRegistry, TestImage, tempfile::TempDir, Store) {
@@ -22,13 +23,42 @@ fn setup() -> (FakeRegistry, TestImage, tempfile::TempDir, Store) {
 }
 
 fn pull(registry: &FakeRegistry, store: &Store) -> Result<PulledImage, PullError> {
+    pull_within(registry, store, Limits::default())
+}
+
+fn pull_within(
+    registry: &FakeRegistry,
+    store: &Store,
+    limits: Limits,
+) -> Result<PulledImage, PullError> {
     let mut config = support::fast_config();
     config.add_insecure(&registry.host()).expect("host");
-    support::pull(
-        &format!("{}/app", registry.host()),
-        store,
-        &support::options(config),
-    )
+    let opts = PullOptions {
+        limits,
+        ..support::options(config)
+    };
+    support::pull(&format!("{}/app", registry.host()), store, &opts)
+}
+
+/// Every file in the cache's blob and download directories.
+fn cache_files(store: &Store) -> Vec<String> {
+    let mut files = support::blob_files(store);
+    for entry in std::fs::read_dir(store.root().join("tmp")).expect("tmp dir") {
+        let name = entry.expect("entry").file_name();
+        files.push(format!("tmp/{}", name.to_string_lossy()));
+    }
+    files
+}
+
+/// Asserts no blob was requested: neither the config nor any layer.
+fn assert_no_blob_requested(registry: &FakeRegistry) {
+    let blobs: Vec<String> = registry
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/blobs/"))
+        .map(|r| r.path)
+        .collect();
+    assert!(blobs.is_empty(), "blobs were requested: {blobs:?}");
 }
 
 /// Pulls, expects an error whose chain mentions `needle`, checks the cache is clean.
@@ -517,7 +547,7 @@ fn missing_manifest_and_blob() {
 }
 
 #[test]
-fn a_layer_announced_as_one_tebibyte_is_refused_before_any_byte_is_fetched() {
+fn a_layer_announced_as_one_tebibyte_is_refused_before_any_byte_is_written() {
     let registry = FakeRegistry::start();
     let mut image = images::simple(false);
     let mut manifest: serde_json::Value =
@@ -529,11 +559,81 @@ fn a_layer_announced_as_one_tebibyte_is_refused_before_any_byte_is_fetched() {
     );
     registry.add_image("app", "latest", &image);
     let (_dir, store) = support::store();
-    let chain = expect_clean_error(&registry, &store, "more than the");
+    assert!(cache_files(&store).is_empty(), "a fresh cache");
+    let chain = expect_clean_error(&registry, &store, "more than the layer-size limit");
     assert!(chain.contains("1099511627776"), "{chain}");
-    let layer = layer_path(&image);
     assert!(
-        !registry.requests().iter().any(|r| r.path.ends_with(&layer)),
-        "the layer was requested"
+        cache_files(&store).is_empty(),
+        "written: {:?}",
+        cache_files(&store)
+    );
+    assert_no_blob_requested(&registry);
+}
+
+#[test]
+fn a_smaller_custom_limit_refuses_a_normal_image() {
+    let (registry, image, _dir, store) = setup();
+    let largest = image.layers.iter().map(|l| l.bytes.len() as u64).max();
+    let largest = largest.expect("layers");
+    let total: u64 = image.layers.iter().map(|l| l.bytes.len() as u64).sum();
+
+    let tight_layer = Limits {
+        layer_size: largest - 1,
+        ..Limits::default()
+    };
+    let err = pull_within(&registry, &store, tight_layer).expect_err("layer over the cap");
+    let text = chain(&err);
+    assert!(text.contains("layer-size limit of"), "{text}");
+    assert!(text.contains(&(largest - 1).to_string()), "{text}");
+
+    let tight_image = Limits {
+        image_size: total - 1,
+        ..Limits::default()
+    };
+    let err = pull_within(&registry, &store, tight_image).expect_err("image over the cap");
+    let text = chain(&err);
+    assert!(text.contains("image-size limit of"), "{text}");
+    assert!(text.contains(&total.to_string()), "{text}");
+
+    assert!(cache_files(&store).is_empty(), "{:?}", cache_files(&store));
+    assert_no_blob_requested(&registry);
+    assert_clean(&store);
+
+    // At the limit exactly, the same image pulls.
+    let exact = Limits {
+        layer_size: largest,
+        image_size: total,
+        ..Limits::default()
+    };
+    let pulled = pull_within(&registry, &store, exact).expect("within the caps");
+    support::assert_layers_match(&pulled, &image);
+}
+
+#[test]
+fn a_blob_streaming_past_its_size_is_cut_off_and_removed() {
+    // Without a Content-Length only our own byte count stops the body: the layer (1 MiB,
+    // several chunks) arrives whole, then as much again.
+    let registry = FakeRegistry::start();
+    let content: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let image = images::image(&[(&[("big", &content)], Compress::None)], "amd64", false);
+    registry.add_image("app", "latest", &image);
+    let (_dir, store) = support::store();
+    let path = layer_path(&image);
+    let mut long = image.layers[0].bytes.clone();
+    long.extend_from_slice(&image.layers[0].bytes);
+    registry.set_handler(move |req| {
+        req.path
+            .ends_with(&path)
+            .then(|| Response::new(200, Vec::new()).body(Body::Unframed(long.clone())))
+    });
+    let chain = expect_clean_error(&registry, &store, "is longer than its");
+    assert!(
+        chain.contains(&image.layers[0].bytes.len().to_string()),
+        "{chain}"
+    );
+    // Only the (verified) config is left: no layer, no partial download.
+    assert_eq!(
+        cache_files(&store),
+        [image.config.digest.strip_prefix("sha256:").expect("sha256")],
     );
 }

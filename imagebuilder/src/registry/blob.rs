@@ -25,14 +25,24 @@ use crate::store::{Store, StoreError};
 /// How often a pull waiting for another process's download of the same blob looks again.
 const LOCK_POLL: Duration = Duration::from_millis(100);
 
-/// Makes sure the blob is in the cache, downloading it if needed; returns its path.
+/// Makes sure the blob is in the cache, downloading it if needed; returns its path. A blob
+/// announced over `max` bytes is refused before the request, and the body is cut off (and
+/// its partial file removed) at the first byte past the announced size, so no caller can
+/// write more than it capped.
 pub(crate) async fn fetch(
     session: &Session,
     store: &Store,
     desc: &Descriptor,
+    max: u64,
     bar: &ProgressBar,
 ) -> Result<PathBuf, RegistryError> {
     let digest = &desc.digest;
+    if desc.size > max {
+        return Err(RegistryError::TooLarge {
+            url: blob_url(session, desc),
+            max,
+        });
+    }
     let _lock = loop {
         if store.has_blob(digest) {
             bar.finish_with_message("cached");

@@ -15,6 +15,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use crate::config::{ConfigError, Endpoint, RegistryConfig};
 use crate::digest::Digest;
 use crate::image::{ImageError, ParsedConfig, Platform};
+use crate::limits::Limits;
 use crate::manifest::{self, Manifest, ManifestError, StoredManifest, MAX_CONFIG_SIZE};
 use crate::progress::Progress;
 use crate::reference::Reference;
@@ -23,11 +24,6 @@ use session::Session;
 
 /// Layers downloaded at once from one registry.
 const PARALLEL_LAYERS: usize = 3;
-/// Largest compressed layer a manifest may announce (the biggest real layers, CUDA and ML
-/// images, are a few GiB): a hostile registry cannot make us start writing more.
-pub const MAX_LAYER_SIZE: u64 = 10 << 30;
-/// Largest sum of an image's compressed layers.
-pub const MAX_IMAGE_SIZE: u64 = 50 << 30;
 /// Free space the cache keeps beyond what a pull needs.
 const SPACE_MARGIN: u64 = 256 << 20;
 
@@ -204,21 +200,27 @@ pub enum RegistryError {
         /// Its announced size.
         size: u64,
     },
-    /// A manifest announces a layer larger than [`MAX_LAYER_SIZE`].
-    #[error("layer {digest} is announced as {size} bytes, more than the {MAX_LAYER_SIZE} allowed")]
+    /// A manifest announces a layer larger than [`Limits::layer_size`].
+    #[error(
+        "layer {digest} is announced as {size} bytes, more than the layer-size limit of {max}"
+    )]
     LayerTooLarge {
         /// The layer.
         digest: Digest,
         /// Its announced size.
         size: u64,
+        /// The limit.
+        max: u64,
     },
-    /// A manifest's layers add up to more than [`MAX_IMAGE_SIZE`].
+    /// A manifest's layers add up to more than [`Limits::image_size`].
     #[error(
-        "the image's layers are announced as {size} bytes, more than the {MAX_IMAGE_SIZE} allowed"
+        "the image's layers are announced as {size} bytes, more than the image-size limit of {max}"
     )]
     ImageTooLarge {
         /// The announced total.
         size: u64,
+        /// The limit.
+        max: u64,
     },
     /// The cache's file system has too little free space for the layers still missing.
     #[error("the cache needs {needed} bytes for this image but its file system has {free} free")]
@@ -236,18 +238,21 @@ pub enum RegistryError {
     Endpoints(Vec<(String, RegistryError)>),
 }
 
-/// Checks what the manifest announces before any layer byte is written: each layer and
-/// the image within the caps, and the missing layers within the cache's free space.
-fn check_layer_sizes<'a>(
+/// Checks what the manifest announces before any byte is written: each layer and the image
+/// within `limits`, and the blobs still missing within the cache's free space. Streaming
+/// cuts every blob at its descriptor's size, so these sums also bound what is written.
+fn check_sizes(
     store: &Store,
-    layers: impl Iterator<Item = &'a manifest::Descriptor>,
+    manifest: &manifest::ImageManifest,
+    limits: &Limits,
 ) -> Result<(), RegistryError> {
     let (mut total, mut missing) = (0u64, 0u64);
-    for layer in layers {
-        if layer.size > MAX_LAYER_SIZE {
+    for (layer, _) in &manifest.layers {
+        if layer.size > limits.layer_size {
             return Err(RegistryError::LayerTooLarge {
                 digest: layer.digest.clone(),
                 size: layer.size,
+                max: limits.layer_size,
             });
         }
         total = total.saturating_add(layer.size);
@@ -255,8 +260,14 @@ fn check_layer_sizes<'a>(
             missing = missing.saturating_add(layer.size);
         }
     }
-    if total > MAX_IMAGE_SIZE {
-        return Err(RegistryError::ImageTooLarge { size: total });
+    if total > limits.image_size {
+        return Err(RegistryError::ImageTooLarge {
+            size: total,
+            max: limits.image_size,
+        });
+    }
+    if !store.has_blob(&manifest.config.digest) {
+        missing = missing.saturating_add(manifest.config.size);
     }
     if missing > 0 {
         let free = free_space(store.root()).map_err(|source| StoreError::Io {
@@ -297,17 +308,22 @@ impl fmt::Display for Failures<'_> {
     }
 }
 
-/// Pulls `reference` for `platform` into `store`, trying mirrors first.
+/// Pulls `reference` for `platform` into `store`, trying mirrors first; `limits` caps what
+/// the manifest may announce (`layer_size`, `image_size`).
 pub async fn pull(
     reference: &Reference,
     store: &Store,
     registries: &RegistryConfig,
     platform: &Platform,
+    limits: &Limits,
     progress: &Progress,
 ) -> Result<StoredManifest, RegistryError> {
     let mut failures = Vec::new();
     for endpoint in registries.endpoints(reference.registry())? {
-        match pull_from(&endpoint, reference, store, registries, platform, progress).await {
+        let fetched = pull_from(
+            &endpoint, reference, store, registries, platform, limits, progress,
+        );
+        match fetched.await {
             Ok(fetched) => return Ok(fetched),
             Err(e) if failures.is_empty() && !endpoint.mirror => return Err(e),
             Err(e) => {
@@ -325,6 +341,7 @@ async fn pull_from(
     store: &Store,
     registries: &RegistryConfig,
     platform: &Platform,
+    limits: &Limits,
     progress: &Progress,
 ) -> Result<StoredManifest, RegistryError> {
     let session = Session::connect(endpoint, reference.repository(), registries).await?;
@@ -348,8 +365,7 @@ async fn pull_from(
         }
     };
 
-    // The config first: a wrong platform or a layer count mismatch stops us before the
-    // (large) layers are downloaded.
+    // Sizes first, from the manifest alone: a hostile registry gets no byte written.
     let config = &manifest.config;
     if config.size > MAX_CONFIG_SIZE {
         return Err(RegistryError::ConfigTooLarge {
@@ -357,18 +373,21 @@ async fn pull_from(
             size: config.size,
         });
     }
+    check_sizes(store, &manifest, limits)?;
+    // Then the config: a wrong platform or a layer count mismatch stops us before the
+    // (large) layers are downloaded.
     let hidden = indicatif::ProgressBar::hidden();
-    blob::fetch(&session, store, config, &hidden).await?;
+    blob::fetch(&session, store, config, MAX_CONFIG_SIZE, &hidden).await?;
     let parsed = ParsedConfig::from_json(&store.read_blob(&config.digest, MAX_CONFIG_SIZE)?)?;
     parsed.check_layer_count(manifest.layers.len())?;
     parsed.check_platform(platform)?;
 
-    check_layer_sizes(store, manifest.layers.iter().map(|(layer, _)| layer))?;
     futures_util::stream::iter(manifest.layers.iter())
         .map(|(layer, _)| {
             let bar = progress.bytes(layer.digest.short(), Some(layer.size));
             let session = &session;
-            async move { blob::fetch(session, store, layer, &bar).await }
+            let max = limits.layer_size;
+            async move { blob::fetch(session, store, layer, max, &bar).await }
         })
         .buffered(PARALLEL_LAYERS)
         .try_collect::<Vec<_>>()

@@ -16,6 +16,7 @@ pub use oci_layout::LayoutError;
 use crate::config::RegistryConfig;
 use crate::digest::{Digest, DigestError};
 use crate::image::{ImageError, LayerBlob, ParsedConfig, Platform, PulledImage};
+use crate::limits::Limits;
 use crate::manifest::{
     Manifest, ManifestError, StoredManifest, MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE,
 };
@@ -200,6 +201,8 @@ pub struct PullOptions {
     /// Re-hash cached layers before handing them out (detects a flipped byte on disk at
     /// the cost of reading every layer once).
     pub verify_cached_layers: bool,
+    /// Caps on what a registry's manifest may announce (`layer_size`, `image_size`).
+    pub limits: Limits,
 }
 
 impl Default for PullOptions {
@@ -210,6 +213,7 @@ impl Default for PullOptions {
             registries: RegistryConfig::default(),
             progress: Progress::hidden(),
             verify_cached_layers: true,
+            limits: Limits::default(),
         }
     }
 }
@@ -250,6 +254,7 @@ pub fn pull(
                     store,
                     &opts.registries,
                     platform,
+                    &opts.limits,
                     progress,
                 ))
                 .map_err(|source| PullError::Registry {

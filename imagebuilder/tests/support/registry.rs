@@ -46,6 +46,9 @@ pub enum Body {
         bytes: Vec<u8>,
         every: Duration,
     },
+    /// Sends `bytes` without a Content-Length (the body ends when the connection closes), so
+    /// nothing but the client's own count stops a body longer than its descriptor.
+    Unframed(Vec<u8>),
     /// Sends the first `after` bytes, waits `pause`, sends the rest.
     Pause {
         bytes: Vec<u8>,
@@ -311,6 +314,7 @@ fn write_response(
 ) {
     let (declared, bytes) = match &response.body {
         Body::Full(b)
+        | Body::Unframed(b)
         | Body::Reset { bytes: b, .. }
         | Body::Drip { bytes: b, .. }
         | Body::Pause { bytes: b, .. } => (b.len(), b.clone()),
@@ -324,15 +328,16 @@ fn write_response(
     for (name, value) in &response.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    head.push_str(&format!(
-        "Content-Length: {declared}\r\nConnection: close\r\n\r\n"
-    ));
+    if !matches!(response.body, Body::Unframed(_)) {
+        head.push_str(&format!("Content-Length: {declared}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
     if stream.write_all(head.as_bytes()).is_err() || request.method == "HEAD" {
         let _ = stream.flush();
         return;
     }
     match response.body {
-        Body::Full(_) | Body::Short { .. } => {
+        Body::Full(_) | Body::Short { .. } | Body::Unframed(_) => {
             let _ = stream.write_all(&bytes);
         }
         Body::Reset { after, .. } => {
