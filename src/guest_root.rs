@@ -69,8 +69,9 @@ pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
             let dir = shared_root(dir)?;
             return Ok((GuestRoot::Share(dir), ImageConfig::default()));
         }
-        let archive = imagebuilder::pack_dir(dir, Vec::new())
-            .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
+        let archive =
+            imagebuilder::pack_dir(dir, &imagebuilder::limits::Limits::default(), Vec::new())
+                .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
         check_initramfs_fits(archive.len() as u64, 2, args.memory)?;
         return Ok((GuestRoot::Archive(archive), ImageConfig::default()));
     }

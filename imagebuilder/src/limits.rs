@@ -8,23 +8,23 @@ use std::fmt;
 /// A cap that an image exceeded, or a malformed override.
 #[derive(Debug, thiserror::Error)]
 pub enum LimitError {
-    /// The uncompressed layers together are larger than allowed.
-    #[error("uncompressed layers exceed {0} bytes")]
+    /// The uncompressed layers (or a directory's files) together are larger than allowed.
+    #[error("contents exceed the total-size limit of {0} bytes")]
     TotalSize(u64),
     /// A single file is larger than allowed.
-    #[error("a file exceeds {0} bytes")]
+    #[error("a file exceeds the file-size limit of {0} bytes")]
     FileSize(u64),
-    /// The layers hold more entries than allowed.
-    #[error("layers hold more than {0} entries")]
+    /// The layers (or a directory tree) hold more entries than allowed.
+    #[error("more entries than the entries limit of {0}")]
     Entries(u64),
     /// A path or link target is longer than allowed.
-    #[error("a name exceeds {0} bytes")]
+    #[error("a name exceeds the name-length limit of {0} bytes")]
     NameLength(u64),
     /// A path is nested deeper than allowed.
-    #[error("a path is nested deeper than {0} levels")]
+    #[error("a path is nested deeper than the depth limit of {0}")]
     Depth(u64),
     /// Names and link targets kept while planning exceed the memory budget.
-    #[error("names and link targets exceed {0} bytes of memory")]
+    #[error("names and link targets exceed the tree-bytes limit of {0} bytes")]
     TreeBytes(u64),
     /// `--limit NAME=VALUE` names no limit.
     #[error("unknown limit {0:?} (known: {known})", known = Limits::NAMES.join(", "))]
@@ -42,11 +42,13 @@ pub struct Limits {
     pub layer_size: u64,
     /// Compressed bytes of all of an image's layers together, as its manifest announces.
     pub image_size: u64,
-    /// Bytes of all decompressed tar streams together (headers, contents, padding).
+    /// Bytes of all decompressed tar streams together (headers, contents, padding); for a
+    /// directory, of its files' contents.
     pub total_size: u64,
     /// Bytes of one file (newc stores sizes in 32 bits, so at most 4 GiB - 1 anyway).
     pub file_size: u64,
-    /// Tar entries of all layers together, including those a later layer deletes.
+    /// Tar entries of all layers together, including those a later layer deletes; for a
+    /// directory, the entries its walk lists.
     pub entries: u64,
     /// Bytes of one path or link target (the kernel's PATH_MAX is 4096 with the NUL).
     pub name_length: u64,
