@@ -6,6 +6,9 @@ pub(crate) mod block;
 mod console;
 mod console_input;
 pub(crate) mod fs;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod mmio;
 mod net;
 mod rng;

@@ -5,6 +5,9 @@
 
 mod dns;
 mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod publish;
 mod splice;
 mod stack;

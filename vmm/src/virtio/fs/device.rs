@@ -52,6 +52,21 @@ impl Fs {
         }
     }
 
+    /// A device sharing `root` with the policy every share gets, built without KVM or a
+    /// worker thread: for the fuzz targets (`fuzz/`), which drive it as a hostile driver.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn for_fuzzing(root: &std::path::Path, read_only: bool) -> std::io::Result<Self> {
+        use super::share::{IdMap, Policy, Share, XattrPolicy};
+        let policy = Policy {
+            read_only,
+            xattrs: XattrPolicy {
+                privileged_writes: false,
+            },
+            ids: IdMap::for_this_process(),
+        };
+        Ok(Self::new("fuzz", Server::new(Share::new(root, policy)?)))
+    }
+
     pub(crate) fn more_work(&self) -> Arc<AtomicBool> {
         self.more.clone()
     }
