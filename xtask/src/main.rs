@@ -4,6 +4,7 @@ mod bench;
 mod build_guest;
 mod ci;
 mod dist;
+mod fuzz;
 mod images;
 mod lab;
 mod registry;
@@ -29,6 +30,8 @@ enum Command {
     Ci(ci::Args),
     /// Build the guest and the static release katalite with it embedded.
     Dist(dist::Args),
+    /// Build the fuzz targets (libFuzzer, stable Rust) and run each for a while.
+    Fuzz(fuzz::Args),
     /// Build the OCI test images (busybox, multi-layer nginx) from Debian packages, cached.
     Images(images::Args),
     /// Start or stop the local test registry (docker-registry) serving the test images.
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
         Command::Lab(args) => lab::run(&args),
         Command::Ci(args) => ci::run(&args),
         Command::Dist(args) => dist::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Images(args) => images::run(&args),
         Command::Registry(args) => registry::run(&args),
         Command::Bench(args) => bench::run(&args),
