@@ -17,7 +17,7 @@ use crate::exec::{self, Router};
 use crate::lifecycle::control::{ControlServer, Target};
 use crate::lifecycle::logfile::{SharedLog, Stream, Tee};
 use crate::stdio::{self, Demux, Event, Fault, ToGuest};
-use crate::{signals, terminal};
+use crate::{confine, signals, terminal};
 
 /// Docker's status for a container it killed (128 + SIGKILL).
 const EXIT_KILLED: u8 = 137;
@@ -94,6 +94,13 @@ pub fn run_attached(
     mut vm: VmConfig<'_>,
     session: Session<'_>,
 ) -> Result<u8> {
+    // Before the run's first thread: every thread confines itself as it starts.
+    let mode = if args.seccomp_unconfined() {
+        confine::Mode::Unconfined
+    } else {
+        confine::Mode::Enforce
+    };
+    confine::prepare(mode).context("cannot prepare the seccomp filters")?;
     let input = ConsoleInput::new();
     let to_guest = ToGuest::new(input.clone());
     let ending = Ending::default();

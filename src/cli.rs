@@ -145,6 +145,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub read_only: bool,
 
+    /// Security options: seccomp=unconfined runs katalite's threads without their seccomp
+    /// filters (for debugging); no-new-privileges is always on.
+    #[arg(long = "security-opt", value_name = "OPTION", value_parser = parse_security_opt)]
+    pub security_opt: Vec<SecurityOpt>,
+
     /// Share a host directory or a named volume: HOST-DIR:DIR[:ro], NAME:DIR[:ro], or DIR
     /// alone for a new anonymous volume. A missing HOST-DIR is created.
     #[arg(short = 'v', long = "volume", value_name = "[SRC:]DST[:ro|rw]",
@@ -505,5 +510,34 @@ mod tests {
         assert!(!one_line(&err).contains('\n'));
         let err = parse(&["--cpus"]).expect_err("missing value");
         assert!(!one_line(&err).is_empty() && !one_line(&err).contains('\n'));
+    }
+}
+
+/// A `--security-opt` katalite understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityOpt {
+    /// `seccomp=unconfined`.
+    SeccompUnconfined,
+    /// `no-new-privileges[:true]` (always the case).
+    NoNewPrivileges,
+}
+
+impl RunArgs {
+    /// Whether `--security-opt seccomp=unconfined` was given.
+    pub fn seccomp_unconfined(&self) -> bool {
+        self.security_opt.contains(&SecurityOpt::SeccompUnconfined)
+    }
+}
+
+fn parse_security_opt(value: &str) -> Result<SecurityOpt, String> {
+    match value {
+        "seccomp=unconfined" | "seccomp:unconfined" => Ok(SecurityOpt::SeccompUnconfined),
+        "no-new-privileges" | "no-new-privileges:true" | "no-new-privileges=true" => {
+            Ok(SecurityOpt::NoNewPrivileges)
+        }
+        other if other.starts_with("seccomp") => Err(format!(
+            "{other}: only seccomp=unconfined is supported (katalite's own filters are built in)"
+        )),
+        other => Err(format!("{other}: unsupported security option")),
     }
 }

@@ -3,6 +3,7 @@
 
 mod attach;
 mod cli;
+mod confine;
 mod embedded;
 mod exec;
 mod guest_root;

@@ -9,6 +9,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use guest_init::channel::Message;
+
+use crate::confine::{self, Role};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGWINCH};
 use signal_hook::iterator::{Handle, Signals};
 
@@ -80,10 +82,14 @@ impl Forwarder {
         }
         let sender = std::thread::Builder::new()
             .name("katalite-signal-send".into())
-            .spawn(move || send_all(&queued, send))?;
+            .spawn(move || {
+                confine::enter(Role::Signals);
+                send_all(&queued, send);
+            })?;
         let reader = std::thread::Builder::new()
             .name("katalite-signals".into())
             .spawn(move || {
+                confine::enter(Role::Signals);
                 let mut policy = Policy::default();
                 for signal in signals.forever() {
                     if signal == SIGWINCH {

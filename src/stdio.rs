@@ -11,6 +11,7 @@ use anyhow::anyhow;
 use guest_init::channel::{encode, Decoder, Message, HEADER_LEN, MAX_PAYLOAD};
 use vmm::ConsoleInput;
 
+use crate::confine::{self, Role};
 use crate::exec::Router;
 
 /// The stream of the `run` workload on the channel.
@@ -237,7 +238,10 @@ pub fn pump_stdin(to_guest: ToGuest) -> io::Result<()> {
 pub fn pump_stdin_with(send: impl FnMut(Message) -> bool + Send + 'static) -> io::Result<()> {
     std::thread::Builder::new()
         .name("katalite-stdin".into())
-        .spawn(move || pump(io::stdin().lock(), send))?;
+        .spawn(move || {
+            confine::enter(Role::Stdin);
+            pump(io::stdin().lock(), send);
+        })?;
     Ok(())
 }
 

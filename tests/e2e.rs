@@ -7,6 +7,8 @@
 mod exec;
 #[path = "e2e/images.rs"]
 mod images;
+#[path = "e2e/isolation.rs"]
+mod isolation;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
 #[path = "e2e/network.rs"]

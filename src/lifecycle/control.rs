@@ -16,6 +16,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::confine::{self, Role};
+
 /// SIGKILL cannot be forwarded usefully: it means "end the VM now".
 const SIGKILL: i32 = 9;
 const SIGTERM: i32 = 15;
@@ -80,7 +82,10 @@ impl ControlServer {
             let done = done.clone();
             std::thread::Builder::new()
                 .name("katalite-control".into())
-                .spawn(move || serve(&listener, &target, &done))?
+                .spawn(move || {
+                    confine::enter(Role::Control);
+                    serve(&listener, &target, &done);
+                })?
         };
         Ok(Self {
             path: path.to_path_buf(),

@@ -11,6 +11,16 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::confine::{self, ThreadRole};
+
+/// What a queued chunk costs beyond its allocation (its slot, the allocator's header).
+const CHUNK_OVERHEAD: usize = 64;
+
+/// The memory a queued chunk holds.
+fn cost(chunk: &[u8], capacity: usize) -> usize {
+    capacity.max(chunk.len()) + CHUNK_OVERHEAD
+}
+
 /// A writer thread and its queue. Dropping it without [`finish`](Self::finish) leaves the
 /// thread to end on its own (see [`finish`](Self::finish)).
 pub(crate) struct HostWriter {
@@ -39,7 +49,8 @@ struct Shared {
 #[derive(Default)]
 struct State {
     chunks: VecDeque<Vec<u8>>,
-    /// Bytes queued or being written.
+    /// What the queued chunks (and the one being written) cost: their allocated bytes plus
+    /// [`CHUNK_OVERHEAD`] each, so the bound holds for memory, not only for payload.
     bytes: usize,
     /// No more chunks will come; the writer ends once the queue is empty.
     closed: bool,
@@ -70,7 +81,10 @@ impl HostWriter {
         let writer = shared.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || write_all_queued(&writer, out))?;
+            .spawn(move || {
+                confine::enter(ThreadRole::Output);
+                write_all_queued(&writer, out);
+            })?;
         Ok(Self {
             sender: OutputSender { shared },
             thread: Some(thread),
@@ -152,7 +166,7 @@ impl OutputSender {
         if state.done || state.closed {
             return;
         }
-        state.bytes += chunk.len();
+        state.bytes += cost(&chunk, chunk.capacity());
         state.chunks.push_back(chunk);
         self.shared.arrived.notify_one();
     }
@@ -164,12 +178,14 @@ impl OutputSender {
         if state.done || state.closed || data.is_empty() {
             return;
         }
-        if state.bytes + data.len() > self.shared.capacity {
+        let chunk = data.to_vec();
+        let cost = cost(&chunk, chunk.capacity());
+        if state.bytes + cost > self.shared.capacity {
             state.dropped += data.len() as u64;
             return;
         }
-        state.bytes += data.len();
-        state.chunks.push_back(data.to_vec());
+        state.bytes += cost;
+        state.chunks.push_back(chunk);
         self.shared.arrived.notify_one();
     }
 
@@ -211,7 +227,7 @@ fn write_all_queued(shared: &Shared, mut out: Box<dyn Write + Send>) {
         };
         let _ = out.write_all(&chunk).and_then(|()| out.flush());
         let mut state = lock();
-        state.bytes -= chunk.len();
+        state.bytes -= cost(&chunk, chunk.capacity());
         // Half empty before waking the producer, so a full queue is refilled in big steps
         // rather than one chunk per wake-up.
         if state.wants_room && state.bytes <= shared.capacity / 2 {
@@ -268,7 +284,7 @@ mod tests {
         let writer = HostWriter::start(
             "test-writer",
             Box::new(out),
-            16,
+            4 * (4 + CHUNK_OVERHEAD),
             Some(room.try_clone().expect("clone")),
         )
         .expect("start");
@@ -277,12 +293,11 @@ mod tests {
             assert!(sender.has_room());
             sender.push(b"abcd".to_vec());
         }
-        // The writer holds the first chunk in its blocked write; 16 bytes are counted.
+        // The writer holds the first chunk in its blocked write; all four are counted.
         assert!(!sender.has_room());
         assert!(!sender.wake_when_room());
         assert!(room.read().is_err(), "no room signalled yet");
-        // Two chunks through: 8 of 16 bytes left, half the capacity, so the producer is
-        // woken.
+        // Two chunks through: half the capacity left, so the producer is woken.
         open.send(()).expect("open");
         open.send(()).expect("open");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -318,7 +333,9 @@ mod tests {
     #[test]
     fn push_or_drop_keeps_the_bound_and_counts_what_it_drops() {
         let (out, open, written) = gated();
-        let writer = HostWriter::start("test-writer", Box::new(out), 10, None).expect("start");
+        let capacity = 10 + 2 * CHUNK_OVERHEAD;
+        let writer =
+            HostWriter::start("test-writer", Box::new(out), capacity, None).expect("start");
         let sender = writer.sender();
         sender.push_or_drop(b"123456");
         sender.push_or_drop(b"7890");

@@ -6,6 +6,7 @@
 //! It knows nothing about containers or images.
 
 pub mod bus;
+pub mod confine;
 pub mod devices;
 pub mod host;
 mod host_writer;

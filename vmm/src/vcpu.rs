@@ -17,6 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::Bus;
+use crate::confine::{self, ThreadRole};
 use crate::devices::{StopReason, VmStop};
 use crate::x86::cpuid::{self, CpuidError, Topology};
 use crate::x86::lapic;
@@ -240,6 +241,7 @@ impl Vcpu {
         };
         let run: *mut kvm_run = self.fd.get_kvm_run();
         RUNNING_VCPU.with(|slot| slot.set(run));
+        confine::enter(ThreadRole::Vcpu);
         let result = self.run_loop();
         RUNNING_VCPU.with(|slot| slot.set(std::ptr::null_mut()));
         if result.is_err() {

@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{Bus, BusError};
+use crate::confine::{self, ThreadRole};
 use crate::devices::stop::VmStopper;
 use crate::devices::{SerialPort, StatusPort, StopReason, VmStop, I8042};
 use crate::host_writer::{HostWriter, OutputSender};
@@ -447,8 +448,13 @@ impl Machine {
         // a vCPU never does their host work (getrandom, output) in its exit.
         let rng_notify =
             notify_eventfd(&vm, layout::virtio_mmio_addr(0), &[0]).map_err(VmError::Notify)?;
-        let rng_worker = QueueWorker::new("katalite-rng".into(), rng_notify, Arc::default())
-            .map_err(VmError::IoThread)?;
+        let rng_worker = QueueWorker::new(
+            "katalite-rng".into(),
+            ThreadRole::Device,
+            rng_notify,
+            Arc::default(),
+        )
+        .map_err(VmError::IoThread)?;
         let rng = place(0, "virtio-rng", Box::new(Rng::new()))?;
         let console_notify = notify_eventfd(
             &vm,
@@ -467,9 +473,13 @@ impl Machine {
         .map_err(VmError::IoThread)?;
         let console_device = Console::new(console_out.sender(), outputs.console_input);
         let console_stalled = console_device.stalled();
-        let console_worker =
-            QueueWorker::new("katalite-cons".into(), console_notify, Arc::default())
-                .map_err(VmError::IoThread)?;
+        let console_worker = QueueWorker::new(
+            "katalite-cons".into(),
+            ThreadRole::Device,
+            console_notify,
+            Arc::default(),
+        )
+        .map_err(VmError::IoThread)?;
         let console = place(1, "virtio-console", Box::new(console_device))?;
         let net = match network {
             Some(config) => {
@@ -632,6 +642,8 @@ impl Machine {
             }
         }
 
+        // Every VM thread runs: from here this thread only waits and tears down.
+        confine::enter(ThreadRole::Main);
         let reason = self.stop.wait();
         let results = stop_vcpus(&running, threads);
         // The workers first, so nothing else takes the guest's output, then what the guest

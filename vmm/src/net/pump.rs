@@ -76,7 +76,10 @@ impl NetPump {
         let link = self.link.clone();
         let thread = std::thread::Builder::new()
             .name("katalite-net".into())
-            .spawn(move || run(poll, &link, backend.as_mut(), kick, &notify))?;
+            .spawn(move || {
+                crate::confine::enter(crate::confine::ThreadRole::Net);
+                run(poll, &link, backend.as_mut(), kick, &notify);
+            })?;
         self.thread = Some(thread);
         Ok(())
     }

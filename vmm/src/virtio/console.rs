@@ -134,13 +134,21 @@ impl Console {
         }
     }
 
-    /// Hands the batch to the writer thread.
+    /// Hands the batch to the writer thread: a full one as it is, a partial one as an
+    /// exact copy, so a guest sending many small buffers does not queue a 64 KiB
+    /// allocation for each (the writer bounds what it holds by allocated bytes).
     fn flush(&mut self) {
         if self.batch.is_empty() {
             return;
         }
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES));
-        self.out.push(batch);
+        let chunk = if self.batch.len() * 2 > BATCH_BYTES {
+            std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES))
+        } else {
+            let copy = self.batch.clone();
+            self.batch.clear();
+            copy
+        };
+        self.out.push(chunk);
     }
 }
 

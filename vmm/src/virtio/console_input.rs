@@ -8,6 +8,8 @@ use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use crate::confine::{self, ThreadRole};
+
 /// Why [`ConsoleInput::send`] refused bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InputError {
@@ -210,6 +212,7 @@ impl InputPump {
         let thread = std::thread::Builder::new()
             .name("katalite-io".into())
             .spawn(move || {
+                confine::enter(ThreadRole::Device);
                 while input.wait_for_fresh() {
                     deliver();
                 }

@@ -14,12 +14,15 @@ use mio::{Events, Interest, Poll, Token};
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::confine::{self, ThreadRole};
+
 const STOP: Token = Token(0);
 const NOTIFY: Token = Token(1);
 
 /// One device's worker thread. Dropping it stops and joins the thread.
 pub(crate) struct QueueWorker {
     name: String,
+    role: ThreadRole,
     notify: Option<EventFd>,
     more: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -30,9 +33,15 @@ pub(crate) struct QueueWorker {
 impl QueueWorker {
     /// A worker woken by `notify` (the queue's ioeventfd) that runs the queue again while
     /// the device sets `more`; no thread runs yet.
-    pub(crate) fn new(name: String, notify: EventFd, more: Arc<AtomicBool>) -> io::Result<Self> {
+    pub(crate) fn new(
+        name: String,
+        role: ThreadRole,
+        notify: EventFd,
+        more: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
         Ok(Self {
             name,
+            role,
             notify: Some(notify),
             more,
             stop: Arc::default(),
@@ -58,10 +67,13 @@ impl QueueWorker {
             NOTIFY,
             Interest::READABLE,
         )?;
-        let (more, stop) = (self.more.clone(), self.stop.clone());
+        let (more, stop, role) = (self.more.clone(), self.stop.clone(), self.role);
         let thread = std::thread::Builder::new()
             .name(self.name.clone())
-            .spawn(move || run(poll, &notify, &more, &stop, kick))?;
+            .spawn(move || {
+                confine::enter(role);
+                run(poll, &notify, &more, &stop, kick);
+            })?;
         self.thread = Some(thread);
         Ok(())
     }
@@ -132,8 +144,13 @@ mod tests {
         let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let guest = notify.try_clone().expect("clone");
         let more = Arc::new(AtomicBool::new(false));
-        let mut worker =
-            QueueWorker::new("katalite-blk-test".into(), notify, more.clone()).expect("worker");
+        let mut worker = QueueWorker::new(
+            "katalite-blk-test".into(),
+            ThreadRole::Block,
+            notify,
+            more.clone(),
+        )
+        .expect("worker");
         let (kicked, kicks) = mpsc::channel();
         // The device asks to be run twice more after the first kick.
         let mut left = 2;

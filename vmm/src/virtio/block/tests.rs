@@ -667,8 +667,13 @@ fn the_worker_serves_a_notified_read_and_interrupts_the_guest() {
     let transport = Arc::new(Mutex::new(transport));
     let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
     let guest = notify.try_clone().expect("clone");
-    let mut worker = crate::virtio::worker::QueueWorker::new("katalite-blk0".into(), notify, more)
-        .expect("worker");
+    let mut worker = crate::virtio::worker::QueueWorker::new(
+        "katalite-blk0".into(),
+        crate::confine::ThreadRole::Block,
+        notify,
+        more,
+    )
+    .expect("worker");
     worker
         .start(worker::run_queue(transport.clone()))
         .expect("start");

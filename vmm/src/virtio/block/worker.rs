@@ -11,6 +11,7 @@ use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Block, DiskConfig, DiskError};
+use crate::confine::ThreadRole;
 use crate::virtio::worker::QueueWorker;
 use crate::virtio::MmioTransport;
 
@@ -43,8 +44,13 @@ pub(crate) fn build(
     let addr = IoEventAddress::Mmio(window + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY));
     vm.register_ioevent(&notify, &addr, REQUEST_QUEUE)
         .map_err(|err| DiskSetupError::Notify(io::Error::from_raw_os_error(err.errno())))?;
-    let worker = QueueWorker::new(format!("katalite-blk{index}"), notify, device.more_work())
-        .map_err(DiskSetupError::Notify)?;
+    let worker = QueueWorker::new(
+        format!("katalite-blk{index}"),
+        ThreadRole::Block,
+        notify,
+        device.more_work(),
+    )
+    .map_err(DiskSetupError::Notify)?;
     Ok((device, worker))
 }
 

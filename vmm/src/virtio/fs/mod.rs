@@ -19,6 +19,7 @@ pub use device::Fs;
 
 use super::worker::QueueWorker;
 use super::MmioTransport;
+use crate::confine::ThreadRole;
 use server::Server;
 use share::{IdMap, Policy, Share, XattrPolicy};
 
@@ -73,8 +74,13 @@ pub(crate) fn build(
         vm.register_ioevent(&notify, &addr, queue)
             .map_err(|err| ShareSetupError::Notify(io::Error::from_raw_os_error(err.errno())))?;
     }
-    let worker = QueueWorker::new(format!("katalite-fs{index}"), notify, device.more_work())
-        .map_err(ShareSetupError::Notify)?;
+    let worker = QueueWorker::new(
+        format!("katalite-fs{index}"),
+        ThreadRole::Fs,
+        notify,
+        device.more_work(),
+    )
+    .map_err(ShareSetupError::Notify)?;
     Ok((device, worker))
 }
 
