@@ -163,3 +163,41 @@ fn reads_are_capped_at_max_write() {
     let (error, body) = served(&mut server, &request(opcode::READ, node, read.as_slice()));
     assert_eq!((error, body.as_slice()), (0, &b"hello"[..]));
 }
+
+#[test]
+fn a_requester_or_owner_id_of_minus_one_is_refused() {
+    // Found by fuzz/virtio_fs: the ids reached rustix, which asserts they are not -1 (a
+    // debug build's worker panicked; in release chown left the VMM's own ids).
+    let (tmp, mut server) = server();
+    let mkdir = abi::MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    let mut args = mkdir.as_slice().to_vec();
+    args.extend_from_slice(b"made\0");
+    for (uid, gid) in [(u32::MAX, 0), (0, u32::MAX)] {
+        let mut req = request(opcode::MKDIR, 1, &args);
+        req[24..28].copy_from_slice(&uid.to_le_bytes());
+        req[28..32].copy_from_slice(&gid.to_le_bytes());
+        assert_eq!(served(&mut server, &req).0, -libc::EINVAL);
+        assert!(
+            !tmp.path().join("made").exists(),
+            "a refused mkdir left its entry"
+        );
+    }
+    let (_, body) = served(&mut server, &request(opcode::LOOKUP, 1, b"file\0"));
+    let node = u64::from_le_bytes(body[0..8].try_into().expect("node"));
+    let chown = abi::SetattrIn {
+        valid: abi::fattr::UID,
+        uid: u32::MAX,
+        ..Default::default()
+    };
+    assert_eq!(
+        served(
+            &mut server,
+            &request(opcode::SETATTR, node, chown.as_slice())
+        )
+        .0,
+        -libc::EINVAL
+    );
+}

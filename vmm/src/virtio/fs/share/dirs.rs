@@ -37,11 +37,13 @@ impl Share {
         } else {
             caller.gid
         };
+        // The requester's ids come from the guest's request header: checked like a chown's.
+        let (uid, gid) = self.policy.ids.to_host(Some(caller.uid), Some(gid))?;
         rustix::fs::chownat(
             parent_fd,
             name,
-            Some(rustix::process::Uid::from_raw(caller.uid)),
-            Some(rustix::process::Gid::from_raw(gid)),
+            uid.map(rustix::process::Uid::from_raw),
+            gid.map(rustix::process::Gid::from_raw),
             AtFlags::SYMLINK_NOFOLLOW,
         )?;
         Ok(())

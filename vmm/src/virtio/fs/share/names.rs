@@ -64,6 +64,9 @@ pub enum IdMap {
     Rootless { uid: u32, gid: u32 },
 }
 
+/// `(uid_t)-1`: what chown(2) takes for "leave unchanged", never an owner.
+const NO_ID: u32 = u32::MAX;
+
 impl IdMap {
     /// The map for this process: identity when it runs as root.
     pub fn for_this_process() -> Self {
@@ -93,12 +96,16 @@ impl IdMap {
     }
 
     /// The host ids a guest `chown` to `uid`/`gid` asks for; `None` where the map has no
-    /// host id for it (the host refuses with EPERM, as a user namespace does).
+    /// host id for it (the host refuses with EPERM, as a user namespace does). An id of
+    /// -1 is no id at all (chown reads it as "unchanged", rustix refuses it): EINVAL.
     pub fn to_host(
         self,
         uid: Option<u32>,
         gid: Option<u32>,
     ) -> Result<(Option<u32>, Option<u32>), Errno> {
+        if uid == Some(NO_ID) || gid == Some(NO_ID) {
+            return Err(Errno::INVAL);
+        }
         match self {
             IdMap::Identity => Ok((uid, gid)),
             IdMap::Rootless {
@@ -168,6 +175,7 @@ mod tests {
         assert_eq!(map.to_guest(1000, 1000), (0, 0));
         assert_eq!(map.to_guest(0, 5), (OVERFLOW_ID, OVERFLOW_ID));
         assert_eq!(map.to_host(Some(0), None), Ok((Some(1000), None)));
+        assert_eq!(map.to_host(Some(0), Some(u32::MAX)), Err(Errno::INVAL));
         assert_eq!(map.to_host(Some(1), None), Err(Errno::PERM));
         assert_eq!(IdMap::Identity.to_guest(7, 8), (7, 8));
         assert!(!map.chowns_new_files());
