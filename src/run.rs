@@ -2,6 +2,7 @@
 //! attached to a [`Session`] (the terminal, or a detached container's log). Foreground and
 //! detached runs both go through the container lifecycle (`lifecycle::supervise`).
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -307,9 +308,12 @@ fn merge_env(
 }
 
 /// Picks the kernel: `--kernel`, else the built-in one, which cannot boot on PVM.
-fn load_kernel(path: Option<&Path>, kvm: KvmKind) -> Result<Vec<u8>> {
+/// The kernel to boot: a file read into memory, or the embedded one borrowed where it lies
+/// in the binary (no 17 MiB heap copy for the VM's lifetime).
+fn load_kernel(path: Option<&Path>, kvm: KvmKind) -> Result<Cow<'static, [u8]>> {
     if let Some(path) = path {
         return std::fs::read(path)
+            .map(Cow::Owned)
             .with_context(|| format!("cannot read kernel {}", path.display()));
     }
     if kvm == KvmKind::Pvm {
@@ -323,7 +327,7 @@ fn load_kernel(path: Option<&Path>, kvm: KvmKind) -> Result<Vec<u8>> {
     let kernel = embedded::kernel().context(
         "this katalite was built without a kernel: run `cargo xtask build-guest` and rebuild, or pass --kernel PATH",
     )?;
-    Ok(kernel.to_vec())
+    Ok(Cow::Borrowed(kernel))
 }
 
 /// The small uncompressed archive appended after the root filesystem: our init and the
