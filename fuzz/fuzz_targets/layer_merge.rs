@@ -1,11 +1,13 @@
 //! Layer tars from a hostile registry: the bytes become one to three layer blobs (split at
 //! [`LAYER_SEPARATOR`], compression sniffed as for `docker save`), which are merged and
 //! written both as the EROFS disk image and as the newc archive. Any outcome but a panic
-//! is fine, as long as a written archive names nothing outside the image root and the
-//! EROFS block list covers the image.
+//! is fine, as long as a written archive names nothing outside the image root, each name
+//! once and after its parent, the EROFS block list covers the image, and both writers
+//! agree on what the merged tree holds.
 
 #![no_main]
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -76,21 +78,39 @@ fuzz_target!(|data: &[u8]| {
     let layers = layers(data);
     let progress = ProgressBar::hidden();
 
-    if let Ok((image, hashes, stats)) =
-        write_erofs(&layers, limits(), &progress, Vec::new(), Vec::new())
-    {
+    let erofs = write_erofs(&layers, limits(), &progress, Vec::new(), Vec::new());
+    if let Ok((image, hashes, stats)) = &erofs {
         assert_eq!(image.len() % 4096, 0, "EROFS image is not whole blocks");
         assert_eq!(hashes.len() / 32, image.len() / 4096, "one hash per block");
         assert_eq!(stats.blocks, (image.len() / 4096) as u64);
     }
 
-    if let Ok((archive, _)) = write_cpio(&layers, limits(), &progress, Vec::new()) {
-        let names = cpio_names(&archive).expect("the archive we wrote parses");
-        for name in names {
-            assert!(
-                !name.starts_with('/') && !name.split('/').any(|part| part == ".."),
-                "unsafe name {name:?} in the archive"
-            );
+    let Ok((archive, cpio)) = write_cpio(&layers, limits(), &progress, Vec::new()) else {
+        return;
+    };
+    let names = cpio_names(&archive).expect("the archive we wrote parses");
+    let mut seen = HashSet::new();
+    for name in &names {
+        assert!(
+            !name.starts_with('/') && !name.split('/').any(|part| part == ".." || part.is_empty()),
+            "unsafe name {name:?} in the archive"
+        );
+        // The kernel unpacks in order: a parent must come before what it holds.
+        if let Some((parent, _)) = name.rsplit_once('/') {
+            assert!(seen.contains(parent), "{name:?} comes before its parent");
         }
+        assert!(
+            seen.insert(name.as_str()),
+            "{name:?} is in the archive twice"
+        );
+    }
+    // Both writers merge the same tree: they must agree on what it holds.
+    if let Ok((_, _, erofs)) = erofs {
+        let ours = (erofs.files, erofs.hard_links, erofs.symlinks, erofs.fifos);
+        let theirs = (cpio.files, cpio.hard_links, cpio.symlinks, cpio.fifos);
+        assert_eq!(ours, theirs, "EROFS and newc hold different trees");
+        assert_eq!(erofs.content_bytes, cpio.content_bytes);
+        // EROFS counts the root directory, newc has no entry for it.
+        assert_eq!(erofs.directories, cpio.directories + 1);
     }
 });

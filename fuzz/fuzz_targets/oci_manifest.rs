@@ -1,7 +1,8 @@
 //! What a registry (or an `oci:`/`docker-archive:` source) hands us before any layer: image
 //! manifests and indexes with platform selection, image configs, plus the text the user
-//! or the host gives next to them (references, `registries.toml`, `--limit`). The first
-//! byte picks the parser; the rest is its input. Errors are fine, panics are not, and what
+//! or the host gives next to them (references, `registries.toml`, `--limit`) and a
+//! registry's `WWW-Authenticate` challenge. The first byte picks the parser (its low three
+//! bits; the high four pick a manifest's content type); the rest is its input. Errors are fine, panics are not, and what
 //! parses must print back to something that parses the same.
 
 #![no_main]
@@ -15,6 +16,7 @@ use imagebuilder::manifest::{
     select_platform, Manifest, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
 use imagebuilder::reference::Reference;
+use imagebuilder::registry::fuzz_parse_challenge;
 use libfuzzer_sys::fuzz_target;
 
 /// Content types a registry may send with a manifest (or none, or one with parameters).
@@ -90,18 +92,21 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    match selector % 5 {
-        0 => manifest(selector, rest),
+    match selector % 8 {
         1 => config(rest),
-        kind => {
+        kind @ 2..=5 => {
             let Ok(text) = std::str::from_utf8(rest) else {
                 return;
             };
             match kind {
                 2 => registries(text),
                 3 => reference(text),
-                _ => platform_and_limits(text),
+                4 => platform_and_limits(text),
+                _ => {
+                    let _ = fuzz_parse_challenge(text);
+                }
             }
         }
+        _ => manifest(selector, rest),
     }
 });

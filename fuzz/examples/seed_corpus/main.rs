@@ -177,17 +177,25 @@ fn oci() -> Seeds {
     let registries = "ca = [\"/etc/ca.pem\"]\n[registries.\"docker.io\"]\nmirrors = [\"mirror.local:5000\", \"http://10.0.0.1\"]\n[registries.\"localhost:5000\"]\ninsecure = true\nauth_hosts = [\"auth.local\"]\n";
     let with = |selector: u8, body: &str| [&[selector][..], body.as_bytes()].concat();
     vec![
-        // Selectors: parser = byte % 5, content type (manifests) = byte >> 4.
+        // Selectors: parser = byte % 8, content type (manifests) = byte >> 4.
         ("manifest", with(0x00, &manifest)),
-        ("manifest_typed", with(0x14, &manifest)),
-        ("index", with(0x28, &index)),
-        ("docker_list", with(0x46, &index)),
+        ("manifest_typed", with(0x10, &manifest)),
+        ("index", with(0x20, &index)),
+        ("docker_list", with(0x40, &index)),
         ("config", with(1, config)),
         ("registries", with(2, registries)),
         ("reference", with(3, "localhost:5000/team/app:v1.2")),
         ("reference_digest", with(3, &format!("busybox@{}", d('f')))),
         ("platform", with(4, "linux/arm64/v8")),
         ("limits", with(4, "total-size=8G,entries=100k,depth=64")),
+        (
+            "challenge",
+            with(
+                5,
+                r#"Bearer realm="https://auth.example.org/token",service="registry",scope="repository:a/b:pull""#,
+            ),
+        ),
+        ("challenge_basic", with(5, r#"Basic realm="Registry""#)),
     ]
 }
 

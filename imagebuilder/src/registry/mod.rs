@@ -27,6 +27,14 @@ const PARALLEL_LAYERS: usize = 3;
 /// Free space the cache keeps beyond what a pull needs.
 const SPACE_MARGIN: u64 = 256 << 20;
 
+/// Parses a registry's `WWW-Authenticate` challenge as a pull does and says whether it was
+/// accepted: for the fuzz targets in `fuzz/` (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub fn fuzz_parse_challenge(header: &str) -> bool {
+    auth::parse_challenge(header).is_ok()
+}
+
 /// Errors while pulling from a registry.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
