@@ -16,7 +16,7 @@ done
 for round in 1 2 3; do
   for mode in filtered unconfined; do
     opt=""; [ $mode = unconfined ] && opt="--security-opt seccomp=unconfined"
-    s=$(t); katalite run $opt --rootfs $BB --network none -- dd if=/dev/zero bs=65536 count=1600 2>/dev/null | cat > /dev/null; e=$(t)
-    echo "stdout100MiB $mode $s $e"
+    s=$(t); katalite run $opt --rootfs $BB --network none -- dd if=/dev/zero bs=65536 count=320 2>/dev/null | cat > /dev/null; e=$(t)
+    echo "stdout20MiB $mode $s $e"
   done
 done
