@@ -386,10 +386,24 @@ fn fs_requests() -> Seeds {
         readable: &forget,
         writable: 0,
     });
+    // What fuzzing found first: a MKDIR whose requester is uid -1 (now EINVAL).
+    let mut hostile = session[7].clone();
+    hostile[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+    let minus_one = [&session[0], &hostile].map(|bytes| Op::Chain {
+        queue: 1,
+        split: 0,
+        readable: bytes,
+        writable: 4096,
+    });
+    let minus_one = [&[INIT][..], &minus_one].concat();
     vec![
         // First byte: bit 0 makes the share read-only.
         ("session", [vec![0], program(&ops)].concat()),
         ("read_only", [vec![1], program(&ops)].concat()),
+        (
+            "mkdir_as_uid_minus_one",
+            [vec![0], program(&minus_one)].concat(),
+        ),
     ]
 }
 
