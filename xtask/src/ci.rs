@@ -93,19 +93,12 @@ fn fuzzing(root: &Path) -> Result<()> {
         "--target-dir",
         "target/fuzz",
     ];
-    let clippy = [
-        "clippy",
-        "--locked",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ];
-    cargo(root, &[&clippy[..3], &FUZZ_CRATE, &clippy[3..]].concat())?;
+    let lints = ["--", "-D", "warnings"];
     cargo(
         root,
-        &[&["test", "--locked", "--lib"][..], &FUZZ_CRATE].concat(),
+        &[&["clippy", "--all-targets"][..], &FUZZ_CRATE, &lints].concat(),
     )?;
+    cargo(root, &[&["test", "--lib"][..], &FUZZ_CRATE].concat())?;
     xtask(root, &["fuzz", "--seconds", &FUZZ_SECONDS.to_string()])
 }
 

@@ -131,15 +131,10 @@ fn target_dir(root: &Path) -> PathBuf {
 
 fn build(root: &Path) -> Result<()> {
     let manifest = root.join("fuzz/Cargo.toml");
+    // Not --locked: fuzz/Cargo.lock keeps the versions it pins, and cargo adds whatever
+    // the workspace's crates depend on since (commit the lock file with such a change).
     let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--bins",
-            "--target",
-            TRIPLE,
-        ])
+        .args(["build", "--release", "--bins", "--target", TRIPLE])
         .arg("--manifest-path")
         .arg(&manifest)
         .current_dir(root)
