@@ -18,6 +18,17 @@ fn every_role_compiles_and_allows_a_bounded_set() {
 /// an allowed syscall and say so, then a forbidden one.
 const CHILD: &str = "KATALITE_SECCOMP_CHILD";
 
+/// In the child: installs the SIGSYS handler and confines this thread to `role`.
+fn confine_as(role: Role) {
+    let program = compile(role, SeccompAction::Trap).expect("bpf");
+    sigsys::install().expect("handler");
+    sigsys::set_thread_role(role.name());
+    if filters::spawns(role) {
+        seccompiler::apply_filter(&compile_clone3_refused().expect("bpf")).expect("filter");
+    }
+    seccompiler::apply_filter(&program).expect("filter");
+}
+
 fn in_child(test: &str) -> std::process::Output {
     let exe = std::env::current_exe().expect("exe");
     std::process::Command::new(exe)
@@ -30,10 +41,7 @@ fn in_child(test: &str) -> std::process::Output {
 #[test]
 fn a_forbidden_syscall_kills_the_process_and_is_named() {
     if std::env::var_os(CHILD).is_some() {
-        let program = compile(Role::Vm(ThreadRole::Vcpu), SeccompAction::Trap).expect("bpf");
-        sigsys::install().expect("handler");
-        sigsys::set_thread_role("vcpu");
-        seccompiler::apply_filter(&program).expect("filter");
+        confine_as(Role::Vm(ThreadRole::Vcpu));
         // Allowed: write and getpid.
         // SAFETY: getpid takes no arguments.
         let pid = unsafe { libc::getpid() };
@@ -62,10 +70,7 @@ fn a_forbidden_syscall_kills_the_process_and_is_named() {
 #[test]
 fn ioctl_is_allowed_to_a_vcpu_only_for_kvm_run() {
     if std::env::var_os(CHILD).is_some() {
-        let program = compile(Role::Vm(ThreadRole::Vcpu), SeccompAction::Trap).expect("bpf");
-        sigsys::install().expect("handler");
-        sigsys::set_thread_role("vcpu");
-        seccompiler::apply_filter(&program).expect("filter");
+        confine_as(Role::Vm(ThreadRole::Vcpu));
         // KVM_RUN on a descriptor that is no vCPU: the filter lets it through, the kernel
         // refuses it.
         // SAFETY: an ioctl without an argument pointer on stdin.
@@ -95,11 +100,7 @@ fn ioctl_is_allowed_to_a_vcpu_only_for_kvm_run() {
 #[test]
 fn threads_cannot_start_processes() {
     if std::env::var_os(CHILD).is_some() {
-        let program = compile(Role::Control, SeccompAction::Trap).expect("bpf");
-        sigsys::install().expect("handler");
-        sigsys::set_thread_role("control");
-        seccompiler::apply_filter(&compile_clone3_refused().expect("bpf")).expect("filter");
-        seccompiler::apply_filter(&program).expect("filter");
+        confine_as(Role::Control);
         let thread = std::thread::spawn(|| 7).join().expect("a thread starts");
         println!("thread ok {thread}");
         let _ = std::process::Command::new("/bin/true").status();
