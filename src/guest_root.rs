@@ -14,6 +14,7 @@ use imagebuilder::image::ImageConfig;
 use imagebuilder::pack::{packed_initramfs, PackOptions};
 use imagebuilder::progress::Progress;
 use imagebuilder::source::PullPolicy;
+use vmm::InitramfsPart;
 
 use crate::cli::{ImageRoot, RunArgs};
 use crate::image_cmds;
@@ -33,8 +34,9 @@ const INITRAMFS_EXPANSION: u64 = 4;
 pub enum GuestRoot {
     /// The image's EROFS disk image and its verified block list.
     Disk(RootDisk),
-    /// An initramfs archive the kernel unpacks before init starts.
-    Archive(Vec<u8>),
+    /// An initramfs archive the kernel unpacks before init starts: a cached packed image
+    /// (its open file, read straight into guest memory) or one packed for this run.
+    Archive(InitramfsPart),
     /// A host directory (`--rootfs DIR`, absolute), shared with the guest over virtio-fs.
     Share(PathBuf),
 }
@@ -73,7 +75,7 @@ pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
             imagebuilder::pack_dir(dir, &imagebuilder::limits::Limits::default(), Vec::new())
                 .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
         check_initramfs_fits(archive.len() as u64, 2, args.memory)?;
-        return Ok((GuestRoot::Archive(archive), ImageConfig::default()));
+        return Ok((GuestRoot::Archive(archive.into()), ImageConfig::default()));
     }
     let Some(reference) = args.image() else {
         bail!("\"katalite run\" requires an image (or --rootfs DIR)");
@@ -108,10 +110,17 @@ pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
         };
         let packed = packed_initramfs(&image, store.root(), &opts)
             .with_context(|| format!("cannot pack image {reference}"))?;
-        let archive = std::fs::read(&packed)
-            .with_context(|| format!("cannot read packed image {}", packed.display()))?;
-        check_initramfs_fits(archive.len() as u64, INITRAMFS_EXPANSION, args.memory)?;
-        return Ok((GuestRoot::Archive(archive), image.config));
+        let archive = File::open(&packed)
+            .with_context(|| format!("cannot open packed image {}", packed.display()))?;
+        let size = archive
+            .metadata()
+            .with_context(|| format!("cannot read packed image {}", packed.display()))?
+            .len();
+        check_initramfs_fits(size, INITRAMFS_EXPANSION, args.memory)?;
+        return Ok((
+            GuestRoot::Archive(InitramfsPart::File(archive)),
+            image.config,
+        ));
     }
     check_memory(args.memory)?;
     let opts = DiskOptions {

@@ -3,7 +3,7 @@
 //! detached runs both go through the container lifecycle (`lifecycle::supervise`).
 
 use std::borrow::Cow;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +11,7 @@ use guest_init::{MountConfig, RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
-use vmm::{DiskConfig, FsShareConfig, VmConfig};
+use vmm::{DiskConfig, FsShareConfig, InitramfsPart, VmConfig};
 
 use crate::attach::{self, Session};
 use crate::cli::RunArgs;
@@ -51,6 +51,15 @@ pub fn run(args: &RunArgs) -> Result<u8> {
         let GuestRoot::Archive(rootfs) = root else {
             bail!("--write-initramfs needs an initramfs root");
         };
+        let rootfs = match rootfs {
+            InitramfsPart::Bytes(bytes) => bytes,
+            InitramfsPart::File(mut file) => {
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes)
+                    .context("cannot read the packed image")?;
+                bytes
+            }
+        };
         std::fs::write(path, padded_concat(&[&rootfs, &run_archive]))
             .with_context(|| format!("cannot write {}", path.display()))?;
         return Ok(0);
@@ -89,16 +98,12 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
             (None, Vec::new())
         }
     };
-    let initramfs: Vec<&[u8]> = rootfs
-        .iter()
-        .map(Vec::as_slice)
-        .chain([&run_archive[..]])
-        .collect();
+    let initramfs = rootfs.into_iter().chain([run_archive.into()]).collect();
     let vm = VmConfig {
         vcpus: args.cpus,
         memory_mib: args.memory,
         kernel: &kernel,
-        initramfs: &initramfs,
+        initramfs,
         cmdline: &cmdline,
         console: Box::new(io::sink()),
         console_input: None,

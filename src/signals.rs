@@ -82,12 +82,14 @@ impl Forwarder {
         }
         let sender = std::thread::Builder::new()
             .name("katalite-signal-send".into())
+            .stack_size(vmm::THREAD_STACK_BYTES)
             .spawn(move || {
                 confine::enter(Role::Signals);
                 send_all(&queued, send);
             })?;
         let reader = std::thread::Builder::new()
             .name("katalite-signals".into())
+            .stack_size(vmm::THREAD_STACK_BYTES)
             .spawn(move || {
                 confine::enter(Role::Signals);
                 let mut policy = Policy::default();
@@ -148,6 +150,7 @@ fn send_all(queued: &mpsc::Receiver<Message>, mut send: impl FnMut(Message) -> b
 fn arm(timeout: Duration, kill: impl Fn() + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("katalite-stop-timer".into())
+        .stack_size(vmm::THREAD_STACK_BYTES)
         .spawn(move || {
             std::thread::sleep(timeout);
             kill();

@@ -238,6 +238,7 @@ pub fn pump_stdin(to_guest: ToGuest) -> io::Result<()> {
 pub fn pump_stdin_with(send: impl FnMut(Message) -> bool + Send + 'static) -> io::Result<()> {
     std::thread::Builder::new()
         .name("katalite-stdin".into())
+        .stack_size(vmm::THREAD_STACK_BYTES)
         .spawn(move || {
             confine::enter(Role::Stdin);
             pump(io::stdin().lock(), send);

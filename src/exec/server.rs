@@ -33,6 +33,7 @@ impl Server {
         let server = self.clone();
         let spawned = std::thread::Builder::new()
             .name("katalite-exec".into())
+            .stack_size(vmm::THREAD_STACK_BYTES)
             .spawn(move || server.serve(client, request));
         // Without a thread the client gets end of file and reports the failure.
         drop(spawned);

@@ -82,6 +82,7 @@ impl ControlServer {
             let done = done.clone();
             std::thread::Builder::new()
                 .name("katalite-control".into())
+                .stack_size(vmm::THREAD_STACK_BYTES)
                 .spawn(move || {
                     confine::enter(Role::Control);
                     serve(&listener, &target, &done);
@@ -145,6 +146,7 @@ fn serve_one(mut stream: UnixStream, target: &Target) -> io::Result<()> {
             let kill = target.kill.clone();
             std::thread::Builder::new()
                 .name("katalite-stop-timer".into())
+                .stack_size(vmm::THREAD_STACK_BYTES)
                 .spawn(move || {
                     std::thread::sleep(Duration::from_secs(seconds));
                     kill();
@@ -163,6 +165,7 @@ fn forward(target: &Target, signal: i32) {
     let send = target.signal.clone();
     let spawned = std::thread::Builder::new()
         .name("katalite-control-signal".into())
+        .stack_size(vmm::THREAD_STACK_BYTES)
         .spawn(move || {
             send(signal);
         });

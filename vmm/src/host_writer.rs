@@ -81,6 +81,7 @@ impl HostWriter {
         let writer = shared.clone();
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
+            .stack_size(crate::THREAD_STACK_BYTES)
             .spawn(move || {
                 confine::enter(ThreadRole::Output);
                 write_all_queued(&writer, out);

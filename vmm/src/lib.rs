@@ -31,10 +31,16 @@ pub use vm::{
     MIN_MEMORY_MIB,
 };
 // The causes a VmError can carry, so callers can name and match them.
+pub use x86::initramfs::InitramfsPart;
 pub use x86::{
     boot::BootError, cpuid::CpuidError, memory::MemoryError, mptable::MptableError, msr::MsrError,
     regs::RegsError,
 };
+
+/// Stack of every thread katalite starts (vCPUs, device workers, writers, the front end's
+/// helpers): a quarter of Rust's 2 MiB default. None of them recurses or keeps large
+/// buffers on its stack; their buffers are on the heap, sized by their queues.
+pub const THREAD_STACK_BYTES: usize = 512 << 10;
 
 /// Guest memory as every module of this crate sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;

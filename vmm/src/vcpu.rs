@@ -229,6 +229,7 @@ impl Vcpu {
     pub fn spawn(self) -> Result<JoinHandle<Result<(), VcpuError>>, VcpuError> {
         std::thread::Builder::new()
             .name(format!("katalite-vcpu{}", self.index))
+            .stack_size(crate::THREAD_STACK_BYTES)
             .spawn(move || self.run())
             .map_err(VcpuError::Spawn)
     }

@@ -32,6 +32,7 @@ use crate::virtio::{
     Rng, ShareSetupError, VirtioDevice, CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
+use crate::x86::initramfs::InitramfsPart;
 use crate::x86::memory::{self, MemoryError};
 use crate::x86::mptable::{self, MptableError};
 use crate::x86::regs::{BootMode, EntryPoint};
@@ -65,8 +66,8 @@ pub struct VmConfig<'a> {
     pub memory_mib: u64,
     /// Uncompressed vmlinux ELF.
     pub kernel: &'a [u8],
-    /// Initramfs parts, placed back to back, each padded to 4 bytes.
-    pub initramfs: &'a [&'a [u8]],
+    /// Initramfs parts, placed back to back, each padded to 4 bytes; dropped once loaded.
+    pub initramfs: Vec<InitramfsPart>,
     /// Appended after [`BASE_CMDLINE`] and the virtio-mmio device arguments.
     pub cmdline: &'a str,
     /// virtio-console output (the workload's output).

@@ -76,6 +76,7 @@ impl NetPump {
         let link = self.link.clone();
         let thread = std::thread::Builder::new()
             .name("katalite-net".into())
+            .stack_size(crate::THREAD_STACK_BYTES)
             .spawn(move || {
                 crate::confine::enter(crate::confine::ThreadRole::Net);
                 run(poll, &link, backend.as_mut(), kick, &notify);

@@ -211,6 +211,7 @@ impl InputPump {
         let input = self.input.clone();
         let thread = std::thread::Builder::new()
             .name("katalite-io".into())
+            .stack_size(crate::THREAD_STACK_BYTES)
             .spawn(move || {
                 confine::enter(ThreadRole::Device);
                 while input.wait_for_fresh() {

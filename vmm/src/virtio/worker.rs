@@ -70,6 +70,7 @@ impl QueueWorker {
         let (more, stop, role) = (self.more.clone(), self.stop.clone(), self.role);
         let thread = std::thread::Builder::new()
             .name(self.name.clone())
+            .stack_size(crate::THREAD_STACK_BYTES)
             .spawn(move || {
                 confine::enter(role);
                 run(poll, &notify, &more, &stop, kick);

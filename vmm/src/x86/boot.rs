@@ -9,6 +9,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::initramfs::{self, InitramfsPart};
 use super::memory::{self, E820Entry};
 use super::regs::{BootMode, EntryPoint};
 use super::{pvh, zeropage};
@@ -40,6 +41,9 @@ pub enum BootError {
         /// Room between the kernel's end and the highest usable address.
         room: u64,
     },
+    /// An initramfs file could not be read.
+    #[error("cannot read the initramfs")]
+    InitramfsRead(#[source] std::io::Error),
     /// A boot structure could not be written.
     #[error("cannot write the {what} into guest memory")]
     Write {
@@ -57,12 +61,12 @@ pub const INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const PAGE_SIZE: u64 = 0x1000;
 
 /// What to boot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct LinuxImage<'a> {
     /// Uncompressed vmlinux ELF.
     pub kernel: &'a [u8],
-    /// Initramfs parts, placed back to back, each padded to 4 bytes.
-    pub initramfs: &'a [&'a [u8]],
+    /// Initramfs parts, placed back to back, each padded to 4 bytes; dropped by the load.
+    pub initramfs: Vec<InitramfsPart>,
     /// The full command line.
     pub cmdline: &'a str,
 }
@@ -102,10 +106,6 @@ pub fn check_cmdline(cmdline: &str) -> Result<(), BootError> {
     Ok(())
 }
 
-fn padded_len(part: &[u8]) -> u64 {
-    (part.len() as u64).next_multiple_of(4)
-}
-
 /// Picks the initramfs address: as high as possible in low RAM, page aligned, entirely
 /// below [`INITRD_ADDR_MAX`] and above the kernel.
 pub fn initrd_addr(size: u64, kernel_end: u64, low_ram_end: u64) -> Result<u64, BootError> {
@@ -116,31 +116,6 @@ pub fn initrd_addr(size: u64, kernel_end: u64, low_ram_end: u64) -> Result<u64, 
         .map(|addr| addr & !(PAGE_SIZE - 1))
         .filter(|addr| *addr >= bottom)
         .ok_or(BootError::InitramfsTooLarge { size, room })
-}
-
-fn write_initramfs(
-    mem: &GuestMemory,
-    parts: &[&[u8]],
-    kernel_end: u64,
-    low_ram_end: u64,
-) -> Result<Option<Initrd>, BootError> {
-    let size: u64 = parts.iter().map(|part| padded_len(part)).sum();
-    if size == 0 {
-        return Ok(None);
-    }
-    let addr = initrd_addr(size, kernel_end, low_ram_end)?;
-    let mut at = addr;
-    for part in parts {
-        // Fresh anonymous memory is zero, so the 4-byte padding needs no writing; the
-        // kernel's unpacker skips NULs between archives.
-        mem.write_slice(part, GuestAddress(at))
-            .map_err(|source| BootError::Write {
-                what: "initramfs",
-                source,
-            })?;
-        at += padded_len(part);
-    }
-    Ok(Some(Initrd { addr, size }))
 }
 
 /// Loads `image` into `mem` (of `mem_size` bytes of RAM) and returns where the boot vCPU
@@ -159,7 +134,7 @@ pub fn load(
     )
     .map_err(BootError::Kernel)?;
 
-    let initrd = write_initramfs(
+    let initrd = initramfs::write(
         mem,
         image.initramfs,
         loaded.kernel_end,
@@ -307,10 +282,10 @@ pub(crate) mod tests {
     fn linux64_boot_writes_zero_page_cmdline_and_initramfs() {
         let mem = memory(64 * MIB);
         let kernel = tiny_vmlinux(&[0xf4], None);
-        let parts: [&[u8]; 2] = [b"abcde", b"xyz"];
+        let parts = vec![b"abcde".to_vec().into(), b"xyz".to_vec().into()];
         let image = LinuxImage {
             kernel: &kernel,
-            initramfs: &parts,
+            initramfs: parts,
             cmdline: "console=ttyS0",
         };
         let entry = load(&mem, 64 * MIB, image).expect("load");
@@ -345,7 +320,7 @@ pub(crate) mod tests {
         let kernel = tiny_vmlinux(&[0xf4; 16], Some(0x100_0008));
         let image = LinuxImage {
             kernel: &kernel,
-            initramfs: &[],
+            initramfs: Vec::new(),
             cmdline: "quiet",
         };
         let entry = load(&mem, 64 * MIB, image).expect("load");
@@ -366,7 +341,7 @@ pub(crate) mod tests {
         let mem = memory(64 * MIB);
         let image = LinuxImage {
             kernel: b"MZ not an elf at all, sorry.................................................",
-            initramfs: &[],
+            initramfs: Vec::new(),
             cmdline: "",
         };
         assert!(matches!(
@@ -380,10 +355,9 @@ pub(crate) mod tests {
         let mem = memory(64 * MIB);
         let kernel = tiny_vmlinux(&[0xf4], None);
         let big = vec![0u8; usize::try_from(60 * MIB).expect("size")];
-        let parts: [&[u8]; 1] = [&big];
         let image = LinuxImage {
             kernel: &kernel,
-            initramfs: &parts,
+            initramfs: vec![big.into()],
             cmdline: "",
         };
         assert!(matches!(

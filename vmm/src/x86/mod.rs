@@ -4,6 +4,7 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod initramfs;
 pub mod lapic;
 pub mod memory;
 pub mod mptable;
