@@ -8,6 +8,7 @@
 mod net;
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
@@ -322,15 +323,21 @@ fn parallel(argv: &[String], count: u64) -> Result<Value> {
     }
     let deadline = start + PROCESS_TIMEOUT;
     let mut statuses = vec![Value::Null; children.len()];
+    // Why a VM without an exit code ended: a signal (the OOM killer's SIGKILL) or the timeout.
+    let mut endings = vec![String::new(); children.len()];
     while children.iter().any(Option::is_some) {
-        for (slot, status) in children.iter_mut().zip(&mut statuses) {
+        for ((slot, status), ending) in children.iter_mut().zip(&mut statuses).zip(&mut endings) {
             let Some(child) = slot else { continue };
             if let Some(exited) = child.try_wait().context("cannot wait")? {
                 *status = code(Some(exited));
+                if let Some(signal) = exited.signal() {
+                    *ending = format!("killed by signal {signal}");
+                }
                 *slot = None;
             } else if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
+                *ending = format!("still running after {} s", PROCESS_TIMEOUT.as_secs());
                 *slot = None;
             }
         }
@@ -340,9 +347,15 @@ fn parallel(argv: &[String], count: u64) -> Result<Value> {
     let failures: Vec<Value> = statuses
         .iter()
         .zip(outputs)
-        .filter(|(status, _)| status.as_i64() != Some(0))
-        .map(|(_, lines)| {
-            let text: Vec<String> = lines.iter().take(MAX_LINES).map(|l| l.text).collect();
+        .zip(endings)
+        .filter(|((status, _), _)| status.as_i64() != Some(0))
+        .map(|((status, lines), ending)| {
+            let mut text: Vec<String> = lines.iter().take(MAX_LINES).map(|l| l.text).collect();
+            text.push(if ending.is_empty() {
+                format!("exit status {status}")
+            } else {
+                ending
+            });
             Value::from(text.join("\n"))
         })
         .collect();
