@@ -112,6 +112,7 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
         network,
         disks,
         shares,
+        loaded: Some(Box::new(embedded::release_pages)),
     };
     attach::run_attached(args, &command, vm, session)
 }

@@ -87,6 +87,9 @@ pub struct VmConfig<'a> {
     pub disks: Vec<DiskConfig>,
     /// Host directories shared over virtio-fs, each served by its own thread.
     pub shares: Vec<FsShareConfig>,
+    /// Called once the kernel and initramfs are in guest memory, before any vCPU runs: the
+    /// caller lets go of what it held only for the load (an embedded kernel's pages).
+    pub loaded: Option<Box<dyn FnOnce() + 'a>>,
 }
 
 /// A hand-written real-mode guest, for testing the VMM on hosts (like PVM) that cannot
@@ -260,6 +263,9 @@ pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
         cmdline: &cmdline,
     };
     let entry = boot::load(&machine.mem, machine.mem_size, image)?;
+    if let Some(loaded) = config.loaded {
+        loaded();
+    }
     machine.run(entry)
 }
 

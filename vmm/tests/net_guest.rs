@@ -293,6 +293,7 @@ fn a_linux_guest_uses_the_user_network_both_ways() {
                 kernel: &kernel,
                 initramfs: vec![initramfs.into()],
                 cmdline: "rdinit=/init quiet loglevel=3",
+                loaded: None,
                 console: Box::new(io::sink()),
                 console_input: None,
                 stopper: Some(stopper),
