@@ -184,6 +184,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub kernel_log: bool,
 
+    /// Append ARG to the guest kernel's command line (e.g. `initcall_debug` to see where
+    /// the boot's time goes); repeatable.
+    #[arg(long, hide = true, value_name = "ARG")]
+    pub kernel_arg: Vec<String>,
+
     /// For `cargo xtask bench`: init prints `katalite-init: probe ...` lines at boot phases.
     #[arg(long, hide = true)]
     pub boot_probe: bool,

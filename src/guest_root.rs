@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use imagebuilder::disk::{cached_disk_image, disk_image, DiskImage, DiskOptions};
@@ -14,7 +13,7 @@ use imagebuilder::image::ImageConfig;
 use imagebuilder::pack::{packed_initramfs, PackOptions};
 use imagebuilder::progress::Progress;
 use imagebuilder::source::PullPolicy;
-use vmm::InitramfsPart;
+use vmm::{BlockHashes, InitramfsPart};
 
 use crate::cli::{ImageRoot, RunArgs};
 use crate::image_cmds;
@@ -60,7 +59,7 @@ pub struct RootDisk {
     /// Its path in the cache, for messages.
     pub path: PathBuf,
     /// SHA-256 of each 4 KiB block, checked by the VMM on every read.
-    pub block_hashes: Arc<[[u8; 32]]>,
+    pub block_hashes: BlockHashes,
 }
 
 /// The root filesystem `args` asks for and the image's config (empty for a directory).
@@ -132,17 +131,21 @@ pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
     Ok((GuestRoot::Disk(open_disk(&disk, reference)?), image.config))
 }
 
-/// Opens a disk image and reads its checked block list.
+/// Opens a disk image and reads its block list once, checking it against its name.
 fn open_disk(disk: &DiskImage, reference: &str) -> Result<RootDisk> {
-    let block_hashes = disk
-        .block_hashes()
-        .with_context(|| format!("cannot use the disk image of {reference}"))?;
+    let context = || format!("cannot use the disk image of {reference}");
+    let list = disk.open_block_list().with_context(context)?;
+    let (block_hashes, digest) = BlockHashes::read(list)
+        .with_context(|| format!("cannot read block list {}", disk.blocks_path.display()))
+        .with_context(context)?;
+    disk.check_block_list(&digest, block_hashes.blocks())
+        .with_context(context)?;
     let file = File::open(&disk.path)
         .with_context(|| format!("cannot open disk image {}", disk.path.display()))?;
     Ok(RootDisk {
         file,
         path: disk.path.clone(),
-        block_hashes: block_hashes.into(),
+        block_hashes,
     })
 }
 

@@ -85,7 +85,11 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
     } else {
         (Box::new(ConsoleErrors::default()), QUIET_CMDLINE)
     };
-    let cmdline = format!("{GUEST_CMDLINE} {verbosity}");
+    let mut cmdline = format!("{GUEST_CMDLINE} {verbosity}");
+    for arg in &args.kernel_arg {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
     let (rootfs, disks) = match root {
         GuestRoot::Archive(archive) => (Some(archive), Vec::new()),
         GuestRoot::Disk(disk) => (None, vec![root_disk_config(disk)]),

@@ -14,7 +14,7 @@ use katalite_fuzz::driver::{Driver, MEM_SIZE};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::virtio::{Block, DiskConfig};
+use vmm::virtio::{Block, BlockHashes, DiskConfig};
 
 /// Sixteen 4 KiB blocks: small enough to rewrite every run, large enough for requests
 /// that span blocks and run past the end.
@@ -95,11 +95,11 @@ fn corrupt_data_leaked(driver: &Driver) -> bool {
 fn disk(mode: u8) -> DiskConfig {
     let (image, hashes) = image();
     let (file, read_only, block_hashes) = match mode % 3 {
-        0 => (image.try_clone().expect("dup"), true, Some(hashes.clone())),
+        0 => (image.try_clone().expect("dup"), true, Some(list(hashes))),
         1 => {
             let mut bad = hashes.to_vec();
             bad[CORRUPT_BLOCK][0] ^= 1;
-            (image.try_clone().expect("dup"), true, Some(bad.into()))
+            (image.try_clone().expect("dup"), true, Some(list(&bad)))
         }
         _ => {
             let file = tempfile::tempfile().expect("disk file");
@@ -114,6 +114,13 @@ fn disk(mode: u8) -> DiskConfig {
         id: "fuzz-disk".into(),
         on_corrupt: Arc::new(|_| CORRUPT_READ.store(true, Ordering::Relaxed)),
     }
+}
+
+/// The hash list as the VMM takes it: a list file, read once.
+fn list(hashes: &[[u8; 32]]) -> BlockHashes {
+    let mut file = tempfile::tempfile().expect("list file");
+    file.write_all(hashes.as_flattened()).expect("write list");
+    BlockHashes::read(file).expect("read list").0
 }
 
 fuzz_target!(|data: &[u8]| {

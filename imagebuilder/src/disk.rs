@@ -111,6 +111,37 @@ impl DiskImage {
         self.size_bytes / BLOCK_SIZE
     }
 
+    /// The block list file, opened for a reader that streams it (the VMM reads it once at
+    /// start, then a group at a time): check what was read with [`Self::check_block_list`].
+    pub fn open_block_list(&self) -> Result<fs::File, DiskError> {
+        fs::File::open(&self.blocks_path).map_err(|source| DiskError::Cache {
+            path: self.blocks_path.clone(),
+            source,
+        })
+    }
+
+    /// Checks a block list read from [`Self::open_block_list`]: its SHA-256 `digest`
+    /// against the digest in its name, its `blocks` hashes against the image's current size.
+    pub fn check_block_list(&self, digest: &[u8; 32], blocks: u64) -> Result<(), DiskError> {
+        let image_len = fs::metadata(&self.path)
+            .map_err(|source| DiskError::Cache {
+                path: self.path.clone(),
+                source,
+            })?
+            .len();
+        let reason = if hex::encode(digest) != self.blocks_digest {
+            "sha256 does not match its name"
+        } else if blocks.checked_mul(BLOCK_SIZE) != Some(image_len) {
+            "length does not match the image size"
+        } else {
+            return Ok(());
+        };
+        Err(DiskError::BlockList {
+            path: self.blocks_path.clone(),
+            reason,
+        })
+    }
+
     /// The SHA-256 of every block, in order, after checking the list against the digest
     /// in its name and its length against the image's current size.
     pub fn block_hashes(&self) -> Result<Vec<[u8; 32]>, DiskError> {
@@ -118,18 +149,13 @@ impl DiskImage {
             path: self.blocks_path.clone(),
             source,
         })?;
-        let image_len = fs::metadata(&self.path)
-            .map_err(|source| DiskError::Cache {
-                path: self.path.clone(),
-                source,
-            })?
-            .len();
-        check_list(&bytes, &self.blocks_digest, image_len).map_err(|reason| {
-            DiskError::BlockList {
-                path: self.blocks_path.clone(),
-                reason,
-            }
-        })?;
+        let whole = bytes.len().is_multiple_of(HASH_SIZE);
+        let blocks = if whole {
+            (bytes.len() / HASH_SIZE) as u64
+        } else {
+            u64::MAX
+        };
+        self.check_block_list(&Sha256::digest(&bytes).into(), blocks)?;
         Ok(bytes
             .chunks_exact(HASH_SIZE)
             .map(|hash| hash.try_into().unwrap_or([0; 32]))

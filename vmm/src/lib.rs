@@ -23,8 +23,8 @@ pub use host::{check_kvm, HostError, KvmKind};
 pub use net::{NetBackend, NetConfig};
 pub use vcpu::VcpuError;
 pub use virtio::{
-    ConsoleInput, CorruptionHook, DiskConfig, DiskError, DiskSetupError, FsShareConfig, InputError,
-    ShareSetupError,
+    BlockHashError, BlockHashes, ConsoleInput, CorruptionHook, DiskConfig, DiskError,
+    DiskSetupError, FsShareConfig, InputError, ShareSetupError,
 };
 pub use vm::{
     run, run_raw, RawGuest, VmConfig, VmError, VmExit, BASE_CMDLINE, MAX_MEMORY_MIB, MAX_VCPUS,

@@ -15,7 +15,7 @@ mod rng;
 pub(crate) mod worker;
 
 pub use block::worker::DiskSetupError;
-pub use block::{Block, CorruptionHook, DiskConfig, DiskError};
+pub use block::{Block, BlockHashError, BlockHashes, CorruptionHook, DiskConfig, DiskError};
 pub use console::Console;
 pub(crate) use console::{
     RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE, TRANSMIT_QUEUE as CONSOLE_TRANSMIT_QUEUE,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::hashes::BlockHashes;
 use super::BLOCK_SIZE;
 
 /// Called with the index of a 4 KiB block whose contents do not match its hash, each time
@@ -31,7 +32,7 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// SHA-256 of each 4 KiB block of `file`, in order, one per block: every read is
     /// checked against them, and a mismatch is an I/O error for the guest.
-    pub block_hashes: Option<Arc<[[u8; 32]]>>,
+    pub block_hashes: Option<BlockHashes>,
     /// What VIRTIO_BLK_T_GET_ID answers (`/sys/block/vdX/serial`), at most 20 bytes.
     pub id: String,
     /// Told about every block that fails verification.
@@ -53,7 +54,7 @@ pub enum DiskError {
         /// Blocks in the image.
         blocks: u64,
         /// Entries in the list.
-        hashes: usize,
+        hashes: u64,
     },
     /// Verified disks cannot be written: a write would invalidate the hash list.
     #[error("a disk with block hashes must be read-only")]
@@ -84,7 +85,7 @@ pub(crate) enum ServeError {
 pub(crate) struct Disk {
     file: File,
     read_only: bool,
-    hashes: Option<Arc<[[u8; 32]]>>,
+    hashes: Option<BlockHashes>,
     on_corrupt: CorruptionHook,
     blocks: u64,
     bounce: Vec<u8>,
@@ -111,10 +112,10 @@ impl Disk {
         }
         let blocks = size / BLOCK_SIZE;
         if let Some(hashes) = &block_hashes {
-            if u64::try_from(hashes.len()).ok() != Some(blocks) {
+            if hashes.blocks() != blocks {
                 return Err(DiskError::HashCount {
                     blocks,
-                    hashes: hashes.len(),
+                    hashes: hashes.blocks(),
                 });
             }
             if !read_only {
@@ -165,7 +166,7 @@ impl Disk {
             let chunk_start = block * BLOCK_SIZE;
             let buf = &mut self.bounce[..count * BLOCK_LEN];
             self.file.read_exact_at(buf, chunk_start)?;
-            if let Some(hashes) = &self.hashes {
+            if let Some(hashes) = &mut self.hashes {
                 for (i, data) in (block..).zip(buf.chunks_exact(BLOCK_LEN)) {
                     if !block_matches(hashes, i, data) {
                         (self.on_corrupt)(i);
@@ -228,10 +229,11 @@ fn as_u64(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
 }
 
-/// Whether block `index`'s bytes hash to its entry (a missing entry never matches).
-fn block_matches(hashes: &[[u8; 32]], index: u64, data: &[u8]) -> bool {
-    let expected = usize::try_from(index).ok().and_then(|i| hashes.get(i));
-    expected.is_some_and(|expected| Sha256::digest(data).as_slice() == expected)
+/// Whether block `index`'s bytes hash to its entry (an entry that cannot be read, or whose
+/// group of the list changed on disk, never matches).
+fn block_matches(hashes: &mut BlockHashes, index: u64, data: &[u8]) -> bool {
+    let expected = hashes.expected(index);
+    expected.is_ok_and(|expected| Sha256::digest(data).as_slice() == expected)
 }
 
 #[cfg(test)]
@@ -240,7 +242,7 @@ mod tests {
     use crate::virtio::block::tests::{hashes_of, temp_file};
     use std::sync::Mutex;
 
-    fn config(data: &[u8], hashes: Option<Arc<[[u8; 32]]>>) -> DiskConfig {
+    fn config(data: &[u8], hashes: Option<BlockHashes>) -> DiskConfig {
         DiskConfig {
             file: temp_file(data),
             read_only: true,
@@ -262,19 +264,18 @@ mod tests {
     #[test]
     fn construction_validates_size_hashes_mode_and_id() {
         let data = vec![7u8; 3 * BLOCK_LEN];
-        let hashes = hashes_of(&data);
         assert!(matches!(
             Disk::new(config(&data[..4000], None)),
             Err(DiskError::Size(4000))
         ));
         assert!(matches!(
-            Disk::new(config(&data, Some(hashes[..2].into()))),
+            Disk::new(config(&data, Some(hashes_of(&data[..2 * BLOCK_LEN])))),
             Err(DiskError::HashCount {
                 blocks: 3,
                 hashes: 2
             })
         ));
-        let mut writable = config(&data, Some(hashes.clone()));
+        let mut writable = config(&data, Some(hashes_of(&data)));
         writable.read_only = false;
         assert!(matches!(
             Disk::new(writable),
@@ -284,7 +285,7 @@ mod tests {
         long.id = "x".repeat(21);
         assert!(matches!(Disk::new(long), Err(DiskError::IdTooLong(_))));
 
-        let mut exact = config(&data, Some(hashes));
+        let mut exact = config(&data, Some(hashes_of(&data)));
         exact.id = "y".repeat(20);
         let (disk, id) = Disk::new(exact).expect("valid");
         assert_eq!(disk.capacity(), 3 * BLOCK_SIZE);

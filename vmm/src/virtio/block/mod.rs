@@ -3,6 +3,7 @@
 //! by the disk's own `katalite-blkN` thread (see [`worker`]), never on a vCPU.
 
 mod disk;
+mod hashes;
 mod request;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -20,6 +21,7 @@ use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 
 pub use disk::{CorruptionHook, DiskConfig, DiskError, MAX_ID_LEN};
+pub use hashes::{BlockHashError, BlockHashes};
 
 use super::{drain_queue_budgeted, read_config_space, DeviceError, VirtioDevice};
 use crate::GuestMemory;

@@ -50,11 +50,13 @@ pub(crate) fn temp_file(data: &[u8]) -> File {
     file
 }
 
-/// SHA-256 of each 4 KiB block of `data`.
-pub(crate) fn hashes_of(data: &[u8]) -> Arc<[[u8; 32]]> {
-    data.chunks(4096)
-        .map(|block| Sha256::digest(block).into())
-        .collect()
+/// SHA-256 of each 4 KiB block of `data`, as a list file read back.
+pub(crate) fn hashes_of(data: &[u8]) -> BlockHashes {
+    let list: Vec<u8> = data
+        .chunks(4096)
+        .flat_map(|block| <[u8; 32]>::from(Sha256::digest(block)))
+        .collect();
+    BlockHashes::read(temp_file(&list)).expect("list").0
 }
 
 /// 64 blocks, each byte a function of its offset, so misplaced bytes show.

@@ -1,0 +1,30 @@
+# Where a boot's time goes, by hand, for katalite and QEMU `-M microvm` booting the same
+# kernel, initramfs, command line (plus `initcall_debug`) and memory, alternating, in one
+# lab boot. Run: cargo xtask lab run -- 'sh /src/xtask/bootbench/lab.sh' (needs
+# `cargo xtask lab e2e` once for the busybox tree). Writes each kernel log to
+# /scratch/bootbench/ and prints, per run: wall time (start -> exit, uptime s), the kernel
+# time at which init was started, then the slowest initcalls of the last run of each VMM.
+set -e
+OUT=/scratch/bootbench BB=/scratch/bootbench/bb
+rm -rf $OUT; mkdir -p $OUT; cp -a /src/target/lab/rootfs/busybox $BB
+ROOT="--rootfs $BB --image-root initramfs --network none --memory 512m"
+katalite run $ROOT --write-initramfs $OUT/initrd.img -- true
+QEMU="/host/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu /host/usr/bin/qemu-system-x86_64 -L /host/usr/share/qemu"
+ARGS="console=ttyS0 8250.nr_uarts=1 reboot=t panic=-1 noirqdebug rdinit=/.katalite/init printk.time=1 loglevel=7 initcall_debug"
+t() { read a b < /proc/uptime; echo $a; }
+init_at() { sed -n 's/^.*\[ *\([0-9.]*\)\] Run \/.katalite\/init.*$/\1/p' $1 | head -1; }
+for round in 1 2 3 4; do
+  s=$(t); katalite run $ROOT --kernel-log --kernel-arg initcall_debug -- true 2> $OUT/katalite$round.log; e=$(t)
+  echo "katalite round $round: $s -> $e, init started at kernel time $(init_at $OUT/katalite$round.log)"
+  s=$(t); $QEMU -M microvm,acpi=off -enable-kvm -cpu host -smp 1 -m 512 -nodefaults -no-user-config \
+    -nographic -serial stdio -no-reboot -chardev null,id=channel -device virtio-serial-device \
+    -device ${CHANNEL_DEVICE:-virtconsole},chardev=channel,name=katalite.channel \
+    -append "$ARGS" -kernel /src/target/guest/vmlinux -initrd $OUT/initrd.img > $OUT/qemu$round.log 2>&1; e=$(t)
+  echo "qemu round $round: $s -> $e, init started at kernel time $(init_at $OUT/qemu$round.log)"
+done
+for vmm in katalite qemu; do
+  echo "== slowest initcalls, $vmm round 4 (usecs)"
+  sed -n 's/^.*initcall \([^ ]*\) returned [-0-9]* after \([0-9]*\) usecs.*$/\2 \1/p' $OUT/${vmm}4.log | sort -n | tail -12
+  echo "== kernel log lines $vmm round 4 (first 60, initcalls left out)"
+  grep -v "initcall" $OUT/${vmm}4.log | head -60
+done
