@@ -136,11 +136,17 @@ pub fn table(report: &Report) -> String {
             .iter()
             .map(|p| format!("{:.2}", p.wall_ms.median / 1000.0))
             .collect();
+        let per_vm: Vec<String> = report
+            .parallel
+            .iter()
+            .map(|p| format!("{:.2}", p.wall_ms.median / 1000.0 / f64::from(p.vms.max(1))))
+            .collect();
         out.push_str(&format!(
-            "| {} VMs started at once ({} MiB each), all exited after | {} s |\n",
+            "| {} VMs started at once ({} MiB each), all exited after | {} s ({} s per VM) |\n",
             counts.join(" / "),
             report.parallel[0].memory_mib,
-            walls.join(" / ")
+            walls.join(" / "),
+            per_vm.join(" / ")
         ));
     }
     out.push_str(&format!(
@@ -413,7 +419,9 @@ mod tests {
         assert!(text.contains("| exit | 1.40 s (1.30–1.50) | 2.80 s (2.70–2.90) | 0.50 |"));
         assert!(text.contains("| pull+pack busybox (host), cold / cached | 300 ms / 150 ms"));
         assert!(text.contains("gzip 3.00 MiB (packed in 250 ms, boots in 3.00 s)"));
-        assert!(text.contains("| 4 VMs started at once (64 MiB each), all exited after | 5.00 s |"));
+        assert!(text.contains(
+            "| 4 VMs started at once (64 MiB each), all exited after | 5.00 s (1.25 s per VM) |"
+        ));
         assert!(text.contains("- memory: the workload never started\n"));
         assert!(!text.contains("details"));
     }
