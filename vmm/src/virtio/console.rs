@@ -20,8 +20,11 @@ use crate::host_writer::OutputSender;
 use crate::GuestMemory;
 
 /// Size of receiveq0 and transmitq0. Linux's generic port queues up to 32 KiB per
-/// transmit buffer, so a full ring holds 8 MiB of output.
-const QUEUE_SIZE: u16 = 256;
+/// transmit buffer, so a full transmitq holds 4 MiB of output: more than the writer takes
+/// per wake-up (its 1 MiB queue), so a host that keeps up never makes the guest wait,
+/// while a stalled host pins no more than that of the guest's memory. Linux keeps
+/// receiveq0 full of page-sized buffers (512 KiB).
+const QUEUE_SIZE: u16 = 128;
 /// Size of the control queues: the handshake needs a few buffers; Linux fills the
 /// control receiveq with a page each.
 const CONTROL_QUEUE_SIZE: u16 = 32;
