@@ -102,9 +102,10 @@ pub fn throughput(lab: &mut LabResults, settings: &Settings) -> Option<Throughpu
              run per contender and round: katalite (its stdout, the frames' payload), and \
              QEMU microvm booting the initramfs `katalite run --write-initramfs` wrote for \
              the same command, its channel chardev on stdout (the frames themselves, a \
-             9-byte header per at most 64 KiB) and its serial console on stderr. MiB/s of \
-             the workload's bytes from init's `{PROBE_WORKLOAD}` line to the last byte \
-             the runner read"
+             9-byte header per at most 64 KiB) and its serial console on stderr; stdout is \
+             a 1 MiB pipe for all (QEMU drops what a full pipe refuses on a console port). \
+             MiB/s of the workload's bytes from init's `{PROBE_WORKLOAD}` line to the last \
+             byte the runner read"
         ),
     })
 }
