@@ -291,6 +291,14 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_names_the_channel_port_as_init_looks_for_it() {
+        assert_eq!(
+            vmm::virtio::CONSOLE_PORT_NAME,
+            guest_init::channel::PORT_NAME
+        );
+    }
+
+    #[test]
     fn stdout_and_stderr_come_apart_byte_exact_however_split() {
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let bytes = frames(&[

@@ -33,6 +33,11 @@ const PROCESS_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often exits are polled; small against boot times of seconds.
 const POLL: Duration = Duration::from_millis(2);
 
+/// Capacity of a counted stdout pipe. QEMU writes its chardevs non-blocking and drops
+/// what a full pipe refuses on a console port (`virtconsole`), so the pipe must absorb
+/// the moments this runner is not scheduled; every VMM gets the same pipe.
+const COUNTED_PIPE_BYTES: usize = 1 << 20;
+
 fn main() {
     if let Err(err) = run() {
         eprintln!("bench-runner: error: {err:#}");
@@ -186,6 +191,8 @@ fn timed(argv: &[String], count_stdout: bool, timeout: Duration) -> Result<Value
     let (sender, lines) = mpsc::channel();
     let stdout = child.stdout.take().context("no stdout")?;
     let volume = if count_stdout {
+        // Best effort: a smaller pipe only makes a dropping VMM fail its byte count.
+        let _ = rustix::pipe::fcntl_setpipe_size(&stdout, COUNTED_PIPE_BYTES);
         Some(count_bytes(stdout, start))
     } else {
         read_lines(stdout, start, sender.clone());

@@ -534,6 +534,36 @@ mod tests {
     }
 
     #[test]
+    fn the_console_seed_sets_up_the_port_and_moves_input() {
+        use vmm::virtio::fuzzing::{console, CONSOLE_WORKER_QUEUES};
+        let seed = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/corpus/virtio_console/handshake"
+        ))
+        .expect("seed");
+        let input = vmm::virtio::ConsoleInput::new();
+        let mut driver = Driver::new(console(input.clone()).expect("console"));
+        // What the fuzz target's extra op does.
+        driver.run(&seed, |driver, bytes| {
+            input.send(bytes).expect("input");
+            for queue in CONSOLE_WORKER_QUEUES {
+                driver.transport.run_queue(queue);
+            }
+        });
+        // PORT_ADD, PORT_NAME ("katalite.channel"), PORT_OPEN; then the input, which was
+        // held until the port was opened.
+        let (count, elems) = used(&driver, 2);
+        assert_eq!(count, 3);
+        let lens: Vec<u32> = elems.iter().map(|&(_, len)| len).collect();
+        assert_eq!(lens, [8, 24, 8]);
+        assert_eq!(used(&driver, 3).0, 3);
+        let (count, elems) = used(&driver, 0);
+        assert_eq!(count, 1);
+        assert_eq!(elems[0].1, 19);
+        assert_eq!(used(&driver, 1).0, 1);
+    }
+
+    #[test]
     fn programs_decode_as_they_were_encoded() {
         let ops = [
             Op::Init {

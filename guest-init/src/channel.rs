@@ -1,7 +1,14 @@
-//! Framing of the one host<->init channel (the guest's `/dev/hvc0`, in raw mode). Every
-//! message is a frame: kind (1 byte), stream (u32 LE), payload length (u32 LE), payload.
-//! Stream 0 is the `run` workload; every other stream is one `exec` session, opened by the
-//! host's `Exec` frame on a fresh stream id and closed by the guest's `Exited` frame.
+//! Framing of the one host<->init channel (the guest's virtio-console port named
+//! [`PORT_NAME`], `/dev/vport<dev>p0`; or `/dev/hvc0` in raw mode where the port is a
+//! console). Every message is a frame: kind (1 byte), stream (u32 LE), payload length
+//! (u32 LE), payload. Stream 0 is the `run` workload; every other stream is one `exec`
+//! session, opened by the host's `Exec` frame on a fresh stream id and closed by the
+//! guest's `Exited` frame.
+
+/// The name the VMM gives the channel's virtio-console port (VIRTIO_CONSOLE_PORT_NAME),
+/// which init finds in `/sys/class/virtio-ports/*/name`. vmm has its own copy
+/// (`vmm::virtio::CONSOLE_PORT_NAME`); the katalite crate's tests check they agree.
+pub const PORT_NAME: &str = "katalite.channel";
 
 /// Largest payload a frame may carry; anything larger is a protocol violation (a broken or
 /// hostile peer), never buffered.
@@ -30,10 +37,10 @@ pub enum Message {
         /// Columns of the host terminal.
         cols: u16,
     },
-    /// Guest → host, init's first frame: the channel is open, in raw mode and read. The host
-    /// must send nothing before it: the guest's console driver drops input that arrives
-    /// before its port is set up (drivers/char/virtio_console.c, `in_intr`), and the line
-    /// discipline would mangle what arrives before raw mode.
+    /// Guest → host, init's first frame: the channel is open (a tty in raw mode) and read.
+    /// The host must send nothing before it: the guest's console driver drops input that
+    /// arrives while its port is not open (drivers/char/virtio_console.c, `in_intr`), and
+    /// a tty's line discipline would mangle what arrives before raw mode.
     Ready,
     /// Host → guest, on a fresh stream id other than 0: start an exec session; the payload
     /// is a JSON [`ExecConfig`](crate::contract::ExecConfig) and must fit in one frame.

@@ -275,8 +275,10 @@ fn supervise(
         }
     }
     signals::kill_all_and_reap();
-    // Written bytes may still sit in the hvc driver's buffer; the VMM must have them all
-    // before the status write ends the VM.
+    // On /dev/hvc0, written bytes may still sit in the hvc driver's buffer; the VMM must
+    // have them all before the status write ends the VM. A generic port is no tty
+    // (ENOTTY): what init wrote is already in the device's transmit queue, which the VMM
+    // drains after the status write.
     let _ = nix::sys::termios::tcdrain(relay.channel());
     Ok(status)
 }

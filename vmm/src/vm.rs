@@ -30,6 +30,7 @@ use crate::virtio::worker::{notify_eventfd, QueueWorker};
 use crate::virtio::{
     Console, ConsoleInput, DiskConfig, DiskSetupError, FsShareConfig, InputPump, MmioTransport,
     Rng, ShareSetupError, VirtioDevice, CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE,
+    CONSOLE_WORKER_QUEUES,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
 use crate::x86::initramfs::InitramfsPart;
@@ -463,12 +464,9 @@ impl Machine {
         )
         .map_err(VmError::IoThread)?;
         let rng = place(0, "virtio-rng", Box::new(Rng::new()))?;
-        let console_notify = notify_eventfd(
-            &vm,
-            layout::virtio_mmio_addr(1),
-            &[CONSOLE_RECEIVE_QUEUE, CONSOLE_TRANSMIT_QUEUE],
-        )
-        .map_err(VmError::Notify)?;
+        let console_notify =
+            notify_eventfd(&vm, layout::virtio_mmio_addr(1), &CONSOLE_WORKER_QUEUES)
+                .map_err(VmError::Notify)?;
         // The writer signals the same eventfd when a full queue has room again.
         let room = console_notify.try_clone().map_err(VmError::Notify)?;
         let console_out = HostWriter::start(
@@ -586,8 +584,9 @@ impl Machine {
         self.console_worker
             .start(move || {
                 let mut transport = console.lock().unwrap_or_else(PoisonError::into_inner);
-                transport.run_queue(CONSOLE_RECEIVE_QUEUE);
-                transport.run_queue(CONSOLE_TRANSMIT_QUEUE);
+                for queue in CONSOLE_WORKER_QUEUES {
+                    transport.run_queue(queue);
+                }
             })
             .map_err(VmError::IoThread)?;
         let rng = self.rng.clone();

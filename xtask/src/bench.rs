@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: katalite beside QEMU `-M microvm` booting the same kernel and
-//! initramfs and serving HTTP through their user networks, plus packing, memory, throughput,
-//! parallel starts, sizes, and images on katalite's two root paths (initramfs, EROFS disk).
+//! initramfs, moving the same stdout and serving HTTP through their user networks, plus
+//! packing, memory, parallel starts, sizes, and images on katalite's two root paths
+//! (initramfs, EROFS disk).
 //! Host figures are taken here; VM figures come from one lab boot in which
 //! `tests/bench_runner.rs` runs a plan and timestamps it. Writes latest.json, boot.svg,
 //! latest.md and the raw lab-console.log to `target/bench/`; numbers are never asserted.
@@ -15,6 +16,7 @@ mod readme;
 mod report;
 mod results;
 mod stats;
+mod throughput;
 mod volumes;
 
 use std::collections::BTreeMap;
@@ -202,7 +204,7 @@ fn assemble(
     }
     let memory = if vm { lab.memory() } else { None };
     let throughput = if vm {
-        lab.throughput(settings.throughput_bytes)
+        throughput::throughput(&mut lab, settings)
     } else {
         None
     };

@@ -457,5 +457,58 @@ fn console() -> Seeds {
             bytes: b"input from the host",
         },
     ];
-    vec![("output_and_input", program(&ops))]
+    // The control handshake as Linux's driver does it, then init's PORT_OPEN, input and
+    // output (control messages: id u32, event u16, value u16, little-endian).
+    let control = |id: u32, event: u16, value: u16| {
+        let mut out = id.to_le_bytes().to_vec();
+        out.extend_from_slice(&event.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+        out
+    };
+    let device_ready = control(u32::MAX, 0, 1);
+    let port_ready = control(0, 3, 1);
+    let port_open = control(0, 6, 1);
+    let control_buffer = Op::Chain {
+        queue: 2,
+        split: 0,
+        readable: &[],
+        writable: 64,
+    };
+    let send = |message| Op::Chain {
+        queue: 3,
+        split: 0,
+        readable: message,
+        writable: 0,
+    };
+    let handshake = [
+        INIT,
+        control_buffer.clone(),
+        control_buffer.clone(),
+        control_buffer.clone(),
+        control_buffer,
+        send(&device_ready),
+        Op::Extra { bytes: &[] },
+        Op::Chain {
+            queue: 0,
+            split: 0,
+            readable: &[],
+            writable: 256,
+        },
+        send(&port_ready),
+        Op::Extra { bytes: &[] },
+        send(&port_open),
+        Op::Extra {
+            bytes: b"input from the host",
+        },
+        Op::Chain {
+            queue: 1,
+            split: 1,
+            readable: &output,
+            writable: 0,
+        },
+    ];
+    vec![
+        ("output_and_input", program(&ops)),
+        ("handshake", program(&handshake)),
+    ]
 }

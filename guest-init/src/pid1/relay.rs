@@ -3,7 +3,8 @@
 //! 0, exec sessions on others) or exec requests; every session's output becomes frames.
 //! Both directions are bounded: while the channel cannot take more output, no session's
 //! pipes are read (the process blocks writing), and while a stdin is full, the channel
-//! is not read.
+//! is not read. Output is written as whole frames of up to [`MAX_PAYLOAD`] bytes, several
+//! at once when more is pending, so the channel sees few, large writes.
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -134,6 +135,12 @@ impl Relay {
             turn.progressed |= moved;
         }
         self.end_finished_sessions();
+        // What this turn queued goes out now, not after another poll: the channel can
+        // usually take it (a generic port queues up to 32 KiB per write for the host
+        // without waiting), so each chunk read costs one poll instead of two.
+        if !self.flushed() {
+            turn.progressed |= self.flush_channel();
+        }
         Ok(turn)
     }
 
@@ -540,6 +547,18 @@ mod tests {
         assert!(frames.iter().all(|f| f.stream == 0));
         assert_eq!(joined(&frames, false), b"one two");
         assert_eq!(joined(&frames, true), b"err1 err2");
+    }
+
+    #[test]
+    fn output_read_in_a_turn_is_written_in_the_same_turn() {
+        let mut rig = rig();
+        put(&rig.stdout, b"at once");
+        rig.turn();
+        rig.host.set_nonblocking(true).expect("nonblocking");
+        let mut bytes = vec![0u8; 64];
+        let n = rig.host.read(&mut bytes).expect("a frame already");
+        assert_eq!(joined(&decode(&bytes[..n]), false), b"at once");
+        assert!(rig.relay.flushed());
     }
 
     #[test]

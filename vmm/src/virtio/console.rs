@@ -1,8 +1,10 @@
-//! virtio-console device (virtio 1.2 §5.3) with a single port: the guest's hvc0 output is
-//! handed in batches to the console's writer thread (never written to the host here, so a
-//! stalled reader holds back only the guest's transmit queue); host input queued in a
-//! [`ConsoleInput`] fills the guest's receive buffers. The device runs on the console's
-//! worker thread, woken by the queues' ioeventfd.
+//! virtio-console device (virtio 1.2 §5.3) with VIRTIO_CONSOLE_F_MULTIPORT and one port,
+//! announced as a generic port (`/dev/vport<dev>p0` in the guest, see
+//! [`console_control`](super::console_control)): the guest's output is handed in batches
+//! to the console's writer thread (never written to the host here, so a stalled reader
+//! holds back only the guest's transmit queue); host input queued in a [`ConsoleInput`]
+//! fills the guest's receive buffers while the guest has the port open. The device runs on
+//! the console's worker thread, woken by the queues' ioeventfd.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -12,19 +14,39 @@ use std::sync::Arc;
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
-use super::{ConsoleInput, DeviceError, VirtioDevice};
+use super::console_control::{Control, CONTROL_RECEIVE_QUEUE, CONTROL_TRANSMIT_QUEUE};
+use super::{read_config_space, ConsoleInput, DeviceError, VirtioDevice};
 use crate::host_writer::OutputSender;
 use crate::GuestMemory;
 
-/// Size of receiveq0 and transmitq0.
-const QUEUE_SIZE: u16 = 256;
+/// Size of receiveq0 and transmitq0. Linux's generic port queues up to 32 KiB per
+/// transmit buffer, so a full transmitq holds 4 MiB of output: more than the writer takes
+/// per wake-up (its 1 MiB queue), so a host that keeps up never makes the guest wait,
+/// while a stalled host pins no more than that of the guest's memory. Linux keeps
+/// receiveq0 full of page-sized buffers (512 KiB).
+const QUEUE_SIZE: u16 = 128;
+/// Size of the control queues: the handshake needs a few buffers; Linux fills the
+/// control receiveq with a page each.
+const CONTROL_QUEUE_SIZE: u16 = 32;
 /// Index of receiveq0 (host to guest, §5.3.2).
 pub(crate) const RECEIVE_QUEUE: u32 = 0;
 /// Index of transmitq0 (guest to host).
 pub(crate) const TRANSMIT_QUEUE: u32 = 1;
-/// Output is gathered up to this many bytes before it is handed to the writer thread.
-const BATCH_BYTES: usize = 64 * 1024;
-/// Most bytes taken from one transmit chain. Linux sends at most a page per buffer; a
+/// The order the console's worker runs its queues in when woken: the guest's control
+/// messages first (its driver spins until they are taken), then the replies they call
+/// for, then input (which the port's opening may have let through), then output.
+pub(crate) const WORKER_QUEUES: [u32; 4] = [
+    CONTROL_TRANSMIT_QUEUE,
+    CONTROL_RECEIVE_QUEUE,
+    RECEIVE_QUEUE,
+    TRANSMIT_QUEUE,
+];
+/// VIRTIO_CONSOLE_F_MULTIPORT (§5.3.3): control queues and max_nr_ports.
+const F_MULTIPORT: u64 = 1 << 1;
+/// Output is gathered up to this many bytes before it is handed to the writer thread:
+/// several of the guest's 32 KiB buffers per host write.
+const BATCH_BYTES: usize = 256 * 1024;
+/// Most bytes taken from one transmit chain. Linux sends at most 32 KiB per buffer; a
 /// hostile chain naming gigabytes is cut here, so what the device queues past the writer's
 /// capacity stays bounded.
 pub(crate) const MAX_CHAIN_BYTES: usize = 1 << 20;
@@ -36,6 +58,7 @@ pub struct Console {
     input: ConsoleInput,
     /// Set while buffers wait in transmitq0 because the writer's queue is full.
     stalled: Arc<AtomicBool>,
+    control: Control,
 }
 
 impl Console {
@@ -46,6 +69,7 @@ impl Console {
             batch: Vec::with_capacity(BATCH_BYTES),
             input,
             stalled: Arc::default(),
+            control: Control::default(),
         }
     }
 
@@ -62,9 +86,13 @@ impl Console {
 
     /// Moves queued host input into the available receiveq0 buffers, in order, each
     /// buffer used with the number of bytes written to it (§5.3.6.1, §2.7.8). Buffers stay
-    /// available while there is nothing to send. At most one queue's worth of buffers is
-    /// used per call.
+    /// available while there is nothing to send, and input stays queued while the guest
+    /// has the port closed (a closed generic port throws away what arrives). At most one
+    /// queue's worth of buffers is used per call.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
+        if !self.control.guest_open() {
+            return Ok(false);
+        }
         self.input.take_with(|pending| {
             let mut used = false;
             for _ in 0..queue.size() {
@@ -157,14 +185,28 @@ impl VirtioDevice for Console {
         VIRTIO_ID_CONSOLE
     }
 
+    // The control queues exist only with F_MULTIPORT (§5.3.2), which Linux always
+    // accepts; a driver declining it sets up two queues and the transport refuses its
+    // DRIVER_OK, as it does for any driver leaving a queue unset.
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &[
+            QUEUE_SIZE,
+            QUEUE_SIZE,
+            CONTROL_QUEUE_SIZE,
+            CONTROL_QUEUE_SIZE,
+        ]
     }
 
-    // §5.3.4: cols/rows, max_nr_ports and emerg_wr only mean something with
-    // VIRTIO_CONSOLE_F_SIZE, F_MULTIPORT or F_EMERG_WRITE, none of which is offered.
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
+    fn features(&self) -> u64 {
+        F_MULTIPORT
+    }
+
+    // §5.3.4: cols and rows (0: F_SIZE is not offered), max_nr_ports (1) and emerg_wr
+    // (F_EMERG_WRITE is not offered either).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 12];
+        config[4..8].copy_from_slice(&1u32.to_le_bytes());
+        read_config_space(&config, offset, data);
     }
 
     fn process_queue(
@@ -173,10 +215,12 @@ impl VirtioDevice for Console {
         queue: &mut Queue,
         mem: &GuestMemory,
     ) -> Result<bool, DeviceError> {
-        if index == TRANSMIT_QUEUE as usize {
-            self.transmit(queue, mem)
-        } else {
-            self.receive(queue, mem)
+        match u32::try_from(index) {
+            Ok(TRANSMIT_QUEUE) => self.transmit(queue, mem),
+            Ok(RECEIVE_QUEUE) => self.receive(queue, mem),
+            Ok(CONTROL_TRANSMIT_QUEUE) => self.control.transmit(queue, mem),
+            Ok(CONTROL_RECEIVE_QUEUE) => self.control.receive(queue, mem),
+            _ => Ok(false),
         }
     }
 }
@@ -210,6 +254,10 @@ fn fill(
 mod tests {
     use super::*;
     use crate::host_writer::HostWriter;
+    use crate::virtio::console_control::{
+        ControlMessage, CONTROL_LEN, DEVICE_READY, PORT_ADD, PORT_NAME, PORT_NAME_EVENT, PORT_OPEN,
+        PORT_READY,
+    };
     use crate::virtio::tests::{guest_memory, used_elem, DATA_ADDR};
     use std::sync::Mutex;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -245,6 +293,20 @@ mod tests {
         let writer =
             HostWriter::start("test-console", Box::new(out), 1 << 20, None).expect("writer");
         (Console::new(writer.sender(), input), writer)
+    }
+
+    /// [`console_to`] with port 0 opened by the guest, as init has it before input flows.
+    fn open_console_to(
+        out: impl Write + Send + 'static,
+        input: ConsoleInput,
+    ) -> (Console, HostWriter) {
+        let (mut console, writer) = console_to(out, input);
+        console.control.handle(ControlMessage {
+            id: 0,
+            event: PORT_OPEN,
+            value: 1,
+        });
+        (console, writer)
     }
 
     struct Broken;
@@ -490,7 +552,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::new();
-        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
+        let (mut console, _writer) = open_console_to(SharedOut::default(), input.clone());
         input.send(b"hello, ").expect("send");
         input.send(b"guest").expect("send");
 
@@ -522,7 +584,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::new();
-        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
+        let (mut console, _writer) = open_console_to(SharedOut::default(), input.clone());
         mem.write_slice(b"RRRR", GuestAddress(DATA_ADDR))
             .expect("write");
         // Chain 0: a readable descriptor (skipped), then 3 + 4 writable bytes.
@@ -557,7 +619,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::new();
-        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
+        let (mut console, _writer) = open_console_to(SharedOut::default(), input.clone());
         let descs = [
             desc(0xffff_ffff_0000, 64, VRING_DESC_F_WRITE, 0),
             desc(DATA_ADDR + 0x100, 64, VRING_DESC_F_WRITE, 0),
@@ -604,7 +666,7 @@ mod tests {
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
         let input = ConsoleInput::with_capacity(8);
-        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
+        let (mut console, _writer) = open_console_to(SharedOut::default(), input.clone());
         let data: Vec<u8> = (0..40).collect();
         let sender = {
             let (input, data) = (input.clone(), data.clone());
@@ -628,5 +690,177 @@ mod tests {
 
         sender.join().expect("join").expect("send");
         assert_eq!(received, data);
+    }
+
+    /// The four queues of a console in one guest memory: receiveq0, transmitq0, control
+    /// receiveq, control transmitq (rings at 0x1_0000 apart, below DATA_ADDR).
+    fn four_queues(mem: &GuestMemory) -> Vec<MockSplitQueue<'_, GuestMemory>> {
+        (1..=4u64)
+            .map(|i| MockSplitQueue::create(mem, GuestAddress(0x1_0000 * i), 16))
+            .collect()
+    }
+
+    /// Data of control buffers goes here, clear of the receive tests' buffers.
+    const CONTROL_DATA: u64 = DATA_ADDR + 0x8000;
+
+    /// What the guest's driver does to send a control message: `bytes` in one readable
+    /// buffer on the control transmitq at descriptor `index`.
+    fn send_control(mem: &GuestMemory, vq: &MockSplitQueue<GuestMemory>, index: u16, bytes: &[u8]) {
+        let addr = CONTROL_DATA + 0x100 * u64::from(index);
+        mem.write_slice(bytes, GuestAddress(addr)).expect("write");
+        let len = u32::try_from(bytes.len()).expect("len");
+        vq.add_desc_chains(&[desc(addr, len, 0, 0)], index)
+            .expect("chain");
+    }
+
+    /// `count` control receive buffers of `len` bytes from descriptor `first`.
+    fn post_control(vq: &MockSplitQueue<GuestMemory>, first: u16, count: u16, len: u32) {
+        let descs: Vec<_> = (first..first + count)
+            .map(|i| {
+                let addr = CONTROL_DATA + 0x4000 + 0x100 * u64::from(i);
+                desc(addr, len, VRING_DESC_F_WRITE, 0)
+            })
+            .collect();
+        vq.add_desc_chains(&descs, first).expect("chains");
+    }
+
+    /// The control message (and appended data) the device wrote into receive buffer
+    /// `index`, `len` bytes long.
+    fn control_reply(mem: &GuestMemory, index: u16, len: u32) -> (ControlMessage, Vec<u8>) {
+        let mut data = vec![0; usize::try_from(len).expect("len")];
+        let addr = CONTROL_DATA + 0x4000 + 0x100 * u64::from(index);
+        mem.read_slice(&mut data, GuestAddress(addr)).expect("read");
+        let rest = data.split_off(CONTROL_LEN);
+        (ControlMessage::parse(&data).expect("message"), rest)
+    }
+
+    fn message(id: u32, event: u16, value: u16) -> Vec<u8> {
+        ControlMessage { id, event, value }.encode(&[])
+    }
+
+    #[test]
+    fn offers_multiport_with_one_port_and_four_queues() {
+        let (console, _writer) = console_to(SharedOut::default(), ConsoleInput::new());
+        assert_eq!(console.features(), 1 << 1);
+        assert_eq!(console.queue_max_sizes().len(), 4);
+        let mut config = [0xffu8; 12];
+        console.read_config(0, &mut config);
+        assert_eq!(config, [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]);
+        let mut ports = [0u8; 4];
+        console.read_config(4, &mut ports);
+        assert_eq!(u32::from_le_bytes(ports), 1);
+        let mut past = [0xffu8; 4];
+        console.read_config(12, &mut past);
+        assert_eq!(past, [0; 4]);
+    }
+
+    #[test]
+    fn the_handshake_announces_a_named_open_generic_port_and_lets_input_through() {
+        let mem = guest_memory();
+        let vqs = four_queues(&mem);
+        let mut queues: Vec<Queue> = vqs.iter().map(|vq| vq.create_queue().expect("q")).collect();
+        let input = ConsoleInput::new();
+        let (mut console, _writer) = console_to(SharedOut::default(), input.clone());
+        let mut run = |console: &mut Console, index: u32| {
+            let i = usize::try_from(index).expect("index");
+            console
+                .process_queue(i, &mut queues[i], &mem)
+                .expect("process")
+        };
+        post_buffers(&vqs[0], 0, 1, 16);
+        input.send(b"early").expect("send");
+        post_control(&vqs[2], 0, 8, 64);
+
+        // Linux's probe: DEVICE_READY with VIRTIO_CONSOLE_BAD_ID.
+        send_control(&mem, &vqs[3], 0, &message(u32::MAX, DEVICE_READY, 1));
+        assert!(run(&mut console, CONTROL_TRANSMIT_QUEUE));
+        assert_eq!(used_elem(&vqs[3], 0), (0, 0));
+        assert!(run(&mut console, CONTROL_RECEIVE_QUEUE));
+        assert_eq!(used_elem(&vqs[2], 0), (0, 8));
+        let (add, _) = control_reply(&mem, 0, 8);
+        assert_eq!((add.id, add.event), (0, PORT_ADD));
+
+        // add_port: PORT_READY once the port's buffers are posted.
+        send_control(&mem, &vqs[3], 1, &message(0, PORT_READY, 1));
+        assert!(run(&mut console, CONTROL_TRANSMIT_QUEUE));
+        assert!(run(&mut console, CONTROL_RECEIVE_QUEUE));
+        let name_len = u32::try_from(CONTROL_LEN + PORT_NAME.len()).expect("len");
+        assert_eq!(used_elem(&vqs[2], 1), (1, name_len));
+        let (name, bytes) = control_reply(&mem, 1, name_len);
+        assert_eq!((name.id, name.event), (0, PORT_NAME_EVENT));
+        assert_eq!(bytes, b"katalite.channel");
+        assert_eq!(used_elem(&vqs[2], 2), (2, 8));
+        let (open, _) = control_reply(&mem, 2, 8);
+        assert_eq!((open.id, open.event, open.value), (0, PORT_OPEN, 1));
+        assert!(
+            !run(&mut console, CONTROL_RECEIVE_QUEUE),
+            "nothing more to say"
+        );
+
+        // Input waits until init opens the port.
+        assert!(!run(&mut console, RECEIVE_QUEUE));
+        send_control(&mem, &vqs[3], 2, &message(0, PORT_OPEN, 1));
+        assert!(run(&mut console, CONTROL_TRANSMIT_QUEUE));
+        assert!(run(&mut console, RECEIVE_QUEUE));
+        assert_eq!(used_elem(&vqs[0], 0), (0, 5));
+        assert_eq!(read(&mem, 0, 5), b"early");
+
+        // Closed again: input is held.
+        send_control(&mem, &vqs[3], 3, &message(0, PORT_OPEN, 0));
+        assert!(run(&mut console, CONTROL_TRANSMIT_QUEUE));
+        post_buffers(&vqs[0], 1, 1, 16);
+        input.send(b"later").expect("send");
+        assert!(!run(&mut console, RECEIVE_QUEUE));
+        assert_eq!(console.control.ignored(), 0);
+    }
+
+    #[test]
+    fn hostile_control_buffers_are_used_and_ignored() {
+        let mem = guest_memory();
+        let vqs = four_queues(&mem);
+        let mut tx: Queue = vqs[3].create_queue().expect("queue");
+        let mut rx: Queue = vqs[2].create_queue().expect("queue");
+        let (mut console, _writer) = console_to(SharedOut::default(), ConsoleInput::new());
+        let mut ready = message(0, PORT_READY, 1);
+        send_control(&mem, &vqs[3], 0, &ready[..7]);
+        ready.push(0);
+        send_control(&mem, &vqs[3], 1, &ready);
+        send_control(&mem, &vqs[3], 2, &message(5, PORT_READY, 1));
+        send_control(&mem, &vqs[3], 3, &message(0, 0x4242, 1));
+        // A writable descriptor holds no message; outside guest memory neither.
+        vqs[3]
+            .add_desc_chains(&[desc(CONTROL_DATA, 8, VRING_DESC_F_WRITE, 0)], 4)
+            .expect("chain");
+        vqs[3]
+            .add_desc_chains(&[desc(0xffff_ffff_0000, 8, 0, 0)], 5)
+            .expect("chain");
+
+        assert!(console.process_queue(3, &mut tx, &mem).expect("process"));
+
+        assert_eq!(tx.next_used(), 6);
+        assert_eq!(console.control.ignored(), 6);
+        assert_eq!(console.control.pending(), 0);
+        post_control(&vqs[2], 0, 2, 64);
+        assert!(!console.process_queue(2, &mut rx, &mem).expect("process"));
+    }
+
+    #[test]
+    fn a_control_buffer_too_small_for_the_reply_is_used_empty() {
+        let mem = guest_memory();
+        let vqs = four_queues(&mem);
+        let mut tx: Queue = vqs[3].create_queue().expect("queue");
+        let mut rx: Queue = vqs[2].create_queue().expect("queue");
+        let (mut console, _writer) = console_to(SharedOut::default(), ConsoleInput::new());
+        send_control(&mem, &vqs[3], 0, &message(0, PORT_READY, 1));
+        assert!(console.process_queue(3, &mut tx, &mem).expect("process"));
+        // Room for PORT_OPEN but not for PORT_NAME's name.
+        post_control(&vqs[2], 0, 2, 12);
+
+        assert!(console.process_queue(2, &mut rx, &mem).expect("process"));
+
+        assert_eq!(used_elem(&vqs[2], 0), (0, 0));
+        assert_eq!(used_elem(&vqs[2], 1), (1, 8));
+        assert_eq!(console.control.dropped(), 1);
+        assert_eq!(console.control.pending(), 0);
     }
 }

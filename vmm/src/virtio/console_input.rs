@@ -43,7 +43,7 @@ struct Shared {
     work: Condvar,
 }
 
-/// Host-side input for the guest's console (its `/dev/hvc0`): bytes given to
+/// Host-side input for the guest's console (init's channel port): bytes given to
 /// [`send`](Self::send) arrive in the guest in order, none lost or duplicated.
 ///
 /// Clones share one queue; each `send` is contiguous in the stream even with several

@@ -15,6 +15,9 @@ use crate::net::{lock, Link, LINK_QUEUE_FRAMES};
 pub const CONSOLE_RX_QUEUE: u32 = super::CONSOLE_RECEIVE_QUEUE;
 /// The console's transmitq0 (guest to host).
 pub const CONSOLE_TX_QUEUE: u32 = super::CONSOLE_TRANSMIT_QUEUE;
+/// The console's queues in the order its worker runs them when woken (control transmitq,
+/// control receiveq, receiveq0, transmitq0).
+pub const CONSOLE_WORKER_QUEUES: [u32; 4] = super::CONSOLE_WORKER_QUEUES;
 /// The NIC's receiveq1 (frames to the guest).
 pub const NET_RX_QUEUE: u32 = super::NET_RX_QUEUE;
 /// The NIC's transmitq1 (frames from the guest).

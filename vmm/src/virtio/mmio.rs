@@ -843,8 +843,22 @@ mod tests {
         h.write(VIRTIO_MMIO_QUEUE_USED_LOW, feature_half(RX_USED, 0));
         h.write(VIRTIO_MMIO_QUEUE_READY, 1);
         h.setup_queue(1, &vqs[1]);
+        // The control queues; init opening the port is a PORT_OPEN message on the
+        // control transmitq (id 0, event 6, value 1).
+        let control =
+            [0x4_0000, 0x5_0000].map(|start| MockSplitQueue::create(&mem, GuestAddress(start), 16));
+        h.setup_queue(2, &control[0]);
+        h.setup_queue(3, &control[1]);
         h.add_status(VIRTIO_CONFIG_S_DRIVER_OK);
         assert_eq!(h.read(VIRTIO_MMIO_STATUS), INIT_STATUS);
+        let open = GuestAddress(DATA_ADDR + 0x8000);
+        mem.write_slice(&[0, 0, 0, 0, 6, 0, 1, 0], open)
+            .expect("message");
+        control[1]
+            .add_desc_chains(&[RawDescriptor::from(Descriptor::new(open.0, 8, 0, 0))], 0)
+            .expect("chain");
+        h.write(VIRTIO_MMIO_QUEUE_NOTIFY, 3);
+        assert_eq!(h.interrupts(), 1, "the control buffer came back");
         let Harness { transport, irq, .. } = h;
         let transport = Arc::new(Mutex::new(transport));
         let mut pump = InputPump::new(input.clone());

@@ -4,6 +4,7 @@
 
 pub(crate) mod block;
 mod console;
+mod console_control;
 mod console_input;
 pub(crate) mod fs;
 #[cfg(feature = "fuzzing")]
@@ -19,7 +20,9 @@ pub use block::{Block, BlockHashError, BlockHashes, CorruptionHook, DiskConfig, 
 pub use console::Console;
 pub(crate) use console::{
     RECEIVE_QUEUE as CONSOLE_RECEIVE_QUEUE, TRANSMIT_QUEUE as CONSOLE_TRANSMIT_QUEUE,
+    WORKER_QUEUES as CONSOLE_WORKER_QUEUES,
 };
+pub use console_control::PORT_NAME as CONSOLE_PORT_NAME;
 pub(crate) use console_input::InputPump;
 pub use console_input::{ConsoleInput, InputError};
 pub use fs::{is_valid_tag, FsShareConfig, ShareSetupError, MAX_TAG_LEN};

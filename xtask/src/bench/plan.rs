@@ -7,12 +7,15 @@ use serde::Serialize;
 
 use super::images;
 use super::net::{self, Probe};
+use super::throughput;
 use super::volumes;
 
 /// Line init prints once it has read its config (`--boot-probe`).
 pub const PROBE_INIT: &str = "katalite-init: probe init";
 /// Line init prints right before it starts the workload (`--boot-probe`).
 pub const PROBE_WORKLOAD: &str = "katalite-init: probe workload";
+/// The name katalite gives init's channel port, which QEMU's `virtserialport` gets too.
+const CHANNEL_PORT_NAME: &str = guest_init::channel::PORT_NAME;
 
 /// Guest memory of the boot comparison, for katalite (its default) and QEMU alike.
 pub const BOOT_MEMORY_MIB: u32 = 512;
@@ -245,12 +248,50 @@ pub fn host_program(path: &str) -> Vec<String> {
     argv
 }
 
+/// Where QEMU's guest finds init's channel, and where the channel and the serial console
+/// (kernel log, init's lines) go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QemuChannel {
+    /// A generic port named `katalite.channel`, as katalite gives init, its frames
+    /// discarded, and the serial console on stdout. The chardev is the file `/dev/null`,
+    /// not `null`: QEMU connects a port (PORT_OPEN) only once its chardev reports itself
+    /// open, which `null` never does, and init's writes would wait for it.
+    Discard,
+    /// The frames on stdout for the runner to count, the serial console on stderr:
+    /// through a generic port (`virtserialport`, init's `/dev/vport*`), or with `console`
+    /// through a console port (`virtconsole`, where init falls back to `/dev/hvc0`).
+    Count { console: bool },
+}
+
 /// QEMU `-M microvm` booting `vmlinux` with `initrd`: the same memory and vCPU count as
-/// katalite, the serial console on stdout, a virtio console on virtio-mmio as init's
-/// `/dev/hvc0` (its frames go to a null chardev), and a virtio-net NIC on QEMU's user
+/// katalite, the serial console on stdout, init's channel on a virtio-serial port as
+/// katalite gives it ([`QemuChannel::Discard`]), and a virtio-net NIC on QEMU's user
 /// network `netdev` (`user,id=n[,hostfwd=...]`) as katalite's default network gives the
 /// guest: the initramfs's run config has init configure eth0, which fails without a NIC.
 pub fn qemu_microvm(vmlinux: &Path, initrd: &Path, netdev: &str) -> Vec<String> {
+    qemu_microvm_with(vmlinux, initrd, netdev, QemuChannel::Discard)
+}
+
+/// [`qemu_microvm`] with the channel and serial console as `channel` says.
+pub fn qemu_microvm_with(
+    vmlinux: &Path,
+    initrd: &Path,
+    netdev: &str,
+    channel: QemuChannel,
+) -> Vec<String> {
+    let (serial, chardev, port) = match channel {
+        QemuChannel::Discard => ("stdio", "file,id=channel,path=/dev/null", false),
+        QemuChannel::Count { console } => (
+            "file:/dev/stderr",
+            "file,id=channel,path=/dev/stdout",
+            console,
+        ),
+    };
+    let device = if port {
+        "virtconsole,chardev=channel".to_string()
+    } else {
+        format!("virtserialport,chardev=channel,name={CHANNEL_PORT_NAME}")
+    };
     let mut argv = strings(&QEMU);
     argv.extend(strings(&[
         // Without ACPI (our kernel has none) microvm puts its virtio-mmio devices on the
@@ -268,14 +309,14 @@ pub fn qemu_microvm(vmlinux: &Path, initrd: &Path, netdev: &str) -> Vec<String> 
         "-no-user-config",
         "-nographic",
         "-serial",
-        "stdio",
+        serial,
         "-no-reboot",
         "-chardev",
-        "null,id=channel",
+        chardev,
         "-device",
         "virtio-serial-device",
         "-device",
-        "virtconsole,chardev=channel",
+        &device,
         "-netdev",
         netdev,
         "-device",
@@ -335,13 +376,7 @@ fn vm_jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
     job.settle_ms = Some(500);
     jobs.push(job);
 
-    let bytes = settings.throughput_bytes.to_string();
-    jobs.push(Job::new(
-        "throughput",
-        Kind::Throughput,
-        katalite_run(registry, &probe, &["head", "-c", &bytes, "/dev/zero"]),
-        settings.throughput_samples,
-    ));
+    jobs.extend(throughput::jobs(inputs, settings));
 
     let memory = format!("{PARALLEL_MEMORY_MIB}m");
     for &count in &settings.parallel_counts {
@@ -448,6 +483,14 @@ mod tests {
         assert_eq!(after("-kernel"), Some("/src/target/guest/vmlinux"));
         assert_eq!(after("-initrd"), Some("/src/target/bench/zstd.img"));
         assert!(qemu.argv.iter().any(|a| a == "-no-reboot"));
+        // init gets the kind of channel katalite gives it: a generic port of that name,
+        // connected (a file chardev, never `null`), its frames discarded.
+        assert_eq!(after("-serial"), Some("stdio"));
+        assert_eq!(after("-chardev"), Some("file,id=channel,path=/dev/null"));
+        assert!(qemu
+            .argv
+            .iter()
+            .any(|a| a == "virtserialport,chardev=channel,name=katalite.channel"));
         // katalite's default user network has a NIC, and init configures eth0 on both.
         assert_eq!(after("-netdev"), Some("user,id=n"));
         assert!(qemu.argv.iter().any(|a| a == "virtio-net-device,netdev=n"));

@@ -70,6 +70,12 @@ pub fn table(report: &Report) -> String {
     if let Some(network) = &report.network {
         out.push_str(&network_table(network));
     }
+    if let Some(throughput) = &report.throughput {
+        out.push_str(&super::throughput::table(
+            throughput,
+            report.network.as_ref(),
+        ));
+    }
     if let Some(volumes) = &report.volumes {
         out.push_str(&super::volumes::table(volumes));
     }
@@ -118,15 +124,6 @@ pub fn table(report: &Report) -> String {
             memory.file_mib.median,
             memory.anon_overhead_mib.median,
             memory.peak_overhead_mib.median
-        ));
-    }
-    if let Some(throughput) = &report.throughput {
-        out.push_str(&format!(
-            "| stdout guest → host ({}) | {:.1} MiB/s ({:.1}–{:.1}) |\n",
-            mib(throughput.bytes),
-            throughput.mib_per_s.median,
-            throughput.mib_per_s.min,
-            throughput.mib_per_s.max
         ));
     }
     if !report.parallel.is_empty() {

@@ -13,6 +13,7 @@ use super::net::Network;
 use super::plan::{BOOT_MEMORY_MIB, MEMORY_RUN_MIB, PARALLEL_MEMORY_MIB};
 use super::results::{self, BootPhases, JobResult};
 use super::stats::{ratio, round, Stats};
+use super::throughput::Throughput;
 use super::volumes::Volumes;
 
 /// The whole report.
@@ -36,7 +37,7 @@ pub struct Report {
     pub rss_overhead_mib: Option<f64>,
     /// The memory figures behind `rss_overhead_mib`.
     pub memory: Option<Memory>,
-    /// Guest→host stdout throughput.
+    /// Guest→host stdout throughput, katalite beside QEMU microvm's two kinds of port.
     pub throughput: Option<Throughput>,
     /// N VMs started at once.
     pub parallel: Vec<Parallel>,
@@ -130,15 +131,6 @@ pub struct Memory {
     pub file_mib: Stats,
     /// How it was measured.
     pub method: String,
-}
-
-/// Stdout throughput.
-#[derive(Debug, Serialize)]
-pub struct Throughput {
-    /// Bytes written by the workload per run.
-    pub bytes: u64,
-    /// From the workload's start to the last byte on the host.
-    pub mib_per_s: Stats,
 }
 
 /// One parallel start.
@@ -288,15 +280,6 @@ impl LabResults {
         })
     }
 
-    /// Stdout throughput of the `throughput` job writing `bytes` per run.
-    pub fn throughput(&mut self, bytes: u64) -> Option<Throughput> {
-        let rates = self.each("throughput", |s| results::throughput_mib_s(s, bytes))?;
-        Some(Throughput {
-            bytes,
-            mib_per_s: Stats::of(&rates)?,
-        })
-    }
-
     /// Wall time of starting `count` VMs at once.
     pub fn parallel(&mut self, count: u32) -> Option<Parallel> {
         let walls = self.each(&format!("parallel-{count}"), results::parallel_wall_ms)?;
@@ -394,10 +377,10 @@ mod tests {
     fn failed_and_missing_jobs_become_errors() {
         let mut lab = lab();
         assert!(lab.parallel(4).is_none());
-        assert!(lab.throughput(1024).is_none());
+        assert!(lab.memory().is_none());
         assert_eq!(lab.errors.len(), 2);
         assert!(lab.errors[0].starts_with("parallel-4: sample 1: 1 of 4 VMs failed"));
-        assert_eq!(lab.errors[1], "throughput: the lab printed no result");
+        assert_eq!(lab.errors[1], "memory: the lab printed no result");
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub fn setup_script() -> String {
 /// The guest's workload on the share at [`GUEST_DIR`]. katalite's init mounts it for `-v`;
 /// the initramfs QEMU boots has no mounts (`--write-initramfs` refuses `-v`), so the script
 /// mounts the tag itself when nothing is at [`GUEST_DIR`]. Each result goes to stdout
-/// (katalite) and to /dev/console (QEMU's serial; its hvc0 is a null chardev).
+/// (katalite) and to /dev/console (QEMU's serial; its channel goes to /dev/null).
 pub fn guest_script() -> String {
     format!(
         "set -e; grep -q ' {GUEST_DIR} ' /proc/mounts || {{ mkdir -p {GUEST_DIR}; \
