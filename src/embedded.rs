@@ -4,7 +4,7 @@
 /// The guest kernel: an uncompressed x86_64 `vmlinux` ELF booted through its PVH entry note.
 pub fn kernel() -> Option<&'static [u8]> {
     #[cfg(katalite_embedded)]
-    return Some(include_bytes!(env!("KATALITE_KERNEL_PATH")));
+    return Some(KERNEL);
     #[cfg(not(katalite_embedded))]
     None
 }
@@ -12,10 +12,18 @@ pub fn kernel() -> Option<&'static [u8]> {
 /// The guest's PID 1: the static `katalite-init` ELF packed into every initramfs.
 pub fn init() -> Option<&'static [u8]> {
     #[cfg(katalite_embedded)]
-    return Some(include_bytes!(env!("KATALITE_INIT_PATH")));
+    return Some(INIT);
     #[cfg(not(katalite_embedded))]
     None
 }
+
+// Statics, not `include_bytes!` in the functions: the macro is a constant, and a constant
+// is copied into every codegen unit that inlines its use, which once put the kernel into
+// the binary twice. A static has one address.
+#[cfg(katalite_embedded)]
+static KERNEL: &[u8] = include_bytes!(env!("KATALITE_KERNEL_PATH"));
+#[cfg(katalite_embedded)]
+static INIT: &[u8] = include_bytes!(env!("KATALITE_INIT_PATH"));
 
 /// Drops this process's mappings of the embedded kernel's and init's pages once the VM
 /// holds its own copies, so a running VM does not count them in its resident memory.
