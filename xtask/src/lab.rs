@@ -25,6 +25,7 @@ mod initramfs;
 mod kernel;
 pub mod packages;
 mod qemu;
+mod stall;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

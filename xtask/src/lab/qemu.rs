@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::console::{Console, Ending};
+use super::stall::StallWatch;
 
 /// L1's kernel command line: serial console, little kernel chatter, and an L1 panic ends
 /// QEMU (`panic=1` reboots, `-no-reboot` turns that into an exit). Spectre mitigations only
@@ -189,6 +190,7 @@ pub fn run(machine: &Machine, boot: &Boot) -> Result<Outcome> {
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start qemu-system-x86_64")?;
+    let _stall_watch = StallWatch::start(child.id(), boot.monitor.to_path_buf());
     let stdout = child.stdout.take().context("qemu has no stdout")?;
     let mut stderr = child.stderr.take().context("qemu has no stderr")?;
     let (lines, received) = mpsc::channel();
