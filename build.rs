@@ -1,5 +1,8 @@
 //! Points `include_bytes!` at the guest kernel and init that `cargo xtask build-guest` left in
 //! `$KATALITE_GUEST_DIR` or `target/guest/`, so a release katalite needs only /dev/kvm.
+//! The kernel embedded is `vmlinux.packed` (its loadable segments, compressed: a third of
+//! the vmlinux), which must have been made from the `vmlinux` beside it; a guest directory
+//! without one (a kernel with no PVH entry) embeds the vmlinux itself.
 //! It never builds them itself: nested cargo or make in a build script is slow and opaque.
 //! It also writes `$OUT_DIR/version.txt`, what `katalite --version` prints after its own
 //! version: the guest kernel's release (from its banner), a short hash of its resolved
@@ -27,7 +30,8 @@ fn main() -> Result<(), Box<dyn Error>> {
         PathBuf::from(env::var_os("OUT_DIR").ok_or("no OUT_DIR")?).join("version.txt");
     if kernel.is_file() && init.is_file() {
         let (config, stamp) = (dir.join("vmlinux.config"), dir.join("vmlinux.stamp"));
-        for path in [&kernel, &init, &config, &stamp] {
+        let packed = dir.join("vmlinux.packed");
+        for path in [&kernel, &init, &config, &stamp, &packed] {
             println!("cargo::rerun-if-changed={}", path.display());
         }
         let version = embed(&kernel, &init)?;
@@ -69,12 +73,20 @@ fn main() -> Result<(), Box<dyn Error>> {
 
 /// Points the crate at the guest files and returns the text of `katalite --version`.
 fn embed(kernel: &Path, init: &Path) -> Result<String, Box<dyn Error>> {
+    let packed = kernel.with_file_name("vmlinux.packed");
     let kernel = kernel.canonicalize()?;
     let init = init.canonicalize()?;
-    println!("cargo::rustc-cfg=katalite_embedded");
-    println!("cargo::rustc-env=KATALITE_KERNEL_PATH={}", kernel.display());
-    println!("cargo::rustc-env=KATALITE_INIT_PATH={}", init.display());
     let image = fs::read(&kernel)?;
+    let embedded = match packed_kernel(&packed, &image)? {
+        Some(packed) => packed.canonicalize()?,
+        None => kernel.clone(),
+    };
+    println!("cargo::rustc-cfg=katalite_embedded");
+    println!(
+        "cargo::rustc-env=KATALITE_KERNEL_PATH={}",
+        embedded.display()
+    );
+    println!("cargo::rustc-env=KATALITE_INIT_PATH={}", init.display());
     let release = kernel_version(&image);
     if let Some(version) = &release {
         println!("cargo::rustc-env=KATALITE_KERNEL_VERSION={version}");
@@ -97,6 +109,36 @@ fn embed(kernel: &Path, init: &Path) -> Result<String, Box<dyn Error>> {
         release.as_deref().unwrap_or("of unknown version"),
         short_sha256(&init_image)
     ))
+}
+
+/// `packed` (`vmlinux.packed`), after checking it was made from `image` (the vmlinux's
+/// bytes); `None`, with a warning, when there is none.
+fn packed_kernel(packed: &Path, image: &[u8]) -> Result<Option<PathBuf>, Box<dyn Error>> {
+    // vmm::packed_kernel's header: the magic, and where it keeps the source's SHA-256 (this
+    // script cannot depend on vmm; its embedded test parses the header for real).
+    const MAGIC: &[u8] = b"KTLKERN\0";
+    const SOURCE_SHA256: std::ops::Range<usize> = 16..48;
+    let header = match fs::read(packed) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            println!(
+                "cargo::warning=no {}: embedding the uncompressed vmlinux (run `cargo xtask \
+                 build-guest` to pack it)",
+                packed.display()
+            );
+            return Ok(None);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let made_from = header.get(SOURCE_SHA256);
+    if !header.starts_with(MAGIC) || made_from != Some(&Sha256::digest(image)[..]) {
+        return Err(format!(
+            "{} was not made from the vmlinux beside it: run `cargo xtask build-guest`",
+            packed.display()
+        )
+        .into());
+    }
+    Ok(Some(packed.to_path_buf()))
 }
 
 /// The source line of `vmlinux.stamp` (TOML written by `cargo xtask build-guest`): Debian's

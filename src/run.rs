@@ -317,9 +317,9 @@ fn merge_env(
     env
 }
 
-/// Picks the kernel: `--kernel`, else the built-in one, which cannot boot on PVM.
-/// The kernel to boot: a file read into memory, or the embedded one borrowed where it lies
-/// in the binary (no 17 MiB heap copy for the VM's lifetime).
+/// Picks the kernel: `--kernel` (an uncompressed vmlinux ELF, read into memory), else the
+/// built-in packed one, borrowed where it lies in the binary and decompressed by the VMM
+/// straight into guest memory. The built-in one cannot boot on PVM.
 fn load_kernel(path: Option<&Path>, kvm: KvmKind) -> Result<Cow<'static, [u8]>> {
     if let Some(path) = path {
         return std::fs::read(path)

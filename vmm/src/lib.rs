@@ -41,6 +41,7 @@ pub use x86::{
 /// helpers): a quarter of Rust's 2 MiB default. None of them recurses or keeps large
 /// buffers on its stack; their buffers are on the heap, sized by their queues.
 pub const THREAD_STACK_BYTES: usize = 512 << 10;
+pub use x86::packed_kernel;
 
 /// Guest memory as every module of this crate sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;

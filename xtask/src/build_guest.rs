@@ -1,13 +1,15 @@
 //! `cargo xtask build-guest`: the guest kernel (vmlinux from Debian's kernel source of the
 //! pinned series and `kernel-config/katalite.config`, or from a user's tree) and the static
-//! init, into `target/guest/` where the katalite build script embeds them. Kernels built
-//! from Debian's source are kept in the user cache, so a fresh clone does not rebuild one.
+//! init, into `target/guest/` where the katalite build script embeds them (the kernel as
+//! `vmlinux.packed`, made from the vmlinux). Kernels built from Debian's source are kept in
+//! the user cache, so a fresh clone does not rebuild one.
 
 mod cache;
 mod elf;
 mod init;
 mod kconfig;
 mod kernel;
+mod packed;
 mod prereq;
 mod source;
 mod stamp;
@@ -156,6 +158,28 @@ pub fn run(args: &Args) -> Result<()> {
             let entry = cache::store(&kernel_cache, &stamp, &out)?;
             println!("build-guest: cached as {}", entry.display());
         }
+    }
+
+    let packed_path = out.join("vmlinux.packed");
+    match packed::ensure(&vmlinux, &packed_path)? {
+        Some(packed) => {
+            let how = match packed.packed_in {
+                Some(took) => format!("packed in {took:.1?}"),
+                None => "up to date".to_owned(),
+            };
+            println!(
+                "build-guest: vmlinux.packed {how}: {} loadable bytes in {} bytes (zstd -{}) \
+                 -> {}",
+                packed.loadable,
+                packed.size,
+                vmm::packed_kernel::ZSTD_LEVEL,
+                packed_path.display()
+            );
+        }
+        None => println!(
+            "build-guest: note: the kernel has no PVH entry, so it is not packed; katalite \
+             embeds the vmlinux as it is"
+        ),
     }
 
     let init_started = Instant::now();

@@ -1,7 +1,8 @@
-//! Puts a Linux guest into memory: the vmlinux ELF at its physical addresses, the
-//! initramfs parts at the top of low RAM, the command line, and the boot information of
-//! the protocol the kernel supports (PVH when its ELF has the PHYS32_ENTRY note, else the
-//! 64-bit boot protocol of Documentation/arch/x86/boot.rst).
+//! Puts a Linux guest into memory: the kernel at its physical addresses (a packed kernel
+//! decompressed there, or a vmlinux ELF copied there), the initramfs parts at the top of low
+//! RAM, the command line, and the boot information of the protocol the kernel supports (PVH
+//! for a packed kernel or an ELF with the PHYS32_ENTRY note, else the 64-bit boot protocol of
+//! Documentation/arch/x86/boot.rst).
 
 use std::io::Cursor;
 
@@ -11,6 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::initramfs::{self, InitramfsPart};
 use super::memory::{self, E820Entry};
+use super::packed_kernel::{self, PackedKernelError};
 use super::regs::{BootMode, EntryPoint};
 use super::{pvh, zeropage};
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
@@ -22,6 +24,9 @@ pub enum BootError {
     /// The kernel image is not a loadable vmlinux or does not fit.
     #[error("cannot load the kernel image")]
     Kernel(#[source] linux_loader::loader::Error),
+    /// The packed kernel is corrupt or does not fit.
+    #[error("cannot load the packed kernel")]
+    PackedKernel(#[source] PackedKernelError),
     /// The command line (with its NUL) exceeds what the kernel accepts.
     #[error("kernel command line is {len} bytes, the limit is {max}")]
     CmdlineTooLong {
@@ -63,7 +68,8 @@ const PAGE_SIZE: u64 = 0x1000;
 /// What to boot.
 #[derive(Debug)]
 pub struct LinuxImage<'a> {
-    /// Uncompressed vmlinux ELF.
+    /// A packed kernel ([`packed_kernel`]) or an uncompressed vmlinux ELF, told apart by
+    /// their magic.
     pub kernel: &'a [u8],
     /// Initramfs parts, placed back to back, each padded to 4 bytes; dropped by the load.
     pub initramfs: Vec<InitramfsPart>,
@@ -118,6 +124,51 @@ pub fn initrd_addr(size: u64, kernel_end: u64, low_ram_end: u64) -> Result<u64, 
         .ok_or(BootError::InitramfsTooLarge { size, room })
 }
 
+/// Where a kernel was put and how it is entered.
+struct LoadedKernel {
+    /// First byte past its memory image.
+    end: u64,
+    /// Its entry point.
+    entry: EntryPoint,
+}
+
+/// Puts the kernel of `image` into `mem`: a packed kernel is decompressed into place and
+/// always entered through PVH; an ELF is copied by linux-loader and entered through its PVH
+/// note when it has one.
+fn load_kernel(mem: &GuestMemory, kernel: &[u8]) -> Result<LoadedKernel, BootError> {
+    if packed_kernel::is_packed(kernel) {
+        let loaded = packed_kernel::load(mem, kernel).map_err(BootError::PackedKernel)?;
+        return Ok(LoadedKernel {
+            end: loaded.kernel_end,
+            entry: EntryPoint {
+                mode: BootMode::Pvh,
+                addr: loaded.entry,
+            },
+        });
+    }
+    let loaded = Elf::load(
+        mem,
+        None,
+        &mut Cursor::new(kernel),
+        Some(GuestAddress(HIMEM_START)),
+    )
+    .map_err(BootError::Kernel)?;
+    let entry = match loaded.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) => EntryPoint {
+            mode: BootMode::Pvh,
+            addr: entry.0,
+        },
+        PvhBootCapability::PvhEntryNotPresent | PvhBootCapability::PvhEntryIgnored => EntryPoint {
+            mode: BootMode::Linux64,
+            addr: loaded.kernel_load.0,
+        },
+    };
+    Ok(LoadedKernel {
+        end: loaded.kernel_end,
+        entry,
+    })
+}
+
 /// Loads `image` into `mem` (of `mem_size` bytes of RAM) and returns where the boot vCPU
 /// starts.
 pub fn load(
@@ -126,18 +177,11 @@ pub fn load(
     image: LinuxImage<'_>,
 ) -> Result<EntryPoint, BootError> {
     check_cmdline(image.cmdline)?;
-    let loaded = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(image.kernel),
-        Some(GuestAddress(HIMEM_START)),
-    )
-    .map_err(BootError::Kernel)?;
-
+    let kernel = load_kernel(mem, image.kernel)?;
     let initrd = initramfs::write(
         mem,
         image.initramfs,
-        loaded.kernel_end,
+        kernel.end,
         memory::low_ram_end(mem_size),
     )?;
     let mut cmdline = image.cmdline.as_bytes().to_vec();
@@ -153,22 +197,12 @@ pub fn load(
         initrd,
         e820: memory::e820_map(mem_size),
     };
-    match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(entry) => {
-            pvh::write(mem, &info)?;
-            Ok(EntryPoint {
-                mode: BootMode::Pvh,
-                addr: entry.0,
-            })
-        }
-        PvhBootCapability::PvhEntryNotPresent | PvhBootCapability::PvhEntryIgnored => {
-            zeropage::write(mem, &info)?;
-            Ok(EntryPoint {
-                mode: BootMode::Linux64,
-                addr: loaded.kernel_load.0,
-            })
-        }
+    if kernel.entry.mode == BootMode::Pvh {
+        pvh::write(mem, &info)?;
+    } else {
+        zeropage::write(mem, &info)?;
     }
+    Ok(kernel.entry)
 }
 
 #[cfg(test)]
@@ -334,6 +368,49 @@ pub(crate) mod tests {
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).expect("read");
         assert_eq!(info.nr_modules, 0, "no initramfs, no module");
         assert_eq!(info.cmdline_paddr, CMDLINE_START);
+    }
+
+    #[test]
+    fn a_packed_kernel_is_decompressed_and_entered_through_pvh() {
+        let mem = memory(64 * MIB);
+        let elf = tiny_vmlinux(&[0xf4; 16], Some(0x100_0008));
+        let kernel = packed_kernel::pack(&elf).expect("pack");
+        let image = LinuxImage {
+            kernel: &kernel,
+            initramfs: vec![b"initramfs".to_vec().into()],
+            cmdline: "quiet",
+        };
+        let entry = load(&mem, 64 * MIB, image).expect("load");
+        assert_eq!(
+            entry,
+            EntryPoint {
+                mode: BootMode::Pvh,
+                addr: 0x100_0008
+            }
+        );
+        let mut code = [0u8; 16];
+        mem.read_slice(&mut code, GuestAddress(0x100_0000))
+            .expect("read");
+        assert_eq!(code, [0xf4; 16]);
+        let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_START)).expect("read");
+        assert_eq!(info.nr_modules, 1, "the initramfs");
+    }
+
+    #[test]
+    fn a_corrupt_packed_kernel_is_rejected() {
+        let mem = memory(64 * MIB);
+        let elf = tiny_vmlinux(&[0xf4; 16], Some(0x100_0008));
+        let mut kernel = packed_kernel::pack(&elf).expect("pack");
+        kernel.truncate(kernel.len() - 1);
+        let image = LinuxImage {
+            kernel: &kernel,
+            initramfs: Vec::new(),
+            cmdline: "",
+        };
+        assert!(matches!(
+            load(&mem, 64 * MIB, image),
+            Err(BootError::PackedKernel(_))
+        ));
     }
 
     #[test]

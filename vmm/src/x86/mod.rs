@@ -9,6 +9,7 @@ pub mod lapic;
 pub mod memory;
 pub mod mptable;
 pub mod msr;
+pub mod packed_kernel;
 pub mod pvh;
 pub mod regs;
 pub mod zeropage;

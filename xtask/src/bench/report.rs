@@ -149,7 +149,7 @@ pub struct Parallel {
 pub struct Binaries {
     /// The static release katalite.
     pub katalite_bytes: u64,
-    /// The guest kernel (uncompressed vmlinux, embedded as is).
+    /// The guest kernel (the stripped vmlinux; katalite embeds it packed, about a third).
     pub vmlinux_bytes: u64,
     /// The guest init (embedded).
     pub init_bytes: u64,
