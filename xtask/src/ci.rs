@@ -176,7 +176,12 @@ fn ensure_musl_target() -> Result<()> {
     Ok(())
 }
 
-/// Builds the release katalite for musl and checks it is static (no ELF interpreter).
+/// Most bytes the release katalite may have with the guest kernel and init embedded (issue
+/// 16): one small download that holds everything.
+pub const MAX_RELEASE_BYTES: u64 = 8_000_000;
+
+/// Builds the release katalite for musl and checks it is static (no ELF interpreter) and,
+/// with the guest embedded, within [`MAX_RELEASE_BYTES`].
 pub fn static_release_build(root: &Path) -> Result<()> {
     cargo(
         root,
@@ -201,7 +206,46 @@ pub fn static_release_build(root: &Path) -> Result<()> {
             binary.display()
         );
     }
-    println!("ci: {} is static, {} bytes", binary.display(), bytes.len());
+    let embedded = guest_embedded(&binary)?;
+    println!(
+        "ci: {} is static, {} bytes ({})",
+        binary.display(),
+        bytes.len(),
+        if embedded {
+            "guest embedded"
+        } else {
+            "no guest embedded"
+        }
+    );
+    check_release_size(bytes.len() as u64, embedded)
+}
+
+/// Whether `katalite --version` names an embedded guest kernel.
+fn guest_embedded(binary: &Path) -> Result<bool> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run {} --version", binary.display()))?;
+    ensure!(
+        output.status.success(),
+        "{} --version failed ({})",
+        binary.display(),
+        output.status
+    );
+    Ok(String::from_utf8_lossy(&output.stdout).contains("\nguest kernel "))
+}
+
+/// Fails when a release binary with the guest embedded is over [`MAX_RELEASE_BYTES`]; one
+/// without the guest is not what users get, so its size is only printed.
+fn check_release_size(size: u64, embedded: bool) -> Result<()> {
+    if embedded && size > MAX_RELEASE_BYTES {
+        bail!(
+            "the release katalite is {size} bytes with the guest embedded, over the budget of \
+             {MAX_RELEASE_BYTES} bytes by {}: see README's \"Binary size\" for where the bytes \
+             go (kernel config, dependencies, release profile)",
+            size - MAX_RELEASE_BYTES
+        );
+    }
     Ok(())
 }
 
@@ -252,6 +296,17 @@ mod tests {
             format!("{error:#}").contains("ci step failed: broken"),
             "{error:#}"
         );
+    }
+
+    #[test]
+    fn the_size_gate_applies_to_binaries_with_the_guest() {
+        assert!(check_release_size(MAX_RELEASE_BYTES, true).is_ok());
+        let error = check_release_size(MAX_RELEASE_BYTES + 1, true).expect_err("over");
+        let message = format!("{error:#}");
+        assert!(message.contains("8000001 bytes"), "{message}");
+        assert!(message.contains("by 1:"), "{message}");
+        // Without the guest the binary is not the artifact: no budget to enforce.
+        assert!(check_release_size(30_000_000, false).is_ok());
     }
 
     #[test]
