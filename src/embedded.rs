@@ -15,10 +15,11 @@ pub fn kernel() -> Option<&'static [u8]> {
     None
 }
 
-/// The guest's PID 1: the static `katalite-init` ELF packed into every initramfs.
-pub fn init() -> Option<&'static [u8]> {
+/// The guest's PID 1: the static `katalite-init` ELF packed into every initramfs. It is
+/// embedded zstd-compressed (less than half its size) and decompressed here, once per run.
+pub fn init() -> Option<std::io::Result<Vec<u8>>> {
     #[cfg(katalite_embedded)]
-    return Some(INIT);
+    return Some(zstd::bulk::decompress(INIT_ZST, INIT_LEN));
     #[cfg(not(katalite_embedded))]
     None
 }
@@ -29,13 +30,14 @@ pub fn init() -> Option<&'static [u8]> {
 #[cfg(katalite_embedded)]
 static KERNEL: &[u8] = include_bytes!(env!("KATALITE_KERNEL_PATH"));
 #[cfg(katalite_embedded)]
-static INIT: &[u8] = include_bytes!(env!("KATALITE_INIT_PATH"));
+static INIT_ZST: &[u8] = include_bytes!(env!("KATALITE_INIT_ZST_PATH"));
 
-/// Drops this process's mappings of the embedded kernel's and init's pages once the VM
-/// holds its own copies, so a running VM does not count them in its resident memory.
+/// Drops this process's mappings of the embedded kernel's (and compressed init's) pages
+/// once the VM holds its own copies, so a running VM does not count them in its resident memory.
 /// They stay in the page cache for the next start; a later read faults them back in.
 pub fn release_pages() {
-    for image in [kernel(), init()].into_iter().flatten() {
+    #[cfg(katalite_embedded)]
+    for image in [KERNEL, INIT_ZST] {
         release(image);
     }
 }
@@ -56,6 +58,27 @@ fn release(bytes: &'static [u8]) {
     unsafe {
         libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
     }
+}
+
+/// The init's size, uncompressed.
+#[cfg(katalite_embedded)]
+const INIT_LEN: usize = parse_len(env!("KATALITE_INIT_LEN"));
+
+/// A decimal length at compile time (`str::parse` is not const).
+#[cfg(katalite_embedded)]
+const fn parse_len(text: &str) -> usize {
+    let digits = text.as_bytes();
+    let mut value = 0;
+    let mut at = 0;
+    while at < digits.len() {
+        assert!(
+            digits[at].is_ascii_digit(),
+            "KATALITE_INIT_LEN is not a number"
+        );
+        value = value * 10 + (digits[at] - b'0') as usize;
+        at += 1;
+    }
+    value
 }
 
 /// The embedded kernel's release, e.g. `6.12.117`, read from its banner at build time.
@@ -112,9 +135,9 @@ mod tests {
                 .iter()
                 .fold(0u64, |s, b| s.wrapping_mul(31) + u64::from(*b))
         };
-        let before: Vec<u64> = [kernel(), init()].into_iter().flatten().map(sum).collect();
+        let before: Vec<u64> = kernel().into_iter().map(sum).collect();
         release_pages();
-        let after: Vec<u64> = [kernel(), init()].into_iter().flatten().map(sum).collect();
+        let after: Vec<u64> = kernel().into_iter().map(sum).collect();
         assert_eq!(before, after);
     }
 
@@ -129,6 +152,7 @@ mod tests {
             }
         }
         if let Some(init) = init() {
+            let init = init.expect("the embedded init decompresses");
             assert_eq!(init.get(..4), Some(&b"\x7fELF"[..]));
         }
         if let Some(version) = kernel_version() {

@@ -131,9 +131,11 @@ fn boot_images(
     id: &str,
     mounts: Vec<MountConfig>,
 ) -> Result<(GuestRoot, Vec<u8>, Vec<String>)> {
-    let init = embedded::init().context(
-        "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
-    )?;
+    let init = embedded::init()
+        .context(
+            "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
+        )?
+        .context("cannot decompress the embedded guest init")?;
     let (root, image_config) = guest_root::prepare(args)?;
     let short_id = &id[..id.len().min(12)];
     let mut config = run_config(args, &image_config, env_files, short_id)?;
@@ -143,7 +145,7 @@ fn boot_images(
         GuestRoot::Share(_) => config.root_share = Some(ROOT_SHARE.to_string()),
         GuestRoot::Archive(_) => {}
     }
-    let run_archive = run_archive(init, &config).context("cannot build the init archive")?;
+    let run_archive = run_archive(&init, &config).context("cannot build the init archive")?;
     Ok((root, run_archive, config.args))
 }
 
