@@ -879,7 +879,17 @@ mod tests {
             std::thread::yield_now();
         }
         assert_eq!(rx_used_elem(&mem, 0), (0, 4));
-        assert_eq!(irq.read().expect("interrupt"), 1);
+        // The io thread publishes the used entry, then signals: wait for the signal too.
+        let signalled = loop {
+            match irq.read() {
+                Ok(count) => break count,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "no interrupt after the delivery");
+                    std::thread::yield_now();
+                }
+            }
+        };
+        assert_eq!(signalled, 1);
 
         // A sender far ahead of the guest (the cap is 64 bytes) while the guest reposts
         // buffers and notifies, as Linux does: every byte arrives once, in order.
