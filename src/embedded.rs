@@ -43,6 +43,7 @@ pub fn release_pages() {
 }
 
 /// `MADV_DONTNEED` on the whole pages inside `bytes`.
+#[cfg(katalite_embedded)]
 fn release(bytes: &'static [u8]) {
     const PAGE: usize = 4096;
     let start = (bytes.as_ptr() as usize).next_multiple_of(PAGE);
