@@ -58,6 +58,8 @@ struct State {
     done: bool,
     /// A producer found the queue full and waits for `room`.
     wants_room: bool,
+    /// A producer wants `room` signalled when the writer next takes a chunk.
+    wants_take: bool,
     /// Bytes dropped because the queue was full ([`OutputSender::push_or_drop`]).
     dropped: u64,
 }
@@ -145,6 +147,20 @@ impl OutputSender {
         false
     }
 
+    /// Asks for the `room` eventfd to be signalled when the writer next takes a chunk
+    /// off the queue, and returns true; returns false (asking nothing) when no chunk is
+    /// queued, as then no take is coming. A device that keeps the guest's notifications
+    /// off while it streams uses this to run its queue again as soon as the writer is
+    /// ready for the next batch.
+    pub(crate) fn wake_on_take(&self) -> bool {
+        let mut state = self.state();
+        if state.done || state.chunks.is_empty() || self.shared.room.is_none() {
+            return false;
+        }
+        state.wants_take = true;
+        true
+    }
+
     /// Blocks until the queue has room (or the writer is gone).
     pub(crate) fn wait_for_room(&self) {
         let mut state = self.state();
@@ -213,6 +229,9 @@ fn write_all_queued(shared: &Shared, mut out: Box<dyn Write + Send>) {
             let mut state = lock();
             loop {
                 if let Some(chunk) = state.chunks.pop_front() {
+                    if std::mem::take(&mut state.wants_take) {
+                        signal_room(shared);
+                    }
                     break chunk;
                 }
                 if state.closed {
@@ -233,12 +252,17 @@ fn write_all_queued(shared: &Shared, mut out: Box<dyn Write + Send>) {
         // rather than one chunk per wake-up.
         if state.wants_room && state.bytes <= shared.capacity / 2 {
             state.wants_room = false;
-            if let Some(room) = &shared.room {
-                // Only fails if the counter would overflow, and then the worker is awake.
-                let _ = room.write(1);
-            }
+            signal_room(shared);
         }
         shared.taken.notify_all();
+    }
+}
+
+/// Wakes the producing device's worker through the `room` eventfd.
+fn signal_room(shared: &Shared) {
+    if let Some(room) = &shared.room {
+        // Only fails if the counter would overflow, and then the worker is awake.
+        let _ = room.write(1);
     }
 }
 

@@ -115,14 +115,48 @@ impl Console {
     /// (only read, §2.7.8). Once the writer is full the rest wait in the ring, where the
     /// guest's driver sees them pending, until the writer signals room on the console's
     /// notify eventfd and the worker runs the queue again.
+    ///
+    /// While output streams, the guest's notifications are off (VRING_USED_F_NO_NOTIFY,
+    /// §2.7.10) and the writer wakes the worker when it takes the batch just handed over,
+    /// so the worker gathers what the guest queued meanwhile in one pass: a guest writing
+    /// a stream exits to the VMM about once per batch, not once per 32 KiB buffer. When a
+    /// pass finds nothing, notifications go back on (and the ring is looked at once more
+    /// for a buffer that raced them).
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
         let mut used = false;
+        loop {
+            let (took, stalled) = self.take_transmitted(queue, mem)?;
+            used |= took;
+            if stalled {
+                break;
+            }
+            if took && self.out.wake_on_take() {
+                queue.disable_notification(mem)?;
+                break;
+            }
+            if !queue.enable_notification(mem)? {
+                break;
+            }
+        }
+        Ok(used)
+    }
+
+    /// One pass of [`transmit`](Self::transmit): whether buffers were used, and whether
+    /// some were left because the writer is full.
+    fn take_transmitted(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+    ) -> Result<(bool, bool), DeviceError> {
+        let mut used = false;
+        let mut stalled = false;
         self.stalled.store(false, Ordering::Release);
         for _ in 0..queue.size() {
             if !self.out.has_room() {
                 self.flush();
                 if !self.out.wake_when_room() {
                     self.stalled.store(true, Ordering::Release);
+                    stalled = true;
                     break;
                 }
             }
@@ -135,7 +169,7 @@ impl Console {
             used = true;
         }
         self.flush();
-        Ok(used)
+        Ok((used, stalled))
     }
 
     /// Appends the device-readable bytes of `chain` (up to [`MAX_CHAIN_BYTES`]) to the
@@ -525,6 +559,57 @@ mod tests {
         open.send(()).expect("open");
         writer.finish(true);
         assert_eq!(written.lock().expect("lock").len(), 6 * 64);
+    }
+
+    #[test]
+    fn streaming_output_turns_notifications_off_until_a_pass_finds_nothing() {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+        // VRING_USED_F_NO_NOTIFY in the used ring's flags.
+        let mem = guest_memory();
+        let notifications_off = |vq: &MockSplitQueue<GuestMemory>| {
+            let flags: u16 = mem.read_obj(vq.used_addr()).expect("used flags");
+            u16::from_le(flags) & 1 == 1
+        };
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        mem.write_slice(&[b'x'; 64], GuestAddress(DATA_ADDR))
+            .expect("write");
+        let chains = |first: u16, count: u16| {
+            let descs: Vec<_> = (0..count).map(|_| desc(DATA_ADDR, 64, 0, 0)).collect();
+            vq.add_desc_chains(&descs, first).expect("chains");
+        };
+        let (open, gate) = std::sync::mpsc::channel();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let room = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let writer = HostWriter::start(
+            "test-console",
+            Box::new(Gated(gate, written.clone())),
+            1 << 20,
+            Some(room.try_clone().expect("clone")),
+        )
+        .expect("writer");
+        let mut console = Console::new(writer.sender(), ConsoleInput::new());
+
+        // The writer blocks in its first write; the second batch waits in its queue, so a
+        // take is coming: the guest need not notify buffers it adds meanwhile.
+        chains(0, 2);
+        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        chains(2, 2);
+        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert!(notifications_off(&vq));
+
+        open.send(()).expect("open");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while room.read().is_err() {
+            assert!(std::time::Instant::now() < deadline, "take never signalled");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The rerun finds the ring empty: notifications go back on.
+        assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert!(!notifications_off(&vq));
+        open.send(()).expect("open");
+        writer.finish(true);
+        assert_eq!(written.lock().expect("lock").len(), 4 * 64);
     }
 
     /// `count` writable receive buffers of `len` bytes, one chain each, at DATA_ADDR +
