@@ -83,6 +83,18 @@ pub struct Frame {
     pub message: Message,
 }
 
+/// The header of a `Stdout` (or, with `stderr`, `Stderr`) frame of `len` payload bytes on
+/// `stream`, for a sender that reads the payload straight into place behind it. `len` must
+/// be at most [`MAX_PAYLOAD`].
+pub fn output_header(stream: u32, stderr: bool, len: usize) -> [u8; HEADER_LEN] {
+    debug_assert!(len <= MAX_PAYLOAD);
+    let mut header = [0u8; HEADER_LEN];
+    header[0] = if stderr { KIND_STDERR } else { KIND_STDOUT };
+    header[1..5].copy_from_slice(&stream.to_le_bytes());
+    header[5..].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    header
+}
+
 /// Appends the encoding of `message` on `stream` to `out`. Data larger than
 /// [`MAX_PAYLOAD`] is split into several frames (an `Exec` payload must not be: the sender
 /// checks its size first, see [`Message::Exec`]).
@@ -238,6 +250,22 @@ mod tests {
         let decoded: Vec<Message> = frames.iter().map(|f| f.message.clone()).collect();
         assert_eq!(decoded, messages);
         assert_eq!(frames[4].stream, 4);
+    }
+
+    #[test]
+    fn an_output_header_matches_the_encoding_of_its_frame() {
+        for (stderr, message) in [
+            (false, Message::Stdout(vec![1, 2, 3])),
+            (true, Message::Stderr(vec![9; MAX_PAYLOAD])),
+        ] {
+            let (Message::Stdout(data) | Message::Stderr(data)) = &message else {
+                unreachable!()
+            };
+            let mut encoded = Vec::new();
+            encode(7, &message, &mut encoded);
+            assert_eq!(encoded[..HEADER_LEN], output_header(7, stderr, data.len()));
+            assert_eq!(&encoded[HEADER_LEN..], &data[..]);
+        }
     }
 
     #[test]

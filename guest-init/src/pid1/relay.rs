@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Instant;
 
-use guest_init::channel::{encode, ChannelError, Decoder, Message, HEADER_LEN, MAX_PAYLOAD};
+use guest_init::channel::{
+    encode, output_header, ChannelError, Decoder, Message, HEADER_LEN, MAX_PAYLOAD,
+};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::unistd::{read, write};
@@ -355,27 +357,49 @@ impl Relay {
         }
     }
 
-    /// Reads one chunk of a session's output into a frame on its stream.
+    /// Reads a session's output into frames on its stream, straight into the outgoing
+    /// buffer behind each frame's header: while the pipe yields whole frames and the
+    /// bound allows, so a full pipe becomes several frames (one channel write) per turn.
     fn read_output(&mut self, stream: u32, stderr: bool) -> bool {
+        let mut moved = false;
         // Several sessions may be ready in one turn: each read keeps to the bound.
-        if !self.has_room() {
-            return false;
+        while self.has_room() {
+            let Some(session) = self.sessions.get_mut(&stream) else {
+                break;
+            };
+            if self.channel_broken {
+                // Output is discarded, but still read so the process never blocks on it.
+                match session.read_output(stderr, &mut self.scratch) {
+                    Output::Data(_) => {
+                        moved = true;
+                        continue;
+                    }
+                    Output::Nothing => break,
+                }
+            }
+            if self.sent > 0 {
+                self.outgoing.drain(..self.sent);
+                self.sent = 0;
+            }
+            let start = self.outgoing.len();
+            let payload = start + HEADER_LEN;
+            self.outgoing.resize(payload + MAX_PAYLOAD, 0);
+            let n = match session.read_output(stderr, &mut self.outgoing[payload..]) {
+                Output::Data(n) => n,
+                Output::Nothing => {
+                    self.outgoing.truncate(start);
+                    break;
+                }
+            };
+            self.outgoing.truncate(payload + n);
+            self.outgoing[start..payload].copy_from_slice(&output_header(stream, stderr, n));
+            moved = true;
+            if n < MAX_PAYLOAD {
+                // The pipe is empty for now; poll says when it has more.
+                break;
+            }
         }
-        let Some(session) = self.sessions.get_mut(&stream) else {
-            return false;
-        };
-        let n = match session.read_output(stderr, &mut self.scratch) {
-            Output::Data(n) => n,
-            Output::Nothing => return false,
-        };
-        let data = self.scratch[..n].to_vec();
-        let message = if stderr {
-            Message::Stderr(data)
-        } else {
-            Message::Stdout(data)
-        };
-        self.queue(stream, message);
-        true
+        moved
     }
 
     /// Appends a frame to the outgoing buffer (dropped once the channel is broken).

@@ -106,8 +106,8 @@ pub fn stdio(tty: bool, open_stdin: bool) -> Result<(ChildStdio, Streams), Workl
         };
         return Ok((child, streams));
     }
-    let (stdout_read, stdout_write) = pipe()?;
-    let (stderr_read, stderr_write) = pipe()?;
+    let (stdout_read, stdout_write) = output_pipe()?;
+    let (stderr_read, stderr_write) = output_pipe()?;
     let (stdin_child, stdin_ours) = if open_stdin {
         let (read, write) = pipe()?;
         nonblocking(&write)?;
@@ -199,6 +199,20 @@ fn exec_error(program: &str, err: &io::Error) -> ExecError {
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), WorkloadError> {
     pipe2(OFlag::O_CLOEXEC).map_err(WorkloadError::Stdio)
+}
+
+/// Bytes an output pipe holds before the process writing it blocks. Linux's default is
+/// 64 KiB: a program streaming output in 4 KiB writes then hands init 16 writes per wake-up;
+/// at 1 MiB (root's default pipe-max-size) init reads whole frames and the channel sees few,
+/// large writes. The kernel allocates the pages only as the pipe fills.
+const OUTPUT_PIPE_BYTES: libc::c_int = 1 << 20;
+
+/// A pipe for the process's stdout or stderr, enlarged where the kernel allows (a smaller
+/// pipe only costs speed, so a refusal is ignored).
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), WorkloadError> {
+    let (read, write) = pipe()?;
+    let _ = fcntl(&read, FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_BYTES));
+    Ok((read, write))
 }
 
 fn nonblocking(fd: &OwnedFd) -> Result<(), WorkloadError> {
