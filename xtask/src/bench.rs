@@ -64,6 +64,9 @@ pub struct Args {
     /// Only the volume comparison in the lab (like `--network-only`).
     #[arg(long, hide = true, conflicts_with_all = ["readme", "network_only"])]
     volumes_only: bool,
+    /// Only stdout throughput and the network comparison it is measured against.
+    #[arg(long, hide = true, conflicts_with_all = ["readme", "network_only", "volumes_only"])]
+    stdout_only: bool,
 }
 
 /// Runs every measurement and writes the report files.
@@ -79,6 +82,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     settings.network_only = args.network_only;
     settings.volumes_only = args.volumes_only;
+    settings.stdout_only = args.stdout_only;
     let host_load_1m = load_average();
 
     let runner = build_runner(&root)?;
@@ -96,7 +100,7 @@ pub fn run(args: &Args) -> Result<()> {
         init_bytes: host::file_bytes(&target.join("guest/katalite-init"))?,
     };
 
-    let host = if args.network_only || args.volumes_only {
+    let host = if args.network_only || args.volumes_only || args.stdout_only {
         HostFigures::default()
     } else {
         measure_host(&root, &katalite, &out, if args.full { 5 } else { 3 })?
@@ -186,7 +190,7 @@ fn assemble(
     host_load_1m: Option<f64>,
 ) -> Report {
     // `--network-only` ran no other lab job: asking for them would only list errors.
-    let vm = !settings.network_only && !settings.volumes_only;
+    let vm = !settings.network_only && !settings.volumes_only && !settings.stdout_only;
     let boot = if vm { lab.boot() } else { None };
     let mut compression = BTreeMap::new();
     for (image, variants) in host.compression {
@@ -203,7 +207,7 @@ fn assemble(
         compression.insert(image, compressed);
     }
     let memory = if vm { lab.memory() } else { None };
-    let throughput = if vm {
+    let throughput = if vm || settings.stdout_only {
         throughput::throughput(&mut lab, settings)
     } else {
         None
@@ -223,7 +227,7 @@ fn assemble(
     } else {
         net::network(&mut lab, settings)
     };
-    let volumes = if settings.network_only {
+    let volumes = if settings.network_only || settings.stdout_only {
         None
     } else {
         volumes::volumes(&mut lab)

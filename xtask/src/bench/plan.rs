@@ -80,6 +80,8 @@ pub struct Settings {
     pub volume_rounds: u32,
     /// Only the volume comparison (`bench --volumes-only`).
     pub volumes_only: bool,
+    /// Only stdout throughput and the network jobs (`bench --stdout-only`).
+    pub stdout_only: bool,
 }
 
 impl Settings {
@@ -102,6 +104,7 @@ impl Settings {
             network_only: false,
             volume_rounds: 2,
             volumes_only: false,
+            stdout_only: false,
         }
     }
 
@@ -124,6 +127,7 @@ impl Settings {
             network_only: false,
             volume_rounds: 3,
             volumes_only: false,
+            stdout_only: false,
         }
     }
 }
@@ -335,6 +339,11 @@ pub fn plan(inputs: &LabInputs, settings: &Settings) -> Plan {
     let mut pull = strings(&["katalite", "pull", "-q", "--insecure-registry", registry]);
     pull.push(image(registry));
     let mut jobs = vec![Job::new("pull", Kind::Timed, pull, 1)];
+    if settings.stdout_only {
+        jobs.extend(throughput::jobs(inputs, settings));
+        jobs.extend(net::jobs(inputs, settings));
+        return Plan { jobs };
+    }
     if !settings.network_only && !settings.volumes_only {
         jobs.extend(vm_jobs(inputs, settings));
         jobs.extend(images::jobs(inputs, settings));
