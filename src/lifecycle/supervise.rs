@@ -17,7 +17,7 @@ use super::logfile::JsonLog;
 use super::state::{Container, NewContainer, Runtime, Status};
 use crate::attach::{Output, Session};
 use crate::cli::{Cli, Command as CliCommand, RunArgs};
-use crate::{run, volumes};
+use crate::{boot, volumes};
 
 /// What the supervisor writes on its stdout (a pipe to the launcher) once init is up.
 const BOOTED: &str = "booted";
@@ -175,7 +175,7 @@ fn execute(
 ) -> Result<u8> {
     let mut started = false;
     let mounts = container.state.mounts.clone();
-    let result = run::boot(
+    let result = boot::boot(
         args,
         &mounts,
         Session {
