@@ -1,12 +1,13 @@
-//! The boot behind `katalite run`: pack the root filesystem and the per-run init archive and
-//! boot the VM attached to a [`Session`] (the terminal, or a detached container's log).
-//! Foreground and detached runs both reach it through the container lifecycle
-//! (`lifecycle::supervise`); only the bench's `--write-initramfs` takes the images without
-//! booting.
+//! The engine's boot: a [`ContainerSpec`] becomes a VM. Packs the root filesystem and the
+//! per-run init archive (the spec's process over the image's defaults, by Docker's rules)
+//! and boots the VM attached to a [`Session`] (the terminal, or a detached container's
+//! log). Front ends boot through the container lifecycle (`lifecycle::supervise`), for
+//! foreground and detached runs alike; only the bench's `--write-initramfs` takes the
+//! images without booting.
 
 use std::borrow::Cow;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use guest_init::{MountConfig, RunConfig, CONFIG_PATH, INIT_PATH};
@@ -16,8 +17,8 @@ use vmm::host::KvmKind;
 use vmm::{DiskConfig, FsShareConfig, VmConfig};
 
 use crate::attach::{self, Session};
-use crate::cli::RunArgs;
 use crate::guest_root::{self, GuestRoot, RootDisk, ROOT_DISK};
+use crate::spec::ContainerSpec;
 use crate::volumes::{self, ResolvedMount};
 use crate::{embedded, network};
 
@@ -31,17 +32,16 @@ const GUEST_CMDLINE: &str = "noirqdebug rdinit=/.katalite/init";
 const QUIET_CMDLINE: &str = "quiet loglevel=3";
 const VERBOSE_CMDLINE: &str = "printk.time=1 loglevel=7";
 
-/// Boots the workload of `args` with its resolved `mounts` attached to `session` and
+/// Boots the workload of `spec` with its resolved `mounts` attached to `session` and
 /// returns its exit code.
-pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> Result<u8> {
-    let env_files = read_env_files(&args.env_file)?;
+pub fn boot(spec: &ContainerSpec, mounts: &[ResolvedMount], session: Session<'_>) -> Result<u8> {
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
-    let kernel = load_kernel(args.kernel.as_deref(), kvm)?;
+    let kernel = load_kernel(spec.guest.kernel.as_deref(), kvm)?;
     let (mut shares, guest_mounts) = volumes::plan(mounts)?;
-    let (root, run_archive, command) = boot_images(args, env_files, &session.id, guest_mounts)?;
-    let network = network::attach(&args.network, &args.publish)?;
+    let (root, run_archive, command) = boot_images(spec, &session.id, guest_mounts)?;
+    let network = network::attach(&spec.network.mode, &spec.network.publish)?;
 
-    let (serial, verbosity): (Box<dyn Write + Send>, _) = if args.kernel_log {
+    let (serial, verbosity): (Box<dyn Write + Send>, _) = if spec.guest.kernel_log {
         (
             Box::new(crate::guest_text::EscapedLines::new(io::stderr())),
             VERBOSE_CMDLINE,
@@ -50,7 +50,7 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
         (Box::new(ConsoleErrors::default()), QUIET_CMDLINE)
     };
     let mut cmdline = format!("{GUEST_CMDLINE} {verbosity}");
-    for arg in &args.kernel_arg {
+    for arg in &spec.guest.kernel_args {
         cmdline.push(' ');
         cmdline.push_str(arg);
     }
@@ -61,15 +61,15 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
             shares.push(FsShareConfig {
                 tag: ROOT_SHARE.into(),
                 root: dir,
-                read_only: args.read_only,
+                read_only: spec.root.read_only,
             });
             (None, Vec::new())
         }
     };
     let initramfs = rootfs.into_iter().chain([run_archive.into()]).collect();
     let vm = VmConfig {
-        vcpus: args.cpus,
-        memory_mib: args.memory,
+        vcpus: spec.resources.cpus,
+        memory_mib: spec.resources.memory_mib,
         kernel: &kernel,
         initramfs,
         cmdline: &cmdline,
@@ -82,7 +82,7 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
         shares,
         loaded: Some(Box::new(embedded::release_pages)),
     };
-    attach::run_attached(args, &command, vm, session)
+    attach::run_attached(spec, &command, vm, session)
 }
 
 /// The root filesystem and the per-run archive with init and its config (the kernel
@@ -90,8 +90,7 @@ pub fn boot(args: &RunArgs, mounts: &[ResolvedMount], session: Session<'_>) -> R
 /// (its first 12 digits are the default hostname); `mounts` are init's. Also returns the
 /// workload's argv.
 pub fn boot_images(
-    args: &RunArgs,
-    env_files: Vec<String>,
+    spec: &ContainerSpec,
     id: &str,
     mounts: Vec<MountConfig>,
 ) -> Result<(GuestRoot, Vec<u8>, Vec<String>)> {
@@ -100,9 +99,9 @@ pub fn boot_images(
             "this katalite was built without its guest init: run `cargo xtask build-guest`, then rebuild",
         )?
         .context("cannot decompress the embedded guest init")?;
-    let (root, image_config) = guest_root::prepare(args)?;
+    let (root, image_config) = guest_root::prepare(spec)?;
     let short_id = &id[..id.len().min(12)];
-    let mut config = run_config(args, &image_config, env_files, short_id)?;
+    let mut config = run_config(spec, &image_config, short_id)?;
     config.mounts = mounts;
     match root {
         GuestRoot::Disk(_) => config.root_disk = Some(ROOT_DISK.to_string()),
@@ -141,115 +140,47 @@ fn root_disk_config(disk: RootDisk) -> DiskConfig {
 /// Corrupt blocks named on stderr per run; a wholly damaged image need not flood the log.
 const MAX_REPORTED_BLOCKS: usize = 16;
 
-/// The archives laid out as the VMM places them in guest memory (vmm's x86 `boot.rs`):
-/// each one zero-padded to a multiple of 4 bytes, as the kernel's unpacker expects
-/// between concatenated archives (Documentation/driver-api/early-userspace/buffer-format.rst).
-pub fn padded_concat(parts: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for part in parts {
-        out.extend_from_slice(part);
-        out.resize(out.len().next_multiple_of(4), 0);
-    }
-    out
-}
-
-/// A random 12-hex-digit id for a run that keeps no state (`--write-initramfs`).
-pub fn container_id() -> Result<String> {
-    let mut bytes = [0u8; 6];
-    getrandom::fill(&mut bytes).context("cannot generate a container id")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// What init runs: the image's defaults overridden by the command line, by Docker's rules.
-/// `env_files` are the `--env-file` entries, which `-e` overrides.
-fn run_config(
-    args: &RunArgs,
-    image: &ImageConfig,
-    env_files: Vec<String>,
-    id: &str,
-) -> Result<RunConfig> {
-    let argv = combine_command(image, args.entrypoint.as_deref(), args.command());
+/// What init runs: the image's defaults overridden by the spec's process, by Docker's
+/// rules. `id` is the default hostname.
+fn run_config(spec: &ContainerSpec, image: &ImageConfig, id: &str) -> Result<RunConfig> {
+    let process = &spec.process;
+    let argv = combine_command(image, process.entrypoint.as_deref(), &process.command);
     if argv.is_empty() {
         bail!("no command specified (the image has no entrypoint or command)");
     }
-    let host_env = |name: &str| std::env::var(name).ok();
-    let overrides: Vec<String> = env_files.into_iter().chain(args.env.clone()).collect();
-    let hostname = args.hostname.as_ref().or(args.name.as_ref());
     Ok(RunConfig {
         args: argv,
-        env: merge_env(&image.env, &overrides, host_env),
-        working_dir: args
-            .workdir
+        env: merge_env(&image.env, &process.env),
+        working_dir: process
+            .working_dir
             .clone()
             .unwrap_or_else(|| image.working_dir.clone()),
-        hostname: hostname.cloned().unwrap_or_else(|| id.to_string()),
+        hostname: process.hostname.clone().unwrap_or_else(|| id.to_string()),
         // `-u ""` leaves the image's user, as in Docker.
-        user: match &args.user {
+        user: match &process.user {
             Some(user) if !user.is_empty() => user.clone(),
             _ => image.user.clone(),
         },
-        tty: args.tty,
-        open_stdin: args.interactive,
-        read_only: args.read_only,
-        boot_probe: args.boot_probe,
-        network: network::guest_plan(&args.network),
+        tty: spec.stdio.tty,
+        open_stdin: spec.stdio.interactive,
+        read_only: spec.root.read_only,
+        boot_probe: spec.guest.boot_probe,
+        network: network::guest_plan(&spec.network.mode),
         root_disk: None,
         root_share: None,
         mounts: Vec::new(),
     })
 }
 
-/// The entries of every `--env-file`, in order.
-pub fn read_env_files(paths: &[PathBuf]) -> Result<Vec<String>> {
-    let mut env = Vec::new();
-    for path in paths {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read env file {}", path.display()))?;
-        let entries = parse_env_file(&text, |name| std::env::var(name).ok())
-            .with_context(|| format!("invalid env file {}", path.display()))?;
-        env.extend(entries);
-    }
-    Ok(env)
-}
-
-/// Docker's env-file format: `NAME=VALUE` lines (the value verbatim), `NAME` alone for the
-/// host's value (skipped when unset), blank lines and `#` comments skipped, leading
-/// whitespace ignored, a name containing whitespace refused.
-fn parse_env_file(text: &str, host: impl Fn(&str) -> Option<String>) -> Result<Vec<String>> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut env = Vec::new();
-    for line in text.lines().map(str::trim_start) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, value) = match line.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
-            None => (line, None),
-        };
-        if name.contains([' ', '\t']) {
-            bail!("variable '{name}' contains whitespaces");
-        }
-        if name.is_empty() {
-            bail!("no variable name on line '{line}'");
-        }
-        match value {
-            Some(value) => env.push(format!("{name}={value}")),
-            None => env.extend(host(name).map(|value| format!("{name}={value}"))),
-        }
-    }
-    Ok(env)
-}
-
-/// Docker's entrypoint/cmd rules: `--entrypoint` replaces the image's entrypoint and drops
-/// its cmd (an empty `--entrypoint` clears it); command-line arguments replace the cmd.
+/// Docker's entrypoint/cmd rules: an entrypoint replaces the image's and drops its cmd
+/// (an empty one clears it); a command replaces the cmd.
 fn combine_command(
     image: &ImageConfig,
-    entrypoint: Option<&str>,
+    entrypoint: Option<&[String]>,
     command: &[String],
 ) -> Vec<String> {
     let (entrypoint, default_cmd) = match entrypoint {
-        Some("") => (Vec::new(), Vec::new()),
-        Some(program) => (vec![program.to_string()], Vec::new()),
+        Some(entrypoint) => (entrypoint.to_vec(), Vec::new()),
         None => (image.entrypoint.clone(), image.cmd.clone()),
     };
     let cmd = if command.is_empty() {
@@ -260,25 +191,15 @@ fn combine_command(
     entrypoint.into_iter().chain(cmd).collect()
 }
 
-/// The image's environment with `-e` entries applied in order: `NAME=value` sets,
-/// `NAME` alone copies the host's value (and is dropped when the host has none).
-fn merge_env(
-    image: &[String],
-    overrides: &[String],
-    host: impl Fn(&str) -> Option<String>,
-) -> Vec<String> {
+/// The image's environment with the spec's `NAME=value` entries applied in order: each
+/// replaces the image's (or an earlier entry's) value of that name.
+fn merge_env(image: &[String], overrides: &[String]) -> Vec<String> {
+    let name = |entry: &str| entry.split_once('=').map_or(entry, |(n, _)| n).to_string();
     let mut env: Vec<String> = image.to_vec();
     for entry in overrides {
-        let entry = match entry.split_once('=') {
-            Some(_) => entry.clone(),
-            None => match host(entry) {
-                Some(value) => format!("{entry}={value}"),
-                None => continue,
-            },
-        };
-        let name = entry.split_once('=').map_or(entry.as_str(), |(n, _)| n);
-        env.retain(|e| e.split_once('=').map_or(e.as_str(), |(n, _)| n) != name);
-        env.push(entry);
+        let key = name(entry);
+        env.retain(|e| name(e) != key);
+        env.push(entry.clone());
     }
     env
 }
@@ -374,46 +295,21 @@ impl Write for ConsoleErrors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{GuestSpec, ProcessSpec, RootSpec, StdioSpec};
 
-    #[test]
-    fn env_files_read_as_docker_reads_them() {
-        let host = |name: &str| (name == "HOSTVAR").then(|| "from host".to_string());
-        let text = "\u{feff}# a comment\n\nA=1\n  B= spaced value \nHOSTVAR\nUNSET\r\nC=x=y\n\t#x\nEMPTY=\n";
-        let env = parse_env_file(text, host).expect("valid");
-        assert_eq!(
-            env,
-            strings(&[
-                "A=1",
-                "B= spaced value ",
-                "HOSTVAR=from host",
-                "C=x=y",
-                "EMPTY="
-            ])
-        );
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
     }
 
-    #[test]
-    fn env_file_names_must_be_clean() {
-        let none = |_: &str| None;
-        let err = parse_env_file("MY VAR=1\n", none).expect_err("space in name");
-        assert_eq!(err.to_string(), "variable 'MY VAR' contains whitespaces");
-        let err = parse_env_file("=1\n", none).expect_err("no name");
-        assert_eq!(err.to_string(), "no variable name on line '=1'");
-        assert!(parse_env_file("TRAILING \n", none).is_err());
-    }
-
-    fn args(argv: &[&str]) -> RunArgs {
-        use clap::Parser;
-        let cli = crate::cli::Cli::try_parse_from(["katalite", "run"].iter().chain(argv))
-            .expect("valid arguments");
-        match cli.command {
-            crate::cli::Command::Run(run) => *run,
-            _ => panic!("not a run"),
+    fn spec(process: ProcessSpec) -> ContainerSpec {
+        ContainerSpec {
+            process,
+            ..ContainerSpec::default()
         }
     }
 
     #[test]
-    fn the_command_line_overrides_the_image_config() {
+    fn the_spec_overrides_the_image_config() {
         let image = ImageConfig {
             cmd: strings(&["sh"]),
             env: strings(&["PATH=/bin", "A=image", "F=image"]),
@@ -421,66 +317,61 @@ mod tests {
             user: "nobody".into(),
             ..ImageConfig::default()
         };
-        let run = args(&[
-            "-e",
-            "A=cli",
-            "-w",
-            "/cli",
-            "-u",
-            "1000:1000",
-            "-it",
-            "--read-only",
-            "img",
-        ]);
-        let config =
-            run_config(&run, &image, strings(&["F=file", "A=file"]), "0123456789ab").expect("ok");
+        let run = ContainerSpec {
+            process: ProcessSpec {
+                env: strings(&["F=file", "A=file", "A=cli"]),
+                working_dir: Some("/cli".into()),
+                user: Some("1000:1000".into()),
+                ..ProcessSpec::default()
+            },
+            stdio: StdioSpec {
+                tty: true,
+                interactive: true,
+            },
+            root: RootSpec {
+                read_only: true,
+                ..RootSpec::default()
+            },
+            ..ContainerSpec::default()
+        };
+        let config = run_config(&run, &image, "0123456789ab").expect("ok");
         assert_eq!(config.env, strings(&["PATH=/bin", "F=file", "A=cli"]));
         assert_eq!(config.working_dir, "/cli");
         assert_eq!(config.user, "1000:1000");
         assert!(config.tty && config.open_stdin && config.read_only);
         assert_eq!(config.hostname, "0123456789ab");
+        assert_eq!(config.args, strings(&["sh"]));
 
-        let config = run_config(&args(&["img"]), &image, Vec::new(), "id").expect("ok");
+        let config = run_config(&ContainerSpec::default(), &image, "id").expect("ok");
         assert_eq!(
             (config.user.as_str(), config.working_dir.as_str()),
             ("nobody", "/image")
         );
         assert!(!config.tty && !config.open_stdin && !config.read_only && !config.boot_probe);
-        let config = run_config(&args(&["--boot-probe", "img"]), &image, Vec::new(), "id");
-        assert!(config.expect("ok").boot_probe);
-        let config = run_config(&args(&["-u", "", "img"]), &image, Vec::new(), "id").expect("ok");
+        let probing = ContainerSpec {
+            guest: GuestSpec {
+                boot_probe: true,
+                ..GuestSpec::default()
+            },
+            ..ContainerSpec::default()
+        };
+        assert!(run_config(&probing, &image, "id").expect("ok").boot_probe);
+        let empty_user = spec(ProcessSpec {
+            user: Some(String::new()),
+            ..ProcessSpec::default()
+        });
+        let config = run_config(&empty_user, &image, "id").expect("ok");
         assert_eq!(config.user, "nobody");
-    }
-
-    #[test]
-    fn hostname_is_the_flag_then_the_name_then_the_id() {
-        let image = ImageConfig {
-            cmd: strings(&["sh"]),
-            ..ImageConfig::default()
-        };
-        let hostname = |argv: &[&str]| {
-            run_config(&args(argv), &image, Vec::new(), "c0ffee123456")
-                .expect("ok")
-                .hostname
-        };
-        assert_eq!(hostname(&["-h", "box", "--name", "web", "img"]), "box");
-        assert_eq!(hostname(&["--name", "web", "img"]), "web");
-        assert_eq!(hostname(&["img"]), "c0ffee123456");
-    }
-
-    #[test]
-    fn container_ids_are_random_12_hex() {
-        let a = container_id().expect("id");
-        let b = container_id().expect("id");
-        assert_eq!(a.len(), 12);
-        assert!(a
-            .bytes()
-            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
-        assert_ne!(a, b);
-    }
-
-    fn strings(items: &[&str]) -> Vec<String> {
-        items.iter().map(|s| s.to_string()).collect()
+        let named = spec(ProcessSpec {
+            hostname: Some("box".into()),
+            ..ProcessSpec::default()
+        });
+        assert_eq!(
+            run_config(&named, &image, "id").expect("ok").hostname,
+            "box"
+        );
+        let nothing = run_config(&ContainerSpec::default(), &ImageConfig::default(), "id");
+        assert!(nothing.is_err(), "no command at all");
     }
 
     #[test]
@@ -490,6 +381,7 @@ mod tests {
             cmd: strings(&["default"]),
             ..ImageConfig::default()
         };
+        let other = strings(&["/other"]);
         assert_eq!(
             combine_command(&image, None, &[]),
             strings(&["/entry", "-x", "default"])
@@ -499,15 +391,15 @@ mod tests {
             strings(&["/entry", "-x", "mine"])
         );
         assert_eq!(
-            combine_command(&image, Some("/other"), &[]),
+            combine_command(&image, Some(&other), &[]),
             strings(&["/other"])
         );
         assert_eq!(
-            combine_command(&image, Some("/other"), &strings(&["a"])),
+            combine_command(&image, Some(&other), &strings(&["a"])),
             strings(&["/other", "a"])
         );
         assert_eq!(
-            combine_command(&image, Some(""), &strings(&["sh"])),
+            combine_command(&image, Some(&[]), &strings(&["sh"])),
             strings(&["sh"])
         );
         let cmd_only = ImageConfig {
@@ -523,21 +415,10 @@ mod tests {
     }
 
     #[test]
-    fn env_overrides_by_name_and_copies_host_values() {
+    fn env_overrides_by_name_in_order() {
         let image = strings(&["PATH=/bin", "A=1"]);
-        let host = |name: &str| (name == "HOSTVAR").then(|| "h".to_string());
-        let env = merge_env(
-            &image,
-            &strings(&["A=2", "HOSTVAR", "MISSING", "B=x=y"]),
-            host,
-        );
-        assert_eq!(env, strings(&["PATH=/bin", "A=2", "HOSTVAR=h", "B=x=y"]));
-    }
-
-    #[test]
-    fn written_initramfs_pads_each_archive_to_4_bytes() {
-        assert_eq!(padded_concat(&[b"abcde", b"fg"]), b"abcde\0\0\0fg\0\0");
-        assert_eq!(padded_concat(&[b"abcd", b""]), b"abcd");
+        let env = merge_env(&image, &strings(&["A=2", "HOSTVAR=h", "B=x=y", "A=3"]));
+        assert_eq!(env, strings(&["PATH=/bin", "HOSTVAR=h", "B=x=y", "A=3"]));
     }
 
     #[test]

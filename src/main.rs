@@ -15,6 +15,7 @@ mod lifecycle;
 mod network;
 mod run;
 mod signals;
+mod spec;
 mod stdio;
 mod terminal;
 mod volumes;
