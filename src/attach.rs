@@ -12,10 +12,10 @@ use guest_init::channel::Message;
 use guest_init::GuestStatus;
 use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
 
-use crate::cli::RunArgs;
 use crate::exec::{self, Router};
 use crate::lifecycle::control::{ControlServer, Target};
 use crate::lifecycle::logfile::{SharedLog, Stream, Tee};
+use crate::spec::{ContainerSpec, StdioSpec};
 use crate::stdio::{self, Demux, Event, Fault, ToGuest};
 use crate::{confine, signals, terminal};
 
@@ -89,13 +89,13 @@ impl Ending {
 /// with `-t` the terminal size) to the guest, the host terminal raw with `-it` in the
 /// foreground, the control socket served while the VM runs.
 pub fn run_attached(
-    args: &RunArgs,
+    spec: &ContainerSpec,
     command: &[String],
     mut vm: VmConfig<'_>,
     session: Session<'_>,
 ) -> Result<u8> {
     // Before the run's first thread: every thread confines itself as it starts.
-    let mode = if args.seccomp_unconfined() {
+    let mode = if spec.seccomp_unconfined {
         confine::Mode::Unconfined
     } else {
         confine::Mode::Enforce
@@ -121,7 +121,7 @@ pub fn run_attached(
     };
     // Init waits for the first size before starting a terminal workload; 0x0 is what
     // Docker's terminal gets without a host terminal.
-    let first_size = args.tty.then(|| {
+    let first_size = spec.stdio.tty.then(|| {
         let (rows, cols) = terminal::size().unwrap_or((0, 0));
         Message::Resize { rows, cols }
     });
@@ -132,12 +132,12 @@ pub fn run_attached(
             ending.stop(StopCause::Killed);
         }
     };
-    let timeout = Duration::from_secs(args.stop_timeout);
+    let timeout = Duration::from_secs(spec.stop_timeout_secs);
     let send = {
         let to_guest = to_guest.clone();
         move |message: Message| to_guest.send(&message)
     };
-    let forwarder = signals::Forwarder::start(args.tty, timeout, first_size, send, kill)
+    let forwarder = signals::Forwarder::start(spec.stdio.tty, timeout, first_size, send, kill)
         .context("cannot catch signals")?;
     let attached = matches!(session.output, Output::Terminal(_));
     let socket = session.control.as_ref();
@@ -145,7 +145,7 @@ pub fn run_attached(
         let on_start = session.on_start;
         let begin = || -> Result<Option<terminal::RawMode>> {
             let raw = if attached {
-                attach_host_input(args, &to_guest)?
+                attach_host_input(spec.stdio, &to_guest)?
             } else {
                 None
             };
@@ -237,11 +237,11 @@ fn serve_control(
 }
 
 /// With `-i`, starts feeding the host's stdin to the guest, in raw mode when `-t` too.
-fn attach_host_input(args: &RunArgs, to_guest: &ToGuest) -> Result<Option<terminal::RawMode>> {
-    if !args.interactive {
+fn attach_host_input(stdio: StdioSpec, to_guest: &ToGuest) -> Result<Option<terminal::RawMode>> {
+    if !stdio.interactive {
         return Ok(None);
     }
-    let raw = if args.tty {
+    let raw = if stdio.tty {
         let raw =
             terminal::RawMode::enter(io::stdin()).context("cannot put the terminal in raw mode")?;
         Some(raw)

@@ -15,8 +15,8 @@ use imagebuilder::progress::Progress;
 use imagebuilder::source::PullPolicy;
 use vmm::{BlockHashes, InitramfsPart};
 
-use crate::cli::{ImageRoot, RunArgs};
 use crate::image_cmds;
+use crate::spec::{ContainerSpec, RootDelivery, RootSource};
 
 /// The guest's block device name of the first disk, which holds the image.
 pub const ROOT_DISK: &str = "vda";
@@ -62,32 +62,37 @@ pub struct RootDisk {
     pub block_hashes: BlockHashes,
 }
 
-/// The root filesystem `args` asks for and the image's config (empty for a directory).
-pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
-    if let Some(dir) = &args.rootfs {
-        // `--write-initramfs` and the bench's `--image-root initramfs` still pack it.
-        if args.write_initramfs.is_none() && args.image_root == ImageRoot::Disk {
-            let dir = shared_root(dir)?;
-            return Ok((GuestRoot::Share(dir), ImageConfig::default()));
+/// The root filesystem `spec` asks for and the image's config (empty for a directory).
+pub fn prepare(spec: &ContainerSpec) -> Result<(GuestRoot, ImageConfig)> {
+    let memory = spec.resources.memory_mib;
+    let disk_path = spec.root.delivery == RootDelivery::Disk;
+    let (reference, pull, fetch) = match &spec.root.source {
+        RootSource::Rootfs { path: dir } => {
+            // `--write-initramfs` and the bench's `--image-root initramfs` still pack it.
+            if disk_path {
+                let dir = shared_root(dir)?;
+                return Ok((GuestRoot::Share(dir), ImageConfig::default()));
+            }
+            let archive =
+                imagebuilder::pack_dir(dir, &imagebuilder::limits::Limits::default(), Vec::new())
+                    .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
+            check_initramfs_fits(archive.len() as u64, 2, memory)?;
+            return Ok((GuestRoot::Archive(archive.into()), ImageConfig::default()));
         }
-        let archive =
-            imagebuilder::pack_dir(dir, &imagebuilder::limits::Limits::default(), Vec::new())
-                .with_context(|| format!("cannot pack root filesystem {}", dir.display()))?;
-        check_initramfs_fits(archive.len() as u64, 2, args.memory)?;
-        return Ok((GuestRoot::Archive(archive.into()), ImageConfig::default()));
-    }
-    let Some(reference) = args.image() else {
-        bail!("\"katalite run\" requires an image (or --rootfs DIR)");
+        RootSource::Image {
+            reference,
+            pull,
+            fetch,
+        } => (reference.as_str(), *pull, fetch),
     };
     let store = image_cmds::open_store()?;
     // Keeps a concurrent `rmi` from deleting layers while they are packed.
     let _hold = store.hold().context("cannot lock the image cache")?;
-    let disk_path = args.image_root == ImageRoot::Disk && args.write_initramfs.is_none();
     // A cached disk image is all a start needs: the layers are re-hashed (O(image) work)
     // only when they are about to be read to build one.
-    let image = image_cmds::resolve_verified(&store, reference, args.pull, &args.fetch, false)?;
+    let image = image_cmds::resolve_verified(&store, reference, pull, fetch, false)?;
     // `--pull always` just fetched the image: nothing to re-hash or resolve again.
-    let fetched = args.pull == PullPolicy::Always;
+    let fetched = pull == PullPolicy::Always;
     if disk_path {
         let cached = cached_disk_image(&image, store.root())
             .with_context(|| format!("cannot use the disk image of {reference}"))?;
@@ -98,9 +103,9 @@ pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
     let image = if fetched {
         image
     } else {
-        image_cmds::resolve(&store, reference, args.pull, &args.fetch)?
+        image_cmds::resolve(&store, reference, pull, fetch)?
     };
-    let progress = Progress::stderr(args.fetch.quiet);
+    let progress = Progress::stderr(fetch.quiet);
     // --write-initramfs hands the bench an initramfs, whatever the path.
     if !disk_path {
         let opts = PackOptions {
@@ -115,13 +120,13 @@ pub fn prepare(args: &RunArgs) -> Result<(GuestRoot, ImageConfig)> {
             .metadata()
             .with_context(|| format!("cannot read packed image {}", packed.display()))?
             .len();
-        check_initramfs_fits(size, INITRAMFS_EXPANSION, args.memory)?;
+        check_initramfs_fits(size, INITRAMFS_EXPANSION, memory)?;
         return Ok((
             GuestRoot::Archive(InitramfsPart::File(archive)),
             image.config,
         ));
     }
-    check_memory(args.memory)?;
+    check_memory(memory)?;
     let opts = DiskOptions {
         progress,
         ..DiskOptions::default()

@@ -1,6 +1,6 @@
 //! `katalite pull`, `katalite images`, `katalite rmi`, and the image resolution behind
 //! `katalite run IMAGE`: argument types (clap) and thin glue over `imagebuilder`'s source
-//! and store modules.
+//! and store modules. The resolution takes the spec's [`FetchOptions`], never the flags.
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -12,6 +12,8 @@ use imagebuilder::image::{Platform, PulledImage};
 use imagebuilder::progress::Progress;
 use imagebuilder::source::{self, ImageSource, PullOptions, PullPolicy};
 use imagebuilder::store::{ImageRecord, Store};
+
+use crate::spec::FetchOptions;
 
 /// How images are fetched: platform, registry one-offs, progress.
 #[derive(Args, Debug, Clone, Default)]
@@ -40,6 +42,20 @@ pub struct FetchArgs {
     /// No progress output.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+impl FetchArgs {
+    /// The flags as the engine takes them.
+    pub fn options(&self) -> FetchOptions {
+        FetchOptions {
+            platform: self.platform.clone(),
+            registries_config: self.registries_config.clone(),
+            mirrors: self.mirrors.clone(),
+            insecure: self.insecure.clone(),
+            ca: self.ca.clone(),
+            quiet: self.quiet,
+        }
+    }
 }
 
 /// `katalite pull IMAGE`.
@@ -72,7 +88,12 @@ pub struct RmiArgs {
 /// `katalite pull`: always contacts the source (blobs already cached are not fetched).
 pub fn pull(args: &PullArgs) -> Result<()> {
     let store = open_store()?;
-    let image = resolve(&store, &args.image, PullPolicy::Always, &args.fetch)?;
+    let image = resolve(
+        &store,
+        &args.image,
+        PullPolicy::Always,
+        &args.fetch.options(),
+    )?;
     println!("{} {}", image.reference, image.manifest_digest);
     Ok(())
 }
@@ -84,7 +105,7 @@ pub fn resolve(
     store: &Store,
     image: &str,
     policy: PullPolicy,
-    fetch: &FetchArgs,
+    fetch: &FetchOptions,
 ) -> Result<PulledImage> {
     resolve_verified(store, image, policy, fetch, true)
 }
@@ -95,7 +116,7 @@ pub fn resolve_verified(
     store: &Store,
     image: &str,
     policy: PullPolicy,
-    fetch: &FetchArgs,
+    fetch: &FetchOptions,
     verify_cached_layers: bool,
 ) -> Result<PulledImage> {
     let source = ImageSource::parse(image).context("invalid image")?;
@@ -125,7 +146,7 @@ pub fn open_store() -> Result<Store> {
 }
 
 /// The registry configuration: the file, then the environment, then the flags.
-fn registry_config(fetch: &FetchArgs) -> Result<RegistryConfig> {
+fn registry_config(fetch: &FetchOptions) -> Result<RegistryConfig> {
     let mut config = match &fetch.registries_config {
         Some(path) => {
             let mut config = RegistryConfig::load(path)?;
@@ -333,7 +354,7 @@ mod tests {
             ca: vec!["/ca.pem".into()],
             ..FetchArgs::default()
         };
-        let config = registry_config(&fetch).expect("valid");
+        let config = registry_config(&fetch.options()).expect("valid");
         let hosts: Vec<String> = config
             .endpoints("docker.io")
             .expect("endpoints")
@@ -347,6 +368,6 @@ mod tests {
             mirrors: vec!["nomirror".into()],
             ..FetchArgs::default()
         };
-        assert!(registry_config(&bad).is_err());
+        assert!(registry_config(&bad.options()).is_err());
     }
 }

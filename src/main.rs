@@ -2,6 +2,7 @@
 //! Exit codes follow `docker run`: the workload's own, or 125 when katalite fails.
 
 mod attach;
+mod boot;
 mod cli;
 mod confine;
 mod embedded;
@@ -14,6 +15,7 @@ mod lifecycle;
 mod network;
 mod run;
 mod signals;
+mod spec;
 mod stdio;
 mod terminal;
 mod volumes;

@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{bail, Context, Result};
 use guest_init::NetworkConfig;
+use serde::{Deserialize, Serialize};
 use vmm::net::usernet::{self, Protocol, UserNet, UserNetConfig};
 use vmm::net::Tap;
 use vmm::NetConfig;
@@ -16,7 +17,8 @@ use vmm::NetConfig;
 pub const DEFAULT_PUBLISH_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// `--network`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
     /// The built-in user-mode network (no privileges): NAT, DNS relay, published ports.
     /// The host itself (its loopback as 10.0.2.2, its own and link-local addresses) is
@@ -85,7 +87,7 @@ pub fn parse_network(text: &str) -> Result<NetworkMode, String> {
 }
 
 /// One `-p [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {
     /// The host address to listen on.
     pub host_ip: IpAddr,
@@ -94,7 +96,26 @@ pub struct PortMapping {
     /// The port inside the container.
     pub container_port: u16,
     /// TCP or UDP.
+    #[serde(with = "protocol_name")]
     pub protocol: Protocol,
+}
+
+/// [`Protocol`] as `tcp` or `udp`: the VMM's type has no serde of its own.
+mod protocol_name {
+    use serde::{de, Deserialize, Deserializer, Serializer};
+    use vmm::net::usernet::Protocol;
+
+    pub fn serialize<S: Serializer>(protocol: &Protocol, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(protocol)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Protocol, D::Error> {
+        match String::deserialize(deserializer)?.as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => Err(de::Error::custom(format!("unknown protocol {other:?}"))),
+        }
+    }
 }
 
 impl fmt::Display for PortMapping {

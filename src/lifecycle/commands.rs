@@ -333,7 +333,10 @@ pub fn inspect(args: &InspectArgs) -> Result<u8> {
     let runtime = Runtime::open()?;
     let mut found = Vec::new();
     let status = for_each(&args.containers, |key| {
-        found.push(inspect::inspect(&runtime.find(key)?.state));
+        let container = runtime.find(key)?;
+        // An entry without a readable spec (made by an older katalite) still shows its state.
+        let spec = container.spec().ok();
+        found.push(inspect::inspect(&container.state, spec.as_ref()));
         Ok(())
     });
     let mut out = io::stdout().lock();

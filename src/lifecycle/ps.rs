@@ -112,7 +112,6 @@ mod tests {
             supervisor: None,
             ports: Vec::new(),
             log_path: PathBuf::new(),
-            run_args: Vec::new(),
             auto_remove: false,
             mounts: Vec::new(),
             lost: false,

@@ -1,5 +1,8 @@
 //! Container state under the runtime dir: one `containers/<id>/state.json` per container,
 //! written atomically (temp file, fsync, rename), found by id, name or unique id prefix.
+//! Beside it `spec.json`, the [`ContainerSpec`] the container was made from: written once,
+//! before `state.json` (so an entry that lists has its spec), the same atomic way; the
+//! supervisor boots from it and `inspect` shows it.
 //! Readers check the supervisor's pid *and* its start time, so an entry whose supervisor
 //! died (or whose pid was reused) reads as exited, never as a ghost "running".
 
@@ -14,6 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::time::Timestamp;
+use crate::spec::ContainerSpec;
 use crate::volumes::ResolvedMount;
 
 /// Overrides the runtime dir (tests give each run its own).
@@ -25,6 +29,7 @@ const SYSTEM_RUNTIME_DIR: &str = "/run/katalite";
 pub const EXIT_KILLED: i32 = 137;
 
 const STATE_FILE: &str = "state.json";
+const SPEC_FILE: &str = "spec.json";
 const LOG_FILE: &str = "container.log";
 const CONTROL_SOCKET: &str = "control.sock";
 const NAMES_LOCK: &str = "names.lock";
@@ -125,9 +130,6 @@ pub struct State {
     pub ports: Vec<String>,
     /// The workload's output, Docker's json-file format.
     pub log_path: PathBuf,
-    /// The `katalite run` arguments (after `run`): the supervisor boots from them and
-    /// `inspect` shows them.
-    pub run_args: Vec<String>,
     /// `--rm`: the entry goes when the container ends.
     pub auto_remove: bool,
     /// Its volumes, bind mounts and tmpfs mounts, resolved once by `run`.
@@ -150,8 +152,8 @@ pub struct NewContainer {
     pub command: Vec<String>,
     /// Published ports as given.
     pub ports: Vec<String>,
-    /// The `run` arguments.
-    pub run_args: Vec<String>,
+    /// What the container is made from (its `spec.json`).
+    pub spec: ContainerSpec,
     /// `--rm`.
     pub auto_remove: bool,
     /// The resolved mounts.
@@ -237,6 +239,7 @@ impl Runtime {
                 );
             }
         }
+        let spec = serde_json::to_vec_pretty(&new.spec)?;
         let id = random_id()?;
         let dir = self.containers().join(&id);
         DirBuilder::new()
@@ -257,14 +260,17 @@ impl Runtime {
                 supervisor: None,
                 ports: new.ports,
                 log_path: dir.join(LOG_FILE),
-                run_args: new.run_args,
                 auto_remove: new.auto_remove,
                 mounts: new.mounts,
                 lost: false,
             },
             dir,
         };
-        if let Err(err) = container.save() {
+        let spec_path = container.dir.join(SPEC_FILE);
+        let written = write_atomically(&spec_path, &spec)
+            .with_context(|| format!("cannot write {}", spec_path.display()))
+            .and_then(|()| container.save());
+        if let Err(err) = written {
             let _ = fs::remove_dir_all(&container.dir);
             return Err(err);
         }
@@ -406,6 +412,14 @@ impl Container {
     /// Whether the VM runs now.
     pub fn is_running(&self) -> bool {
         self.state.status == Status::Running
+    }
+
+    /// The spec the container was made from.
+    pub fn spec(&self) -> Result<ContainerSpec> {
+        let path = self.dir.join(SPEC_FILE);
+        let text = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_slice(&text)
+            .with_context(|| format!("invalid container spec {}", path.display()))
     }
 
     /// Writes the state atomically: a reader sees the old file or the new one, never a
@@ -606,11 +620,20 @@ mod tests {
             (Status::Exited, Some(3))
         );
         assert!(read.state.finished.is_some() && read.state.started.is_some());
-        let names: Vec<_> = fs::read_dir(container.dir())
+        let mut names: Vec<_> = fs::read_dir(container.dir())
             .expect("dir")
             .map(|e| e.expect("entry").file_name())
             .collect();
-        assert_eq!(names, [OsString::from(STATE_FILE)]);
+        names.sort();
+        assert_eq!(
+            names,
+            [OsString::from(SPEC_FILE), OsString::from(STATE_FILE)]
+        );
+        assert_eq!(
+            container.spec().expect("spec"),
+            named("web").spec,
+            "the spec is written once, beside the state"
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! One container's life with no daemon. `run` makes the state entry, boots and records the
-//! end itself (foreground), or (`-d`) starts a supervisor — this same executable, in a
-//! session of its own — and returns once the supervisor reports that init is up. The
-//! supervisor runs the VM, logs its output and serves the control socket until it ends.
+//! One container's life with no daemon, from a [`ContainerSpec`] (whichever front end made
+//! it). The entry is made with the spec persisted beside its state; then this process boots
+//! and records the end itself (foreground), or (`-d`) starts a supervisor — this same
+//! executable, in a session of its own — and returns once the supervisor reports that init
+//! is up. The supervisor boots from the persisted spec, runs the VM, logs its output and
+//! serves the control socket until it ends.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
@@ -11,13 +13,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
 
 use super::logfile::JsonLog;
 use super::state::{Container, NewContainer, Runtime, Status};
 use crate::attach::{Output, Session};
-use crate::cli::{Cli, Command as CliCommand, RunArgs};
-use crate::{run, volumes};
+use crate::spec::ContainerSpec;
+use crate::{boot, volumes};
 
 /// What the supervisor writes on its stdout (a pipe to the launcher) once init is up.
 const BOOTED: &str = "booted";
@@ -30,8 +31,8 @@ const EXIT_RUNTIME_FAILED: i32 = 125;
 
 /// A foreground `katalite run`: the entry is made before boot, marked running with this
 /// process as its supervisor, and records the end (or goes, with `--rm`).
-pub fn foreground(args: &RunArgs) -> Result<u8> {
-    let container = create(args)?;
+pub fn foreground(spec: &ContainerSpec) -> Result<u8> {
+    let container = create(spec)?;
     let log = match JsonLog::open(&container.state.log_path) {
         Ok(log) => log.shared(),
         Err(err) => {
@@ -39,13 +40,13 @@ pub fn foreground(args: &RunArgs) -> Result<u8> {
             return Err(err).context("cannot open the container log");
         }
     };
-    execute(args, container, Output::Terminal(log), Box::new(|| {}))
+    execute(spec, container, Output::Terminal(log), Box::new(|| {}))
 }
 
 /// `katalite run -d`: makes the entry, starts the supervisor and prints the id once the
 /// VM is up. Whatever fails before that leaves no entry and exits 125.
-pub fn launch(args: &RunArgs) -> Result<u8> {
-    let container = create(args)?;
+pub fn launch(spec: &ContainerSpec) -> Result<u8> {
+    let container = create(spec)?;
     match start_supervisor(&container) {
         Ok(true) => {
             println!("{}", container.state.id);
@@ -65,13 +66,12 @@ pub fn launch(args: &RunArgs) -> Result<u8> {
 /// Makes the entry of a new container, its mounts resolved first (volumes made; the
 /// volume store stays locked until the entry records them). Anonymous volumes made for an
 /// entry that could not be made are removed again.
-fn create(args: &RunArgs) -> Result<Container> {
-    let argv = run_argv()?;
+fn create(spec: &ContainerSpec) -> Result<Container> {
     let runtime = Runtime::open()?;
-    let resolved = volumes::resolve(args)?;
+    let resolved = volumes::resolve(&spec.mounts)?;
     let new = NewContainer {
         mounts: resolved.mounts.clone(),
-        ..new_container(args, argv)
+        ..new_container(spec)
     };
     runtime
         .create(new)
@@ -127,20 +127,27 @@ fn start_supervisor(container: &Container) -> Result<bool> {
     Ok(false)
 }
 
-/// The hidden `katalite supervise ID`: boots the entry's VM from its recorded `run`
-/// arguments, its output into the log.
+/// The hidden `katalite supervise ID`: boots the entry's VM from its persisted spec, its
+/// output into the log.
 pub fn supervise(id: &str) -> Result<u8> {
     let runtime = Runtime::open()?;
-    let container = runtime.find(id)?;
-    if container.state.status != Status::Created {
-        bail!("container {id} was started already");
-    }
-    let args = parse_run_args(&container.state.run_args)?;
+    let (container, spec) = startable(&runtime, id)?;
     let log = JsonLog::open(&container.state.log_path)
         .context("cannot open the container log")?
         .shared();
     let on_ready = detach_stdio(container.dir().join(SUPERVISOR_LOG));
-    execute(&args, container, Output::Log(log), on_ready)
+    execute(&spec, container, Output::Log(log), on_ready)
+}
+
+/// The entry `id` names and its spec, if it has not started yet (a second supervisor for
+/// one container would boot a second VM).
+fn startable(runtime: &Runtime, id: &str) -> Result<(Container, ContainerSpec)> {
+    let container = runtime.find(id)?;
+    if container.state.status != Status::Created {
+        bail!("container {id} was started already");
+    }
+    let spec = container.spec()?;
+    Ok((container, spec))
 }
 
 /// Once init is up: stderr goes to the supervisor's log, the launcher hears "booted" and
@@ -168,15 +175,15 @@ fn detach_stdio(log: PathBuf) -> Box<dyn FnOnce() + Send> {
 /// with its code after (125 when katalite failed), the entry gone when the run failed
 /// before boot or with `--rm`.
 fn execute(
-    args: &RunArgs,
+    spec: &ContainerSpec,
     mut container: Container,
     output: Output,
     on_ready: Box<dyn FnOnce() + Send>,
 ) -> Result<u8> {
     let mut started = false;
     let mounts = container.state.mounts.clone();
-    let result = run::boot(
-        args,
+    let result = boot::boot(
+        spec,
         &mounts,
         Session {
             id: container.state.id.clone(),
@@ -208,73 +215,97 @@ fn execute(
     result
 }
 
-/// The fields of a new entry for `args`; `run_args` are the arguments after `run`.
-fn new_container(args: &RunArgs, run_args: Vec<String>) -> NewContainer {
-    let image = match &args.rootfs {
-        Some(dir) => dir.display().to_string(),
-        None => args.image().unwrap_or_default().to_string(),
-    };
+/// The fields of a new entry for `spec` (its mounts are resolved separately).
+fn new_container(spec: &ContainerSpec) -> NewContainer {
     NewContainer {
-        name: args.name.clone().unwrap_or_default(),
-        image,
-        command: args.command().to_vec(),
-        ports: args.publish.iter().map(ToString::to_string).collect(),
-        run_args,
-        auto_remove: args.rm,
+        name: spec.name.clone().unwrap_or_default(),
+        image: spec.image_display(),
+        command: spec.process.command.clone(),
+        ports: spec
+            .network
+            .publish
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        auto_remove: spec.auto_remove,
         mounts: Vec::new(),
-    }
-}
-
-/// This process's arguments after `katalite run`.
-fn run_argv() -> Result<Vec<String>> {
-    let mut argv = std::env::args_os().skip(1);
-    if argv.next().is_none_or(|command| command != "run") {
-        bail!("containers are made by `katalite run`");
-    }
-    argv.map(|arg| {
-        arg.into_string()
-            .map_err(|arg| anyhow!("argument {arg:?} is not UTF-8"))
-    })
-    .collect()
-}
-
-/// `run_args` parsed as `katalite run` would.
-pub fn parse_run_args(run_args: &[String]) -> Result<RunArgs> {
-    let argv = ["katalite", "run"]
-        .into_iter()
-        .map(String::from)
-        .chain(run_args.iter().cloned());
-    let cli = Cli::try_parse_from(argv).context("invalid recorded run arguments")?;
-    match cli.command {
-        CliCommand::Run(args) => Ok(*args),
-        _ => bail!("the recorded arguments are not a run"),
+        spec: spec.clone(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spec::{ProcessSpec, RootSource, RootSpec};
 
     fn strings(items: &[&str]) -> Vec<String> {
         items.iter().map(|s| s.to_string()).collect()
     }
 
+    fn spec() -> ContainerSpec {
+        ContainerSpec {
+            name: Some("web".into()),
+            root: RootSpec {
+                source: RootSource::Rootfs {
+                    path: "/srv/root".into(),
+                },
+                ..RootSpec::default()
+            },
+            process: ProcessSpec {
+                command: strings(&["sh", "-c", "echo up"]),
+                env: strings(&["A=1"]),
+                ..ProcessSpec::default()
+            },
+            auto_remove: true,
+            detach: true,
+            ..ContainerSpec::default()
+        }
+    }
+
     #[test]
-    fn recorded_arguments_parse_back_into_the_run() {
-        let run_args = strings(&[
-            "-d", "--name", "web", "--rm", "busybox", "sh", "-c", "echo up",
-        ]);
-        let args = parse_run_args(&run_args).expect("parse");
-        assert!(args.detach && args.rm);
-        let new = new_container(&args, run_args.clone());
+    fn a_new_entry_shows_the_spec() {
+        let new = new_container(&spec());
         assert_eq!(new.name, "web");
-        assert_eq!(new.image, "busybox");
+        assert_eq!(new.image, "/srv/root");
         assert_eq!(new.command, strings(&["sh", "-c", "echo up"]));
         assert!(new.auto_remove && new.ports.is_empty());
-        assert_eq!(new.run_args, run_args);
-        let rootfs = parse_run_args(&strings(&["--rootfs", "/r", "true"])).expect("parse");
-        let new = new_container(&rootfs, Vec::new());
-        assert_eq!((new.image.as_str(), new.name.as_str()), ("/r", ""));
-        assert!(parse_run_args(&strings(&["--bogus"])).is_err());
+        assert_eq!(new.spec, spec());
+        let unnamed = new_container(&ContainerSpec::default());
+        assert_eq!((unnamed.image.as_str(), unnamed.name.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn the_supervisor_boots_from_the_persisted_spec() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let euid = rustix::process::geteuid().as_raw();
+        let runtime = Runtime::at(tmp.path().join("rt"), euid).expect("runtime");
+        let made = runtime.create(new_container(&spec())).expect("create");
+        let id = made.state.id.clone();
+        assert!(made.dir().join("spec.json").is_file());
+
+        let (container, read) = startable(&runtime, &id).expect("startable");
+        assert_eq!(read, spec());
+        assert_eq!(container.state.id, id);
+        // By name too, as `supervise` may be given either.
+        assert_eq!(startable(&runtime, "web").expect("by name").1, spec());
+
+        let mut started = container;
+        started.mark_running().expect("running");
+        let err = startable(&runtime, &id).expect_err("started already");
+        assert!(err.to_string().contains("started already"), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_spec_stops_the_supervisor() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let euid = rustix::process::geteuid().as_raw();
+        let runtime = Runtime::at(tmp.path().join("rt"), euid).expect("runtime");
+        let made = runtime.create(new_container(&spec())).expect("create");
+        std::fs::write(made.dir().join("spec.json"), b"{\"resources\": 7}").expect("write");
+        let err = startable(&runtime, &made.state.id).expect_err("invalid spec");
+        assert!(
+            format!("{err:#}").contains("invalid container spec"),
+            "{err:#}"
+        );
     }
 }

@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vmm::FsShareConfig;
 
-use crate::cli::RunArgs;
 use store::VolumeStore;
 
 /// Most virtio-fs shares (bind mounts and volumes) one VM gets.
@@ -28,8 +27,8 @@ pub const MAX_SHARES: usize = 8;
 /// Share tags are this and the share's index.
 const TAG_PREFIX: &str = "katalite-vol";
 
-/// A mount as the command line gives it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A mount as a front end gives it (the command line's `-v`, `--mount`, `--tmpfs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountSpec {
     /// What is mounted.
     pub source: SpecSource,
@@ -40,10 +39,11 @@ pub struct MountSpec {
 }
 
 /// What a [`MountSpec`] mounts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SpecSource {
-    /// A host directory as typed (maybe relative); `create`: make it when missing (`-v`),
-    /// else it must exist (`--mount type=bind`).
+    /// A host directory (relative as typed; absolute in a [`crate::spec::ContainerSpec`]);
+    /// `create`: make it when missing (`-v`), else it must exist (`--mount type=bind`).
     Bind {
         /// The host path.
         path: PathBuf,
@@ -116,16 +116,11 @@ pub struct Resolved {
     pub lock: Option<File>,
 }
 
-/// Every mount `args` asks for: `-v`, then `--mount`, then `--tmpfs`.
-pub fn specs(args: &RunArgs) -> impl Iterator<Item = &MountSpec> {
-    args.volumes.iter().chain(&args.mounts).chain(&args.tmpfs)
-}
-
-/// Checks and resolves the mounts of `args` (see the module's doc) in the user's volume
+/// Checks and resolves a container's mounts (see the module's doc) in the user's volume
 /// store; on failure nothing made for the run is left but missing `-v` host directories
 /// (Docker leaves those too).
-pub fn resolve(args: &RunArgs) -> Result<Resolved> {
-    let specs: Vec<&MountSpec> = specs(args).collect();
+pub fn resolve(specs: &[MountSpec]) -> Result<Resolved> {
+    let specs: Vec<&MountSpec> = specs.iter().collect();
     resolve_in(&specs, VolumeStore::open)
 }
 
