@@ -298,6 +298,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     /// A writer the test can inspect after the console took ownership of it, counting the
     /// host writes so batching is observable.
@@ -513,9 +514,43 @@ mod tests {
         }
     }
 
+    /// A console whose writer (of `capacity` bytes, waking `room`) blocks each host write
+    /// until the test sends on the returned channel; the bytes written collect in the Vec.
+    #[allow(clippy::type_complexity)]
+    fn gated_console(
+        capacity: usize,
+    ) -> (
+        Console,
+        HostWriter,
+        std::sync::mpsc::Sender<()>,
+        Arc<Mutex<Vec<u8>>>,
+        EventFd,
+    ) {
+        let (open, gate) = std::sync::mpsc::channel();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let room = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let writer = HostWriter::start(
+            "test-console",
+            Box::new(Gated(gate, written.clone())),
+            capacity,
+            Some(room.try_clone().expect("clone")),
+        )
+        .expect("writer");
+        let console = Console::new(writer.sender(), ConsoleInput::new());
+        (console, writer, open, written, room)
+    }
+
+    /// Waits up to 5 s for the writer to signal `room`.
+    fn wait_for(room: &EventFd, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while room.read().is_err() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn a_full_writer_leaves_buffers_in_the_ring_until_it_has_room() {
-        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         let mem = guest_memory();
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().expect("queue");
@@ -525,17 +560,7 @@ mod tests {
             let descs: Vec<_> = (0..count).map(|_| desc(DATA_ADDR, 64, 0, 0)).collect();
             vq.add_desc_chains(&descs, first).expect("chains");
         };
-        let (open, gate) = std::sync::mpsc::channel();
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let room = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let writer = HostWriter::start(
-            "test-console",
-            Box::new(Gated(gate, written.clone())),
-            100,
-            Some(room.try_clone().expect("clone")),
-        )
-        .expect("writer");
-        let mut console = Console::new(writer.sender(), ConsoleInput::new());
+        let (mut console, writer, open, written, room) = gated_console(100);
         let stalled = console.stalled();
 
         chains(0, 4);
@@ -548,11 +573,7 @@ mod tests {
         assert!(stalled.load(Ordering::Acquire));
 
         open.send(()).expect("open");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while room.read().is_err() {
-            assert!(std::time::Instant::now() < deadline, "room never signalled");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for(&room, "room never signalled");
         assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
         assert_eq!(queue.next_used(), 6);
         assert!(!stalled.load(Ordering::Acquire));
@@ -563,7 +584,6 @@ mod tests {
 
     #[test]
     fn streaming_output_turns_notifications_off_until_a_pass_finds_nothing() {
-        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         // VRING_USED_F_NO_NOTIFY in the used ring's flags.
         let mem = guest_memory();
         let notifications_off = |vq: &MockSplitQueue<GuestMemory>| {
@@ -578,17 +598,7 @@ mod tests {
             let descs: Vec<_> = (0..count).map(|_| desc(DATA_ADDR, 64, 0, 0)).collect();
             vq.add_desc_chains(&descs, first).expect("chains");
         };
-        let (open, gate) = std::sync::mpsc::channel();
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let room = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-        let writer = HostWriter::start(
-            "test-console",
-            Box::new(Gated(gate, written.clone())),
-            1 << 20,
-            Some(room.try_clone().expect("clone")),
-        )
-        .expect("writer");
-        let mut console = Console::new(writer.sender(), ConsoleInput::new());
+        let (mut console, writer, open, written, room) = gated_console(1 << 20);
 
         // The writer blocks in its first write; the second batch waits in its queue, so a
         // take is coming: the guest need not notify buffers it adds meanwhile.
@@ -599,11 +609,7 @@ mod tests {
         assert!(notifications_off(&vq));
 
         open.send(()).expect("open");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while room.read().is_err() {
-            assert!(std::time::Instant::now() < deadline, "take never signalled");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for(&room, "take never signalled");
         // The rerun finds the ring empty: notifications go back on.
         assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
         assert!(!notifications_off(&vq));
