@@ -258,6 +258,11 @@ pub(crate) fn parse_challenge(header: &str) -> Result<Challenge, RegistryError> 
         return Err(bad());
     }
     let realm = get("realm").ok_or_else(bad)?;
+    // Registry hosts are ASCII (or punycode): the ASCII-only IDNA back end we pin refuses
+    // anything else anyway, and in debug builds it asserts on the way.
+    if !realm.is_ascii() {
+        return Err(bad());
+    }
     let realm = Url::parse(&realm).map_err(|_| bad())?;
     if !matches!(realm.scheme(), "http" | "https") || realm.host_str().is_none() {
         return Err(bad());
@@ -375,6 +380,8 @@ mod tests {
             "Bearer realm",
             "Negotiate abc",
             "Bearer realm=\"https://x/t\",se rvice=\"y\"",
+            // Found by the oci_manifest fuzz target: a non-ASCII host with capitals.
+            "Bearer realm=\"https://aunh.exOO\u{192}$IOOl\"",
         ] {
             assert!(
                 matches!(parse_challenge(bad), Err(RegistryError::Challenge(_))),
