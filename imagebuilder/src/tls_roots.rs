@@ -38,18 +38,39 @@ pub fn provide_if_missing(dir: &Path) -> std::io::Result<Option<PathBuf>> {
         .create(dir)?;
     let path = dir.join("ca-roots.pem");
     let mut temp = tempfile::NamedTempFile::new_in(dir)?;
-    temp.write_all(&bundle_pem())?;
+    temp.write_all(&bundle_pem()?)?;
     temp.as_file().sync_all()?;
     temp.persist(&path).map_err(|e| e.error)?;
     std::env::set_var("SSL_CERT_FILE", &path);
     Ok(Some(path))
 }
 
+/// Mozilla's roots as `build.rs` packed them: zstd-compressed records of a 4-byte
+/// little-endian length and a DER certificate.
+static PACKED_ROOTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ca-roots.zst"));
+/// Their uncompressed length.
+const ROOTS_LEN: &str = env!("KATALITE_CA_ROOTS_LEN");
+
 /// The bundled roots as one PEM document.
-fn bundle_pem() -> Vec<u8> {
+fn bundle_pem() -> std::io::Result<Vec<u8>> {
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let len = ROOTS_LEN
+        .parse()
+        .map_err(|_| invalid("bad length of the bundled CA roots"))?;
+    let records = zstd::bulk::decompress(PACKED_ROOTS, len)?;
     let mut pem = Vec::new();
-    for cert in webpki_root_certs::TLS_SERVER_ROOT_CERTS {
-        let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+    let mut rest = records.as_slice();
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or_else(|| invalid("truncated bundled CA roots"))?;
+        let len = usize::try_from(u32::from_le_bytes(*len))
+            .map_err(|_| invalid("bad bundled CA root"))?;
+        let (cert, tail) = tail
+            .split_at_checked(len)
+            .ok_or_else(|| invalid("truncated bundled CA roots"))?;
+        rest = tail;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(cert);
         pem.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
         for line in encoded.as_bytes().chunks(64) {
             pem.extend_from_slice(line);
@@ -57,7 +78,7 @@ fn bundle_pem() -> Vec<u8> {
         }
         pem.extend_from_slice(b"-----END CERTIFICATE-----\n");
     }
-    pem
+    Ok(pem)
 }
 
 #[cfg(test)]
@@ -66,8 +87,23 @@ mod tests {
 
     #[test]
     fn bundle_is_pem_that_reqwest_accepts() {
-        let pem = bundle_pem();
+        let pem = bundle_pem().expect("bundle");
         let certs = reqwest::Certificate::from_pem_bundle(&pem).expect("valid PEM");
         assert!(certs.len() > 50, "Mozilla's store has well over 50 roots");
+    }
+
+    #[test]
+    fn the_packed_bundle_holds_every_root_of_the_crate() {
+        let pem = String::from_utf8(bundle_pem().expect("bundle")).expect("ascii");
+        let roots = webpki_root_certs::TLS_SERVER_ROOT_CERTS;
+        assert_eq!(
+            pem.matches("-----BEGIN CERTIFICATE-----").count(),
+            roots.len()
+        );
+        for cert in roots {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+            let first_line = &encoded[..64.min(encoded.len())];
+            assert!(pem.contains(first_line), "a root is missing");
+        }
     }
 }
