@@ -13,6 +13,12 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+# What udev makes on a normal system: without them `/dev/stdout` (QEMU's chardev paths in the
+# bench) would be created as a plain file on the devtmpfs instead of naming the pipe.
+ln -s /proc/self/fd /dev/fd
+ln -s /proc/self/fd/0 /dev/stdin
+ln -s /proc/self/fd/1 /dev/stdout
+ln -s /proc/self/fd/2 /dev/stderr
 . /lab/env
 
 fail() {
