@@ -1,12 +1,12 @@
 # Where a boot's time goes, by hand, for katalite and QEMU `-M microvm` booting the same
 # kernel, initramfs, command line (plus `initcall_debug`) and memory, alternating, in one
-# lab boot. Run: cargo xtask lab run -- 'sh /src/xtask/bootbench/lab.sh' (needs
-# `cargo xtask lab e2e` once for the busybox tree). Writes each kernel log to
+# lab boot. Run: cargo xtask lab run -- 'sh /src/xtask/bootbench/lab.sh'. Writes each kernel log to
 # /scratch/bootbench/ and prints, per run: wall time (start -> exit, uptime s), the kernel
 # time at which init was started, then the slowest initcalls of the last run of each VMM.
 set -e
 OUT=/scratch/bootbench BB=/scratch/bootbench/bb
-rm -rf $OUT; mkdir -p $OUT; cp -a /src/target/lab/rootfs/busybox $BB
+rm -rf $OUT; mkdir -p $OUT $BB/bin; cp /bin/busybox $BB/bin/
+for applet in $(/bin/busybox --list); do [ $applet = busybox ] || ln -sf busybox $BB/bin/$applet; done
 ROOT="--rootfs $BB --image-root initramfs --network none --memory 512m"
 katalite run $ROOT --write-initramfs $OUT/initrd.img -- true
 QEMU="/host/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path /host/lib/x86_64-linux-gnu:/host/usr/lib/x86_64-linux-gnu /host/usr/bin/qemu-system-x86_64 -L /host/usr/share/qemu"

@@ -185,12 +185,14 @@ pub fn run(machine: &Machine, boot: &Boot) -> Result<Outcome> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(arguments(machine, boot))
-        .stdin(Stdio::null())
+        // L1's serial console input: only the stall watch types on it.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start qemu-system-x86_64")?;
-    let _stall_watch = StallWatch::start(child.id(), boot.monitor.to_path_buf());
+    let serial = child.stdin.take().context("qemu has no stdin")?;
+    let _stall_watch = StallWatch::start(child.id(), boot.monitor.to_path_buf(), serial);
     let stdout = child.stdout.take().context("qemu has no stdout")?;
     let mut stderr = child.stderr.take().context("qemu has no stderr")?;
     let (lines, received) = mpsc::channel();

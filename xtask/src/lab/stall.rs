@@ -4,13 +4,17 @@
 //! later, or never), and the tests inside see time jump (L1's soft-lockup watchdog reports
 //! hundreds of seconds "stuck" in its idle task). A healthy L1 always has a timer due within
 //! seconds (that same watchdog's), so QEMU burning no CPU time for [`STALL`] means a lost
-//! interrupt: a key press on L1's PS/2 keyboard (an i8042 interrupt, no character) wakes it
-//! and it re-arms its timer. Each wake-up is reported on stderr.
+//! interrupt. A key press on L1's PS/2 keyboard (an i8042 interrupt) wakes the CPU but not
+//! always its timer: with no task to run, the idle loop keeps the stopped tick and its lost
+//! expiry (a CI run saw 35 key presses in a row change nothing). So the watch also types a
+//! newline on L1's serial console, QEMU's stdin: the tty's input work wakes a kworker, the
+//! CPU leaves idle and the tick is programmed again. Each wake-up is reported on stderr.
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::process::ChildStdin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -27,11 +31,12 @@ pub struct StallWatch {
 }
 
 impl StallWatch {
-    /// Starts watching QEMU `pid`, whose human monitor listens at `monitor`.
-    pub fn start(pid: u32, monitor: PathBuf) -> Self {
+    /// Starts watching QEMU `pid`, whose human monitor listens at `monitor` and whose
+    /// `serial` is L1's console input.
+    pub fn start(pid: u32, monitor: PathBuf, serial: ChildStdin) -> Self {
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
-        thread::spawn(move || watch(pid, &monitor, &flag));
+        thread::spawn(move || watch(pid, &monitor, serial, &flag));
         Self { done }
     }
 }
@@ -42,7 +47,7 @@ impl Drop for StallWatch {
     }
 }
 
-fn watch(pid: u32, monitor: &std::path::Path, done: &AtomicBool) {
+fn watch(pid: u32, monitor: &std::path::Path, mut serial: ChildStdin, done: &AtomicBool) {
     let mut last = cpu_ticks(pid);
     let mut since = Instant::now();
     while !done.load(Ordering::Relaxed) {
@@ -52,13 +57,14 @@ fn watch(pid: u32, monitor: &std::path::Path, done: &AtomicBool) {
             last = Some(now);
             since = Instant::now();
         } else if since.elapsed() >= STALL {
-            let woken = UnixStream::connect(monitor)
+            let typed = serial.write_all(b"\n").and_then(|()| serial.flush());
+            let pressed = UnixStream::connect(monitor)
                 .and_then(|mut socket| writeln!(socket, "sendkey shift"));
             eprintln!(
                 "lab: QEMU used no CPU for {} s (L1's timer interrupt was lost); {}",
                 STALL.as_secs(),
-                match woken {
-                    Ok(()) => "woke L1 with a key press".to_string(),
+                match typed.and(pressed) {
+                    Ok(()) => "woke L1 with a newline on its console and a key press".to_string(),
                     Err(err) => format!("cannot wake L1: {err}"),
                 }
             );
