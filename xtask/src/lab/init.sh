@@ -19,6 +19,11 @@ ln -s /proc/self/fd /dev/fd
 ln -s /proc/self/fd/0 /dev/stdin
 ln -s /proc/self/fd/1 /dev/stdout
 ln -s /proc/self/fd/2 /dev/stderr
+# The stall watch (xtask/src/lab/stall.rs) types a newline on this console when L1 idles
+# with its timer interrupt lost. Setting the clock (a second ahead of itself) makes the
+# kernel reprogram every CPU's timer (clock_was_set -> retrigger_next_event); the idle loop
+# alone never does once the lost expiry has passed, so key presses and wake-ups do not help.
+(while read -r _; do date -s "@$(($(date +%s) + 1))" >/dev/null 2>&1; done </dev/console) &
 . /lab/env
 
 fail() {

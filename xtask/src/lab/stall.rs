@@ -5,10 +5,12 @@
 //! hundreds of seconds "stuck" in its idle task). A healthy L1 always has a timer due within
 //! seconds (that same watchdog's), so QEMU burning no CPU time for [`STALL`] means a lost
 //! interrupt. A key press on L1's PS/2 keyboard (an i8042 interrupt) wakes the CPU but not
-//! always its timer: with no task to run, the idle loop keeps the stopped tick and its lost
-//! expiry (a CI run saw 35 key presses in a row change nothing). So the watch also types a
-//! newline on L1's serial console, QEMU's stdin: the tty's input work wakes a kworker, the
-//! CPU leaves idle and the tick is programmed again. Each wake-up is reported on stderr.
+//! always its timer: once the programmed expiry has passed unseen, neither the idle loop nor
+//! a woken task reprograms it (a CI run saw 35 key presses change nothing for 262 s, and a
+//! bench run 40 key presses and newlines). So the watch also types a newline on L1's serial
+//! console, QEMU's stdin, where a loop of L1's init (`lab/init.sh`) answers each line by
+//! setting the clock, which makes the kernel reprogram every CPU's timer. Each wake-up is
+//! reported on stderr.
 
 use std::fs;
 use std::io::Write;
