@@ -9,7 +9,8 @@
 //! table before anything is mapped. The first boot that finds no file decompresses as
 //! [`load`](super::load) does, then writes the file (temporary name, synced, renamed), so a
 //! half-written file is never used; VMs starting together may each write one, and the last
-//! rename wins with the same bytes.
+//! rename wins with the same bytes. Writing one removes the directory's other `.segments`
+//! files (older kernels).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -199,8 +200,25 @@ fn write_cache(mem: &GuestMemory, header: &Header, size: u64, cache: &Path) -> i
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
+        return result;
     }
-    result
+    remove_others(dir, cache);
+    Ok(())
+}
+
+/// Removes the other kernels' files from the cache directory (older katalite builds'): a
+/// new one is written only when the kernel changed. A VM still running from one keeps its
+/// mapping.
+fn remove_others(dir: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path != keep && path.extension().is_some_and(|e| e == "segments") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -364,6 +364,8 @@ fn a_mapped_kernel_matches_a_decompressed_one_and_its_cache_is_written_once_chec
     let packed = pack(&elf).expect("pack");
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = dir.path().join("kernel/vmlinux.segments");
+    std::fs::create_dir(dir.path().join("kernel")).expect("dir");
+    std::fs::write(dir.path().join("kernel/older.segments"), b"old").expect("older");
     let check = |mem: &GuestMemory| {
         assert_eq!(read(mem, TEXT, parts[0].len()), parts[0]);
         assert_eq!(read(mem, DATA, parts[1].len()), parts[1]);
