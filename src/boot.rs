@@ -67,10 +67,12 @@ pub fn boot(spec: &ContainerSpec, mounts: &[ResolvedMount], session: Session<'_>
         }
     };
     let initramfs = rootfs.into_iter().chain([run_archive.into()]).collect();
+    let kernel_cache = kernel_cache(&kernel);
     let vm = VmConfig {
         vcpus: spec.resources.cpus,
         memory_mib: spec.resources.memory_mib,
         kernel: &kernel,
+        kernel_cache: kernel_cache.as_deref(),
         initramfs,
         cmdline: &cmdline,
         console: Box::new(io::sink()),
@@ -225,6 +227,21 @@ fn load_kernel(path: Option<&Path>, kvm: KvmKind) -> Result<Cow<'static, [u8]>> 
         "this katalite was built without a kernel: run `cargo xtask build-guest` and rebuild, or pass --kernel PATH",
     )?;
     Ok(Cow::Borrowed(kernel))
+}
+
+/// Where a packed kernel's segments are kept unpacked, to be mapped into guest memory
+/// instead of decompressed at every boot (`vmm::packed_kernel::load_mapped`): the image
+/// cache's `kernel/` directory, one file per source vmlinux. `None` for an ELF kernel
+/// (`--kernel`) or when there is no cache directory.
+fn kernel_cache(kernel: &[u8]) -> Option<std::path::PathBuf> {
+    let (header, _) = vmm::packed_kernel::Header::parse(kernel).ok()?;
+    let root = imagebuilder::store::Store::default_root().ok()?;
+    let name: String = header
+        .source_sha256
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Some(root.join("kernel").join(format!("{name}.segments")))
 }
 
 /// The small uncompressed archive appended after the root filesystem: our init and the

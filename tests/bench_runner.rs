@@ -249,7 +249,10 @@ fn memory(argv: &[String], trigger: &str, settle: Duration, timeout: Duration) -
     Ok(sample)
 }
 
-/// `[size_kb, rss_kb]` of each mapping, from the `Size:` and `Rss:` fields of smaps.
+/// `[size_kb, rss_kb, start_kb]` of each mapping, from the `Size:` and `Rss:` fields of
+/// smaps and the start address of its header line (in KiB: mappings are page-aligned, and
+/// the number stays exact in JSON). The start lets xtask join the pieces of guest RAM that
+/// another mapping split (the kernel's segments are mapped over it from a file).
 fn mappings(smaps: &str) -> Vec<Value> {
     let field = |line: &str, name: &str| -> Option<u64> {
         line.strip_prefix(name)?
@@ -259,15 +262,23 @@ fn mappings(smaps: &str) -> Vec<Value> {
             .parse()
             .ok()
     };
+    // A header line: `start-end perms offset dev inode [path]`.
+    let start_kb = |line: &str| -> Option<u64> {
+        let (start, rest) = line.split_once('-')?;
+        rest.split_once(' ')?;
+        u64::from_str_radix(start, 16).ok().map(|at| at / 1024)
+    };
     let mut out = Vec::new();
-    let mut size = None;
+    let (mut start, mut size) = (None, None);
     for line in smaps.lines() {
         if let Some(kb) = field(line, "Size:") {
             size = Some(kb);
         } else if let Some(rss) = field(line, "Rss:") {
-            if let Some(kb) = size.take() {
-                out.push(json!([kb, rss]));
+            if let (Some(kb), Some(at)) = (size.take(), start) {
+                out.push(json!([kb, rss, at]));
             }
+        } else if let Some(at) = start_kb(line) {
+            start = Some(at);
         }
     }
     out

@@ -67,6 +67,9 @@ pub struct VmConfig<'a> {
     pub memory_mib: u64,
     /// Uncompressed vmlinux ELF.
     pub kernel: &'a [u8],
+    /// For a packed kernel: the cache file its segments are kept unpacked in and mapped
+    /// from, copy-on-write, on later boots; `None`: decompressed at every boot.
+    pub kernel_cache: Option<&'a std::path::Path>,
     /// Initramfs parts, placed back to back, each padded to 4 bytes; dropped once loaded.
     pub initramfs: Vec<InitramfsPart>,
     /// Appended after [`BASE_CMDLINE`] and the virtio-mmio device arguments.
@@ -260,6 +263,7 @@ pub fn run(config: VmConfig<'_>) -> Result<VmExit, VmError> {
     let cmdline = machine.cmdline(config.cmdline);
     let image = LinuxImage {
         kernel: config.kernel,
+        kernel_cache: config.kernel_cache,
         initramfs: config.initramfs,
         cmdline: &cmdline,
     };

@@ -291,6 +291,7 @@ fn a_linux_guest_uses_the_user_network_both_ways() {
                 vcpus: 2,
                 memory_mib: 256,
                 kernel: &kernel,
+                kernel_cache: None,
                 initramfs: vec![initramfs.into()],
                 cmdline: "rdinit=/init quiet loglevel=3",
                 loaded: None,

@@ -5,6 +5,7 @@
 //! Documentation/arch/x86/boot.rst).
 
 use std::io::Cursor;
+use std::path::Path;
 
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
@@ -71,6 +72,9 @@ pub struct LinuxImage<'a> {
     /// A packed kernel ([`packed_kernel`]) or an uncompressed vmlinux ELF, told apart by
     /// their magic.
     pub kernel: &'a [u8],
+    /// For a packed kernel: the file its segments are kept unpacked in and mapped from
+    /// ([`packed_kernel::load_mapped`]); `None`: decompressed at every boot.
+    pub kernel_cache: Option<&'a Path>,
     /// Initramfs parts, placed back to back, each padded to 4 bytes; dropped by the load.
     pub initramfs: Vec<InitramfsPart>,
     /// The full command line.
@@ -135,9 +139,17 @@ struct LoadedKernel {
 /// Puts the kernel of `image` into `mem`: a packed kernel is decompressed into place and
 /// always entered through PVH; an ELF is copied by linux-loader and entered through its PVH
 /// note when it has one.
-fn load_kernel(mem: &GuestMemory, kernel: &[u8]) -> Result<LoadedKernel, BootError> {
+fn load_kernel(
+    mem: &GuestMemory,
+    kernel: &[u8],
+    cache: Option<&Path>,
+) -> Result<LoadedKernel, BootError> {
     if packed_kernel::is_packed(kernel) {
-        let loaded = packed_kernel::load(mem, kernel).map_err(BootError::PackedKernel)?;
+        let loaded = match cache {
+            Some(cache) => packed_kernel::load_mapped(mem, kernel, cache),
+            None => packed_kernel::load(mem, kernel),
+        }
+        .map_err(BootError::PackedKernel)?;
         return Ok(LoadedKernel {
             end: loaded.kernel_end,
             entry: EntryPoint {
@@ -177,7 +189,7 @@ pub fn load(
     image: LinuxImage<'_>,
 ) -> Result<EntryPoint, BootError> {
     check_cmdline(image.cmdline)?;
-    let kernel = load_kernel(mem, image.kernel)?;
+    let kernel = load_kernel(mem, image.kernel, image.kernel_cache)?;
     let initrd = initramfs::write(
         mem,
         image.initramfs,
@@ -319,6 +331,7 @@ pub(crate) mod tests {
         let parts = vec![b"abcde".to_vec().into(), b"xyz".to_vec().into()];
         let image = LinuxImage {
             kernel: &kernel,
+            kernel_cache: None,
             initramfs: parts,
             cmdline: "console=ttyS0",
         };
@@ -354,6 +367,7 @@ pub(crate) mod tests {
         let kernel = tiny_vmlinux(&[0xf4; 16], Some(0x100_0008));
         let image = LinuxImage {
             kernel: &kernel,
+            kernel_cache: None,
             initramfs: Vec::new(),
             cmdline: "quiet",
         };
@@ -377,6 +391,7 @@ pub(crate) mod tests {
         let kernel = packed_kernel::pack(&elf).expect("pack");
         let image = LinuxImage {
             kernel: &kernel,
+            kernel_cache: None,
             initramfs: vec![b"initramfs".to_vec().into()],
             cmdline: "quiet",
         };
@@ -404,6 +419,7 @@ pub(crate) mod tests {
         kernel.truncate(kernel.len() - 1);
         let image = LinuxImage {
             kernel: &kernel,
+            kernel_cache: None,
             initramfs: Vec::new(),
             cmdline: "",
         };
@@ -418,6 +434,7 @@ pub(crate) mod tests {
         let mem = memory(64 * MIB);
         let image = LinuxImage {
             kernel: b"MZ not an elf at all, sorry.................................................",
+            kernel_cache: None,
             initramfs: Vec::new(),
             cmdline: "",
         };
@@ -434,6 +451,7 @@ pub(crate) mod tests {
         let big = vec![0u8; usize::try_from(60 * MIB).expect("size")];
         let image = LinuxImage {
             kernel: &kernel,
+            kernel_cache: None,
             initramfs: vec![big.into()],
             cmdline: "",
         };

@@ -192,13 +192,16 @@ struct MemorySample {
     status: Option<i32>,
     #[serde(default)]
     proc_status: String,
+    /// `[size_kb, rss_kb, start_kb]` each (older runners: no start).
     #[serde(default)]
-    mappings: Vec<(u64, u64)>,
+    mappings: Vec<Vec<u64>>,
 }
 
 /// Reads a memory sample of a VM with `guest_mib` of RAM: VmRSS and VmHWM from
-/// `/proc/PID/status`, and the guest's touched RAM as the resident size of the one
-/// anonymous mapping of exactly that size (vmm maps RAM below 3 GiB as one region).
+/// `/proc/PID/status`, and the guest's touched RAM as the resident size of its mapping
+/// (vmm maps RAM below 3 GiB as one region): one mapping of exactly that size, or the one
+/// run of adjacent mappings adding up to it (the kernel's segments, mapped from a file over
+/// guest RAM, split it in pieces).
 pub fn memory_figures(sample: &serde_json::Value, guest_mib: u32) -> Result<MemoryFigures> {
     let sample: MemorySample =
         serde_json::from_value(sample.clone()).context("malformed sample")?;
@@ -217,15 +220,10 @@ pub fn memory_figures(sample: &serde_json::Value, guest_mib: u32) -> Result<Memo
             .with_context(|| format!("no {name} in /proc/PID/status"))
     };
     let guest_kib = u64::from(guest_mib) * 1024;
-    let guest: Vec<u64> = sample
-        .mappings
-        .iter()
-        .filter(|(size, _)| *size == guest_kib)
-        .map(|(_, rss)| *rss)
-        .collect();
+    let guest = guest_resident_kib(&sample.mappings, guest_kib);
     ensure!(
         guest.len() == 1,
-        "expected one {guest_mib} MiB mapping, found {}",
+        "expected one {guest_mib} MiB run of mappings, found {}",
         guest.len()
     );
     Ok(MemoryFigures {
@@ -235,6 +233,39 @@ pub fn memory_figures(sample: &serde_json::Value, guest_mib: u32) -> Result<Memo
         file_kib: field("RssFile")?,
         guest_kib: guest[0],
     })
+}
+
+/// The resident KiB of each run of adjacent mappings (`[size, rss, start]`, KiB) whose
+/// sizes add up to `guest_kib`; a mapping without a start only matches alone.
+fn guest_resident_kib(mappings: &[Vec<u64>], guest_kib: u64) -> Vec<u64> {
+    let mut found = Vec::new();
+    for first in 0..mappings.len() {
+        let (mut size, mut rss) = (0u64, 0u64);
+        for (index, mapping) in mappings.iter().enumerate().skip(first) {
+            let (Some(&kb), Some(&resident)) = (mapping.first(), mapping.get(1)) else {
+                break;
+            };
+            if index > first {
+                let previous = &mappings[index - 1];
+                let adjacent = match (previous.get(2), previous.first(), mapping.get(2)) {
+                    (Some(at), Some(len), Some(next)) => at + len == *next,
+                    _ => false,
+                };
+                if !adjacent {
+                    break;
+                }
+            }
+            size += kb;
+            rss += resident;
+            if size >= guest_kib {
+                break;
+            }
+        }
+        if size == guest_kib {
+            found.push(rss);
+        }
+    }
+    found
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,6 +425,36 @@ mod tests {
         assert!(memory_figures(&sample, 512).is_err(), "no such mapping");
         let untriggered = json!({ "triggered": false, "status": 125 });
         assert!(memory_figures(&untriggered, 256).is_err());
+    }
+
+    #[test]
+    fn guest_ram_split_by_the_mapped_kernel_is_joined_again() {
+        // 16 MiB of RAM, 8 MiB of kernel mapped from a file, the other 232 MiB; then a
+        // mapping that is adjacent but would overshoot, and one elsewhere.
+        let at = 1 << 30;
+        let mappings = json!([
+            [4, 4, 100],
+            [16384, 1000, at],
+            [8192, 6000, at + 16384],
+            [237568, 30000, at + 24576],
+            [2048, 1500, at + 262144],
+            [262144, 7, 1 << 20],
+        ]);
+        let sample = json!({
+            "triggered": true, "status": 0,
+            "proc_status": "VmHWM:\t 60000 kB\nVmRSS:\t 58000 kB\nRssAnon:\t 45000 kB\n\
+                            RssFile:\t 13000 kB",
+            "mappings": mappings,
+        });
+        // Two candidates: the split run and the whole mapping elsewhere.
+        assert!(memory_figures(&sample, 256).is_err(), "ambiguous");
+        let mut split = sample.clone();
+        split["mappings"].as_array_mut().expect("array").pop();
+        let figures = memory_figures(&split, 256).expect("figures");
+        assert_eq!(figures.guest_kib, 37000);
+        // Not adjacent: no run.
+        split["mappings"][2][2] = json!(at + 99999);
+        assert!(memory_figures(&split, 256).is_err());
     }
 
     #[test]

@@ -25,12 +25,14 @@
 //! [`load`] checks every field before it writes a byte of guest memory; [`pack`] (used by
 //! `cargo xtask build-guest`) makes the file from a vmlinux.
 
+mod mapped;
 mod pack;
 
 use std::io;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+pub use mapped::load_mapped;
 pub use pack::{pack, PackError, ZSTD_LEVEL};
 
 use crate::layout::HIMEM_START;
@@ -112,6 +114,15 @@ pub enum PackedKernelError {
         /// Position in the table.
         index: usize,
         /// What libzstd said.
+        #[source]
+        source: io::Error,
+    },
+    /// Mapping a segment from the unpacked cache file failed after others were mapped.
+    #[error("cannot map packed kernel segment {index} from its cache file")]
+    Map {
+        /// Position in the table.
+        index: usize,
+        /// What mmap said.
         #[source]
         source: io::Error,
     },

@@ -357,3 +357,76 @@ fn a_frame_of_another_length_than_the_table_is_refused() {
         Err(PackedKernelError::Decompress { index: 1, .. })
     ));
 }
+
+#[test]
+fn a_mapped_kernel_matches_a_decompressed_one_and_its_cache_is_written_once_checked() {
+    let (elf, parts) = three_segments();
+    let packed = pack(&elf).expect("pack");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("kernel/vmlinux.segments");
+    std::fs::create_dir(dir.path().join("kernel")).expect("dir");
+    std::fs::write(dir.path().join("kernel/older.segments"), b"old").expect("older");
+    let check = |mem: &GuestMemory| {
+        assert_eq!(read(mem, TEXT, parts[0].len()), parts[0]);
+        assert_eq!(read(mem, DATA, parts[1].len()), parts[1]);
+        assert_eq!(read(mem, RODATA, parts[2].len()), parts[2]);
+        assert_eq!(read(mem, DATA + 5000, 0x3000), vec![0; 0x3000], "BSS");
+        assert_eq!(read(mem, DATA + 5000 + 0x3000, 16), vec![0xaa; 16]);
+        assert_eq!(read(mem, TEXT - 16, 16), vec![0xaa; 16]);
+    };
+    let expected = Loaded {
+        entry: 0x100_0040,
+        kernel_end: RODATA + 70_000,
+    };
+
+    // No cache yet: decompressed, then the cache is written (whole pages per segment).
+    let first = memory(64 * MIB);
+    assert_eq!(
+        load_mapped(&first, &packed, &cache).expect("load"),
+        expected
+    );
+    check(&first);
+    let size = std::fs::metadata(&cache).expect("cache written").len();
+    assert_eq!(size, 303_104 + 8192 + 73_728);
+    assert_eq!(
+        std::fs::read_dir(cache.parent().expect("dir"))
+            .expect("dir")
+            .count(),
+        1
+    );
+
+    // Mapped from the cache; writes by the guest stay in its memory, not the file.
+    let second = memory(64 * MIB);
+    assert_eq!(
+        load_mapped(&second, &packed, &cache).expect("load"),
+        expected
+    );
+    check(&second);
+    second
+        .write_slice(b"guest", GuestAddress(TEXT))
+        .expect("write");
+    let third = memory(64 * MIB);
+    load_mapped(&third, &packed, &cache).expect("load");
+    check(&third);
+    assert_eq!(std::fs::metadata(&cache).expect("cache").len(), size);
+
+    // A cache file of the wrong size is not used, and is replaced.
+    std::fs::write(&cache, b"short").expect("spoil");
+    let fourth = memory(64 * MIB);
+    load_mapped(&fourth, &packed, &cache).expect("load");
+    check(&fourth);
+    assert_eq!(std::fs::metadata(&cache).expect("cache").len(), size);
+}
+
+#[test]
+fn a_cache_that_cannot_be_written_still_loads_the_kernel() {
+    let (elf, parts) = three_segments();
+    let packed = pack(&elf).expect("pack");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Its directory is a file: neither read nor written.
+    std::fs::write(dir.path().join("file"), b"x").expect("file");
+    let cache = dir.path().join("file/vmlinux.segments");
+    let mem = memory(64 * MIB);
+    load_mapped(&mem, &packed, &cache).expect("load");
+    assert_eq!(read(&mem, TEXT, parts[0].len()), parts[0]);
+}
