@@ -14,7 +14,8 @@ use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
 
 use crate::exec::{self, Router};
 use crate::lifecycle::control::{ControlServer, Target};
-use crate::lifecycle::logfile::{SharedLog, Stream, Tee};
+use crate::lifecycle::log_thread::{SharedLog, Tee};
+use crate::lifecycle::logfile::Stream;
 use crate::spec::{ContainerSpec, StdioSpec};
 use crate::stdio::{self, Demux, Event, Fault, ToGuest};
 use crate::{confine, signals, terminal};

@@ -7,7 +7,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +51,18 @@ fn rotated(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// An entry as written: borrowed, so logging a chunk copies its bytes only into the line.
+#[derive(Serialize)]
+struct EntryRef<'a> {
+    log: &'a str,
+    stream: &'a str,
+    time: &'a str,
+}
+
+/// Encoded lines kept between writes above this capacity are freed: a burst of binary
+/// output (six bytes per escaped control byte) must not pin its buffer for the VM's life.
+const KEPT_LINE_CAPACITY: usize = 1 << 20;
+
 /// The writing side: appends entries, rotating when the next one would pass the limit.
 #[derive(Debug)]
 pub struct JsonLog {
@@ -59,6 +70,9 @@ pub struct JsonLog {
     file: File,
     size: u64,
     limit: u64,
+    /// The lines being encoded, reused between writes (output arrives in 64 KiB frames,
+    /// and growing a fresh buffer to fit each was a large part of logging's cost).
+    lines: Vec<u8>,
 }
 
 impl JsonLog {
@@ -75,23 +89,46 @@ impl JsonLog {
             file,
             size,
             limit,
+            lines: Vec::new(),
         })
     }
 
-    /// Logs `data` from `stream`: one entry per line, and one for a trailing partial line.
-    /// The entries of one call go out in one write (a burst of short lines must not cost a
-    /// syscall each), split only where the log rotates.
+    /// [`write_at`](Self::write_at), received now.
+    #[cfg(test)]
     pub fn write(&mut self, stream: Stream, data: &[u8]) -> io::Result<()> {
-        let time = Timestamp::now().to_rfc3339();
-        let mut lines = Vec::new();
+        self.write_at(stream, Timestamp::now(), data)
+    }
+
+    /// Logs `data` from `stream`, received at `time`: one entry per line, and one for a
+    /// trailing partial line. The entries of one call go out in one write (a burst of short
+    /// lines must not cost a syscall each), split only where the log rotates.
+    pub fn write_at(&mut self, stream: Stream, time: Timestamp, data: &[u8]) -> io::Result<()> {
+        let time = time.to_rfc3339();
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.clear();
+        let written = self.encode_and_write(stream, data, &time, &mut lines);
+        if lines.capacity() <= KEPT_LINE_CAPACITY {
+            self.lines = lines;
+        }
+        written
+    }
+
+    fn encode_and_write(
+        &mut self,
+        stream: Stream,
+        data: &[u8],
+        time: &str,
+        lines: &mut Vec<u8>,
+    ) -> io::Result<()> {
         for piece in data.split_inclusive(|&b| b == b'\n') {
-            let entry = LogEntry {
-                log: String::from_utf8_lossy(piece).into_owned(),
-                stream: stream.as_str().into(),
-                time: time.clone(),
+            let text = String::from_utf8_lossy(piece);
+            let entry = EntryRef {
+                log: &text,
+                stream: stream.as_str(),
+                time,
             };
             let start = lines.len();
-            serde_json::to_writer(&mut lines, &entry)?;
+            serde_json::to_writer(&mut *lines, &entry)?;
             lines.push(b'\n');
             let line_len = (lines.len() - start) as u64;
             let pending = start as u64;
@@ -104,7 +141,7 @@ impl JsonLog {
                 }
             }
         }
-        self.file.write_all(&lines)?;
+        self.file.write_all(lines)?;
         self.size += lines.len() as u64;
         Ok(())
     }
@@ -116,11 +153,6 @@ impl JsonLog {
         self.size = 0;
         Ok(())
     }
-
-    /// One stream's writer; clones share the log.
-    pub fn shared(self) -> SharedLog {
-        SharedLog(Arc::new(Mutex::new(self)))
-    }
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -129,65 +161,6 @@ fn open_append(path: &Path) -> io::Result<File> {
         .append(true)
         .mode(0o600)
         .open(path)
-}
-
-/// A [`JsonLog`] shared by the stdout and stderr writers.
-#[derive(Debug, Clone)]
-pub struct SharedLog(Arc<Mutex<JsonLog>>);
-
-impl SharedLog {
-    /// A `Write` logging everything as `stream`.
-    pub fn stream(&self, stream: Stream) -> LogStream {
-        LogStream {
-            log: self.clone(),
-            stream,
-        }
-    }
-}
-
-/// Writes one stream into the shared log.
-#[derive(Debug, Clone)]
-pub struct LogStream {
-    log: SharedLog,
-    stream: Stream,
-}
-
-impl Write for LogStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut log = self.log.0.lock().unwrap_or_else(PoisonError::into_inner);
-        log.write(self.stream, buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Writes to `out` and logs a copy (a foreground run shows and logs its output, as
-/// Docker does). A log failure never fails the write: the terminal matters more.
-pub struct Tee<W> {
-    out: W,
-    log: LogStream,
-}
-
-impl<W> Tee<W> {
-    /// `out`, copied into `log`.
-    pub fn new(out: W, log: LogStream) -> Self {
-        Self { out, log }
-    }
-}
-
-impl<W: Write> Write for Tee<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _ = self.log.write(buf);
-        self.out.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
-    }
 }
 
 /// Reads a log from its start (the rotated file first) and then whatever is appended,
@@ -402,18 +375,5 @@ mod tests {
         let mut out = Vec::new();
         print(&entries[0], true, &mut out, &mut Vec::new()).expect("print");
         assert_eq!(out, b"2024-01-01T00:00:00.000000001Z 1\n");
-    }
-
-    #[test]
-    fn a_tee_shows_and_logs() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let path = tmp.path().join("container.log");
-        let log = JsonLog::open(&path).expect("open").shared();
-        let mut shown = Vec::new();
-        Tee::new(&mut shown, log.stream(Stream::Stderr))
-            .write_all(b"hi\n")
-            .expect("write");
-        assert_eq!(shown, b"hi\n");
-        assert_eq!(lines(&path)[0]["stream"], "stderr");
     }
 }

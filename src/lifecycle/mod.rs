@@ -5,6 +5,7 @@
 pub mod commands;
 pub mod control;
 pub mod inspect;
+pub mod log_thread;
 pub mod logfile;
 pub mod ps;
 pub mod state;

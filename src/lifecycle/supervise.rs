@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use super::log_thread::SharedLog;
 use super::logfile::JsonLog;
 use super::state::{Container, NewContainer, Runtime, Status};
 use crate::attach::{Output, Session};
@@ -33,8 +34,8 @@ const EXIT_RUNTIME_FAILED: i32 = 125;
 /// process as its supervisor, and records the end (or goes, with `--rm`).
 pub fn foreground(spec: &ContainerSpec) -> Result<u8> {
     let container = create(spec)?;
-    let log = match JsonLog::open(&container.state.log_path) {
-        Ok(log) => log.shared(),
+    let log = match JsonLog::open(&container.state.log_path).and_then(SharedLog::start) {
+        Ok(log) => log,
         Err(err) => {
             discard(&container);
             return Err(err).context("cannot open the container log");
@@ -133,8 +134,8 @@ pub fn supervise(id: &str) -> Result<u8> {
     let runtime = Runtime::open()?;
     let (container, spec) = startable(&runtime, id)?;
     let log = JsonLog::open(&container.state.log_path)
-        .context("cannot open the container log")?
-        .shared();
+        .and_then(SharedLog::start)
+        .context("cannot open the container log")?;
     let on_ready = detach_stdio(container.dir().join(SUPERVISOR_LOG));
     execute(&spec, container, Output::Log(log), on_ready)
 }
@@ -182,6 +183,9 @@ fn execute(
 ) -> Result<u8> {
     let mut started = false;
     let mounts = container.state.mounts.clone();
+    let log = match &output {
+        Output::Terminal(log) | Output::Log(log) => log.clone(),
+    };
     let result = boot::boot(
         spec,
         &mounts,
@@ -199,6 +203,8 @@ fn execute(
             on_ready,
         },
     );
+    // The log is complete before the end is recorded (or the entry, log and all, goes).
+    log.finish();
     let recorded = match &result {
         _ if !started || container.state.auto_remove => {
             // Docker's --rm takes the anonymous volumes along; so does an entry that never

@@ -541,7 +541,7 @@ mod tests {
         let argv = &throughput.expect("throughput").argv;
         assert_eq!(
             argv[argv.len() - 4..],
-            ["head", "-c", "33554432", "/dev/zero"]
+            ["dd", "if=/dev/zero", "bs=65536", "count=512"]
         );
     }
 
