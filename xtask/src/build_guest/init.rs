@@ -25,7 +25,9 @@ pub fn build(workspace: &Path, out: &Path) -> Result<Report> {
     let output = Command::new(cargo)
         .args([
             "build",
-            "--release",
+            // The workspace's `guest-init` profile: release, optimised for size.
+            "--profile",
+            "guest-init",
             "-p",
             "guest-init",
             "--bin",
