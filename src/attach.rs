@@ -15,6 +15,7 @@ use vmm::{ConsoleInput, VmConfig, VmExit, VmStopper};
 use crate::exec::{self, Router};
 use crate::lifecycle::control::{ControlServer, Target};
 use crate::lifecycle::log_thread::{SharedLog, Tee};
+use crate::lifecycle::logfile::JsonLog;
 use crate::lifecycle::logfile::Stream;
 use crate::spec::{ContainerSpec, StdioSpec};
 use crate::stdio::{self, Demux, Event, Fault, ToGuest};
@@ -25,12 +26,26 @@ const EXIT_KILLED: u8 = 137;
 /// What a shell reports for a pipeline member whose reader went away (128 + SIGPIPE).
 const EXIT_BROKEN_PIPE: u8 = 141;
 
-/// Where the workload's output goes.
+/// Where the workload's output goes (no log with `--log-driver none`). The log's thread
+/// starts with the run's other threads and its last entry is written before the run
+/// returns.
 pub enum Output {
     /// To fd 1 and fd 2, and a copy into the log (a foreground run).
-    Terminal(SharedLog),
+    Terminal(Option<JsonLog>),
     /// Only into the log (a detached run: nobody is attached).
-    Log(SharedLog),
+    Log(Option<JsonLog>),
+}
+
+impl Output {
+    /// Starts the log's thread: whether the output is shown, and the log to finish at
+    /// the end.
+    fn start(self) -> io::Result<(bool, Option<SharedLog>)> {
+        let (shown, log) = match self {
+            Self::Terminal(log) => (true, log),
+            Self::Log(log) => (false, log),
+        };
+        Ok((shown, log.map(SharedLog::start).transpose()?))
+    }
 }
 
 /// [`Session::on_start`]'s hook.
@@ -172,16 +187,27 @@ pub fn run_attached(
         }
     };
 
-    vm.console = match session.output {
-        Output::Terminal(log) => Box::new(
+    let (shown, log) = match session.output.start() {
+        Ok(started) => started,
+        Err(err) => {
+            to_guest.close();
+            forwarder.stop();
+            if let Some(control) = control {
+                control.stop();
+            }
+            return Err(err).context("cannot start the container log");
+        }
+    };
+    vm.console = match (shown, &log) {
+        (true, log) => Box::new(
             Demux::new(
-                Tee::new(io::stdout(), log.stream(Stream::Stdout)),
-                Tee::new(io::stderr(), log.stream(Stream::Stderr)),
+                Tee::new(io::stdout(), log.as_ref().map(|l| l.stream(Stream::Stdout))),
+                Tee::new(io::stderr(), log.as_ref().map(|l| l.stream(Stream::Stderr))),
                 on_event,
             )
             .routing(router.clone()),
         ),
-        Output::Log(log) => Box::new(
+        (false, Some(log)) => Box::new(
             Demux::new(
                 log.stream(Stream::Stdout),
                 log.stream(Stream::Stderr),
@@ -189,10 +215,19 @@ pub fn run_attached(
             )
             .routing(router.clone()),
         ),
+        // Detached with no log: nobody ever sees the output (Docker's `-d --log-driver
+        // none`), but it is still read, so the workload never blocks on it.
+        (false, None) => {
+            Box::new(Demux::new(io::sink(), io::sink(), on_event).routing(router.clone()))
+        }
     };
     vm.console_input = Some(input);
     vm.stopper = Some(ending.stopper.clone());
     let exit = vmm::run(vm);
+    // The log is complete before the run's end is recorded (or its entry removed).
+    if let Some(log) = &log {
+        log.finish();
+    }
     // The terminal first, so every message after this prints normally.
     drop(raw);
     to_guest.close();

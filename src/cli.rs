@@ -13,6 +13,7 @@ use crate::lifecycle::commands::{
     InspectArgs, KillArgs, LogsArgs, PsArgs, RmArgs, StopArgs, SuperviseArgs, WaitArgs,
 };
 use crate::network::{parse_network, parse_publish, NetworkMode, PortMapping};
+use crate::spec::LogDriver;
 use crate::volumes::commands::VolumeArgs;
 use crate::volumes::parse::{parse_mount, parse_tmpfs, parse_volume};
 use crate::volumes::MountSpec;
@@ -164,6 +165,12 @@ pub struct RunArgs {
     /// Mount a tmpfs in the container: DIR[:size=64m,mode=1777,ro,exec].
     #[arg(long, value_name = "DIR[:OPTIONS]", value_parser = parse_tmpfs)]
     pub tmpfs: Vec<MountSpec>,
+
+    /// Where the output is kept: json-file (the container's log, for `katalite logs`) or
+    /// none (only an attached terminal sees it).
+    #[arg(long = "log-driver", value_name = "DRIVER", default_value = "json-file",
+          value_parser = parse_log_driver)]
+    pub log_driver: LogDriver,
 
     /// Seconds to wait after forwarding SIGTERM or SIGINT before stopping the VM.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
@@ -481,6 +488,15 @@ mod tests {
     }
 
     #[test]
+    fn the_log_driver_is_json_file_none_or_refused() {
+        assert_eq!(run_args(&["busybox"]).log_driver, LogDriver::JsonFile);
+        let none = run_args(&["--log-driver", "none", "busybox"]);
+        assert_eq!(none.log_driver, LogDriver::None);
+        let err = parse_log_driver("syslog").expect_err("syslog is not a driver here");
+        assert!(err.contains("json-file and none"), "{err}");
+    }
+
+    #[test]
     fn defaults_are_one_cpu_and_512m() {
         let args = run_args(&["busybox"]);
         assert_eq!((args.cpus, args.memory, args.stop_timeout), (1, 512, 10));
@@ -531,6 +547,16 @@ impl RunArgs {
     /// Whether `--security-opt seccomp=unconfined` was given.
     pub fn seccomp_unconfined(&self) -> bool {
         self.security_opt.contains(&SecurityOpt::SeccompUnconfined)
+    }
+}
+
+fn parse_log_driver(value: &str) -> Result<LogDriver, String> {
+    match value {
+        "json-file" => Ok(LogDriver::JsonFile),
+        "none" => Ok(LogDriver::None),
+        other => Err(format!(
+            "unsupported log driver {other:?}: katalite has json-file and none"
+        )),
     }
 }
 

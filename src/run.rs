@@ -114,6 +114,7 @@ pub fn container_spec(
             boot_probe: args.boot_probe,
         },
         seccomp_unconfined: args.seccomp_unconfined(),
+        log_driver: args.log_driver,
     })
 }
 

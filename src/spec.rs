@@ -57,6 +57,8 @@ pub struct ContainerSpec {
     /// `--security-opt seccomp=unconfined`: katalite's threads run without their seccomp
     /// filters (capabilities are still dropped).
     pub seccomp_unconfined: bool,
+    /// `--log-driver`: whether the output is kept for `katalite logs`.
+    pub log_driver: LogDriver,
 }
 
 impl Default for ContainerSpec {
@@ -75,6 +77,7 @@ impl Default for ContainerSpec {
             stop_timeout_secs: DEFAULT_STOP_TIMEOUT_SECS,
             guest: GuestSpec::default(),
             seccomp_unconfined: false,
+            log_driver: LogDriver::JsonFile,
         }
     }
 }
@@ -219,6 +222,17 @@ impl Default for NetworkSpec {
     }
 }
 
+/// Where the workload's output is kept (`--log-driver`, by Docker's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogDriver {
+    /// Docker's json-file log in the container's directory, read by `katalite logs`.
+    #[default]
+    JsonFile,
+    /// Nothing is kept: the output reaches an attached terminal only (Docker's `none`).
+    None,
+}
+
 /// How the workload's stdio is attached.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -354,6 +368,7 @@ mod tests {
                 boot_probe: true,
             },
             seccomp_unconfined: true,
+            log_driver: LogDriver::None,
         }
     }
 

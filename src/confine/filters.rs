@@ -326,6 +326,11 @@ pub(super) fn rules(
             b.allow_arg(SYS_ioctl, 1, &TTY_IOCTLS)?;
             b.allow_arg(SYS_ioctl, 1, &FD_IOCTLS)?;
         }
+        Role::Log => {
+            // Appends to the log and rotates it (rename, then open a new one).
+            b.allow(FILES)
+                .allow(&[SYS_rename, SYS_renameat, SYS_renameat2]);
+        }
         Role::Stdin => {
             b.allow(&[SYS_fcntl, SYS_fstat, SYS_recvfrom]);
             b.allow_arg(SYS_ioctl, 1, &TTY_IOCTLS)?;

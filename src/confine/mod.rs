@@ -42,6 +42,8 @@ pub enum Role {
     Signals,
     /// Reads the host's stdin for the guest.
     Stdin,
+    /// Writes the container's json-file log.
+    Log,
 }
 
 impl Role {
@@ -58,11 +60,12 @@ impl Role {
             Role::Control => "control",
             Role::Signals => "signals",
             Role::Stdin => "stdin",
+            Role::Log => "log",
         }
     }
 
     /// Every role.
-    pub const ALL: [Role; 10] = [
+    pub const ALL: [Role; 11] = [
         Role::Vm(ThreadRole::Vcpu),
         Role::Vm(ThreadRole::Device),
         Role::Vm(ThreadRole::Output),
@@ -73,6 +76,7 @@ impl Role {
         Role::Control,
         Role::Signals,
         Role::Stdin,
+        Role::Log,
     ];
 }
 

@@ -12,6 +12,7 @@ use super::control::{self, ControlRequest};
 use super::logfile::{self, LogReader};
 use super::state::{Container, Runtime};
 use super::{inspect, ps, supervise};
+use crate::spec::LogDriver;
 
 /// Docker's CLI status for a failed container command.
 const EXIT_FAILED: u8 = 1;
@@ -241,6 +242,9 @@ pub fn ps(args: &PsArgs) -> Result<u8> {
 pub fn logs(args: &LogsArgs) -> Result<u8> {
     let runtime = Runtime::open()?;
     let container = runtime.find(&args.container)?;
+    if container.spec()?.log_driver == LogDriver::None {
+        bail!("configured logging driver does not support reading (--log-driver none)");
+    }
     let mut reader = LogReader::new(&container.state.log_path);
     let (mut out, mut err) = (io::stdout().lock(), io::stderr().lock());
     let mut show = |entries: &[logfile::LogEntry]| -> io::Result<()> {

@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 
 use super::logfile::{JsonLog, Stream};
 use super::time::Timestamp;
+use crate::confine::{self, Role};
 
 /// Most bytes waiting for the log thread (plus one chunk): a burst up to this size costs
 /// the output nothing.
@@ -73,7 +74,10 @@ impl SharedLog {
         let writer = unstarted.queue.clone();
         let thread = std::thread::Builder::new()
             .name("katalite-log".into())
-            .spawn(move || write_queued(&writer, &mut log))?;
+            .spawn(move || {
+                confine::enter(Role::Log);
+                write_queued(&writer, &mut log);
+            })?;
         *unstarted
             .thread
             .lock()
@@ -183,12 +187,12 @@ impl Write for LogStream {
 /// terminal matters more.
 pub struct Tee<W> {
     out: W,
-    log: LogStream,
+    log: Option<LogStream>,
 }
 
 impl<W> Tee<W> {
-    /// `out`, copied into `log`.
-    pub fn new(out: W, log: LogStream) -> Self {
+    /// `out`, copied into `log` (if there is one).
+    pub fn new(out: W, log: Option<LogStream>) -> Self {
         Self { out, log }
     }
 }
@@ -197,7 +201,9 @@ impl<W: Write> Write for Tee<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // Shown first: whoever reads the output waits for it, nobody waits for the log.
         let shown = self.out.write_all(buf);
-        let _ = self.log.write(buf);
+        if let Some(log) = &mut self.log {
+            let _ = log.write(buf);
+        }
         shown?;
         Ok(buf.len())
     }
@@ -229,7 +235,7 @@ mod tests {
         let path = tmp.path().join("container.log");
         let log = SharedLog::start(JsonLog::open(&path).expect("open")).expect("start");
         let mut shown = Vec::new();
-        let mut tee = Tee::new(&mut shown, log.stream(Stream::Stderr));
+        let mut tee = Tee::new(&mut shown, Some(log.stream(Stream::Stderr)));
         tee.write_all(b"hi\n").expect("write");
         log.stream(Stream::Stdout)
             .write_all(b"out\0binary\n")

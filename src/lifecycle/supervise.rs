@@ -14,11 +14,10 @@ use std::process::{Command, Stdio};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::log_thread::SharedLog;
 use super::logfile::JsonLog;
 use super::state::{Container, NewContainer, Runtime, Status};
 use crate::attach::{Output, Session};
-use crate::spec::ContainerSpec;
+use crate::spec::{ContainerSpec, LogDriver};
 use crate::{boot, volumes};
 
 /// What the supervisor writes on its stdout (a pipe to the launcher) once init is up.
@@ -34,7 +33,7 @@ const EXIT_RUNTIME_FAILED: i32 = 125;
 /// process as its supervisor, and records the end (or goes, with `--rm`).
 pub fn foreground(spec: &ContainerSpec) -> Result<u8> {
     let container = create(spec)?;
-    let log = match JsonLog::open(&container.state.log_path).and_then(SharedLog::start) {
+    let log = match open_log(spec, &container) {
         Ok(log) => log,
         Err(err) => {
             discard(&container);
@@ -133,9 +132,7 @@ fn start_supervisor(container: &Container) -> Result<bool> {
 pub fn supervise(id: &str) -> Result<u8> {
     let runtime = Runtime::open()?;
     let (container, spec) = startable(&runtime, id)?;
-    let log = JsonLog::open(&container.state.log_path)
-        .and_then(SharedLog::start)
-        .context("cannot open the container log")?;
+    let log = open_log(&spec, &container).context("cannot open the container log")?;
     let on_ready = detach_stdio(container.dir().join(SUPERVISOR_LOG));
     execute(&spec, container, Output::Log(log), on_ready)
 }
@@ -183,9 +180,6 @@ fn execute(
 ) -> Result<u8> {
     let mut started = false;
     let mounts = container.state.mounts.clone();
-    let log = match &output {
-        Output::Terminal(log) | Output::Log(log) => log.clone(),
-    };
     let result = boot::boot(
         spec,
         &mounts,
@@ -203,8 +197,6 @@ fn execute(
             on_ready,
         },
     );
-    // The log is complete before the end is recorded (or the entry, log and all, goes).
-    log.finish();
     let recorded = match &result {
         _ if !started || container.state.auto_remove => {
             // Docker's --rm takes the anonymous volumes along; so does an entry that never
@@ -219,6 +211,14 @@ fn execute(
         eprintln!("katalite: cannot record the container's end: {err:#}");
     }
     result
+}
+
+/// The container's log, unless `--log-driver none` keeps none.
+fn open_log(spec: &ContainerSpec, container: &Container) -> io::Result<Option<JsonLog>> {
+    match spec.log_driver {
+        LogDriver::JsonFile => JsonLog::open(&container.state.log_path).map(Some),
+        LogDriver::None => Ok(None),
+    }
 }
 
 /// The fields of a new entry for `spec` (its mounts are resolved separately).

@@ -140,6 +140,7 @@ fn every_thread_is_confined_and_no_inherited_descriptor_survives() {
         "katalite-cons",
         "katalite-out",
         "katalite-contro",
+        "katalite-log",
     ] {
         assert!(
             threads.iter().any(|name| name.starts_with(wanted)),

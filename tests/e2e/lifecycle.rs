@@ -196,3 +196,58 @@ fn rm_leaves_nothing_and_wait_prints_the_exit_code() {
         thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn with_log_driver_none_the_output_is_shown_but_not_kept() {
+    let tmp = runtime_dir();
+    let rt = tmp.path();
+    let busybox = rootfs("busybox");
+    let run = katalite_in(
+        rt,
+        &[
+            "run",
+            "--name",
+            "quiet",
+            "--log-driver",
+            "none",
+            "--rootfs",
+            &busybox,
+            "--",
+            "echo",
+            "shown",
+        ],
+    );
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    assert_eq!(run.stdout, "shown\n", "{}", run.describe());
+    let logs = katalite_in(rt, &["logs", "quiet"]);
+    assert_ne!(logs.status, Some(0), "{}", logs.describe());
+    assert!(
+        logs.stderr.contains("does not support reading"),
+        "{}",
+        logs.describe()
+    );
+    // The default keeps it, complete as soon as the foreground run has returned.
+    let run = katalite_in(
+        rt,
+        &[
+            "run",
+            "--name",
+            "kept",
+            "--rootfs",
+            &busybox,
+            "--",
+            "sh",
+            "-c",
+            "echo one; head -c 300000 /dev/zero; echo; echo two",
+        ],
+    );
+    assert_eq!(run.status, Some(0), "{}", run.describe());
+    let logs = katalite_in(rt, &["logs", "kept"]);
+    assert_eq!(logs.status, Some(0), "{}", logs.describe());
+    assert!(
+        logs.stdout.starts_with("one\n") && logs.stdout.ends_with("\ntwo\n"),
+        "{}",
+        logs.describe()
+    );
+    assert_eq!(logs.stdout.len(), run.stdout.len(), "{}", logs.describe());
+}

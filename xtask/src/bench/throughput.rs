@@ -30,6 +30,9 @@ const BLOCK: u64 = 64 * 1024;
 
 /// Job ids, per contender.
 const KATALITE: &str = "throughput";
+/// katalite with `--log-driver none`: the console path alone, without the json-file log
+/// (which, for zeros, writes six bytes per byte).
+const KATALITE_NO_LOG: &str = "throughput-no-log";
 const QEMU_PORT: &str = "throughput-qemu-virtserialport";
 const QEMU_CONSOLE: &str = "throughput-qemu-virtconsole";
 
@@ -53,12 +56,18 @@ pub fn jobs(inputs: &LabInputs, settings: &Settings) -> Vec<Job> {
     );
     let mut jobs = vec![Job::new("throughput-initramfs", Kind::Timed, write, 1)];
     let katalite = plan::katalite_run(inputs.registry, &["--boot-probe"], &command);
+    let no_log = plan::katalite_run(
+        inputs.registry,
+        &["--boot-probe", "--log-driver", "none"],
+        &command,
+    );
     let qemu = |console| {
         let channel = QemuChannel::Count { console };
         plan::qemu_microvm_with(inputs.vmlinux, Path::new(INITRD), "user,id=n", channel)
     };
     let contenders = [
         (KATALITE, katalite),
+        (KATALITE_NO_LOG, no_log),
         (QEMU_PORT, qemu(false)),
         (QEMU_CONSOLE, qemu(true)),
     ];
@@ -77,6 +86,8 @@ pub struct Throughput {
     pub bytes: u64,
     /// katalite, from the workload's start to the last byte on the host.
     pub mib_per_s: Option<Stats>,
+    /// katalite with `--log-driver none`, measured alike.
+    pub no_log_mib_s: Option<Stats>,
     /// QEMU microvm, init on a generic port (`virtserialport`), measured alike.
     pub qemu_virtserialport_mib_s: Option<Stats>,
     /// QEMU microvm, init on `/dev/hvc0` (`virtconsole`), measured alike.
@@ -90,25 +101,29 @@ pub fn throughput(lab: &mut LabResults, settings: &Settings) -> Option<Throughpu
     let bytes = settings.throughput_bytes;
     let blocks = bytes / BLOCK;
     lab.check_setup("throughput-initramfs");
-    let katalite = lab
-        .each(KATALITE, |s| results::throughput_mib_s(s, bytes))
-        .and_then(|rates| Stats::of(&rates));
+    let mut katalite = |id| {
+        lab.each(id, |s| results::throughput_mib_s(s, bytes))
+            .and_then(|rates| Stats::of(&rates))
+    };
+    let (with_log, no_log) = (katalite(KATALITE), katalite(KATALITE_NO_LOG));
     let mut qemu = |id| {
         lab.each(id, |s| framed_throughput_mib_s(s, bytes))
             .and_then(|rates| Stats::of(&rates))
     };
     let (port, console) = (qemu(QEMU_PORT), qemu(QEMU_CONSOLE));
-    if katalite.is_none() && port.is_none() && console.is_none() {
+    if with_log.is_none() && no_log.is_none() && port.is_none() && console.is_none() {
         return None;
     }
     Some(Throughput {
         bytes,
-        mib_per_s: katalite,
+        mib_per_s: with_log,
+        no_log_mib_s: no_log,
         qemu_virtserialport_mib_s: port,
         qemu_virtconsole_mib_s: console,
         method: format!(
             "`dd if=/dev/zero bs={BLOCK} count={blocks}` as the workload, {BOOT_MEMORY_MIB} MiB, 1 vCPU, one \
-             run per contender and round: katalite (its stdout, the frames' payload), and \
+             run per contender and round: katalite (its stdout, the frames' payload; with its \
+             json-file log, the default, and with `--log-driver none`), and \
              QEMU microvm booting the initramfs `katalite run --write-initramfs` wrote for \
              the same command, its channel chardev on stdout (the frames themselves, a \
              9-byte header per at most 64 KiB) and its serial console on stderr; stdout is \
@@ -153,20 +168,23 @@ pub fn table(throughput: &Throughput, network: Option<&Network>) -> String {
     let mut out = format!(
         "Guest → host stdout, {:.2} MiB of `dd` from init's workload start to the last \
          byte on the host, the same initramfs in QEMU:\n\n\
-         | | katalite (generic port) | QEMU `virtserialport` (generic port) | QEMU \
-         `virtconsole` (hvc0) |\n| --- | --- | --- | --- |\n",
+         | | katalite (generic port, json-file log) | katalite, `--log-driver none` | QEMU \
+         `virtserialport` (generic port) | QEMU `virtconsole` (hvc0) |\n\
+         | --- | --- | --- | --- | --- |\n",
         throughput.bytes as f64 / f64::from(1u32 << 20)
     );
     out.push_str(&format!(
-        "| stdout throughput | {} | {} | {} |\n",
+        "| stdout throughput | {} | {} | {} | {} |\n",
         cell(throughput.mib_per_s.as_ref()),
+        cell(throughput.no_log_mib_s.as_ref()),
         cell(throughput.qemu_virtserialport_mib_s.as_ref()),
         cell(throughput.qemu_virtconsole_mib_s.as_ref()),
     ));
     if let Some(network) = network {
         out.push_str(&format!(
-            "| for scale: guest → host network download (same run) | {} | {} (QEMU user \
-             network) | — |\n",
+            "| for scale: guest → host network download (same run) | {} | {} | {} (QEMU \
+             user network) | — |\n",
+            cell(network.katalite.as_ref().map(|s| &s.guest_to_host_mib_s)),
             cell(network.katalite.as_ref().map(|s| &s.guest_to_host_mib_s)),
             cell(network.qemu_user.as_ref().map(|s| &s.guest_to_host_mib_s)),
         ));
@@ -214,14 +232,21 @@ mod tests {
         let tail = ["dd", "if=/dev/zero", "bs=65536", "count=128"];
         assert_eq!(write.argv[write.argv.len() - 4..], tail);
         let ids: Vec<&str> = jobs[1..].iter().map(|j| j.id.as_str()).collect();
-        assert_eq!(ids.len(), 9);
-        assert_eq!(ids[..3], [KATALITE, QEMU_PORT, QEMU_CONSOLE]);
-        assert_eq!(ids[3..6], ids[..3]);
+        assert_eq!(ids.len(), 12);
+        assert_eq!(
+            ids[..4],
+            [KATALITE, KATALITE_NO_LOG, QEMU_PORT, QEMU_CONSOLE]
+        );
+        assert_eq!(ids[4..8], ids[..4]);
         assert!(jobs[1..].iter().all(|j| j.kind == Kind::Throughput));
         let katalite = &jobs[1].argv;
         assert_eq!(katalite[katalite.len() - 4..], tail);
+        assert!(!katalite.iter().any(|a| a == "--log-driver"));
+        let no_log = &jobs[2].argv;
+        assert_eq!(no_log[no_log.len() - 4..], tail);
+        assert!(no_log.windows(2).any(|w| w == ["--log-driver", "none"]));
 
-        let port = &jobs[2].argv;
+        let port = &jobs[3].argv;
         assert_eq!(after(port, "-initrd"), [INITRD]);
         assert_eq!(after(port, "-serial"), ["file:/dev/stderr"]);
         assert_eq!(
@@ -236,7 +261,7 @@ mod tests {
                 "virtio-net-device,netdev=n"
             ]
         );
-        let console = &jobs[3].argv;
+        let console = &jobs[4].argv;
         assert!(after(console, "-device").contains(&"virtconsole,chardev=channel"));
         assert_eq!(after(console, "-chardev"), after(port, "-chardev"));
     }
@@ -279,6 +304,7 @@ mod tests {
                 json!({ "status": 0, "exit_ms": 1.0, "lines": [] }),
             ),
             result(KATALITE, ok(bytes)),
+            result(KATALITE_NO_LOG, ok(bytes)),
             result(QEMU_PORT, ok(bytes + 9 * 130)),
             result(
                 QEMU_CONSOLE,
@@ -287,6 +313,7 @@ mod tests {
         ]);
         let section = throughput(&mut lab, &settings).expect("section");
         assert_eq!(section.mib_per_s.as_ref().map(|s| s.median), Some(8.0));
+        assert_eq!(section.no_log_mib_s.as_ref().map(|s| s.median), Some(8.0));
         assert_eq!(
             section.qemu_virtserialport_mib_s.as_ref().map(|s| s.median),
             Some(8.0)
@@ -295,7 +322,9 @@ mod tests {
         assert_eq!(lab.errors.len(), 1);
         assert!(lab.errors[0].starts_with(QEMU_CONSOLE), "{:?}", lab.errors);
         let text = table(&section, None);
-        assert!(text.contains("| stdout throughput | 8.0 MiB/s (8.0–8.0) | 8.0 MiB/s"));
+        assert!(text.contains(
+            "| stdout throughput | 8.0 MiB/s (8.0–8.0) | 8.0 MiB/s (8.0–8.0) | 8.0 MiB/s"
+        ));
         assert!(text.contains("| — |"));
     }
 }
