@@ -25,24 +25,36 @@ pub fn host_has_ca_store() -> bool {
         || SYSTEM_CA_FILES.iter().any(|f| Path::new(f).is_file())
 }
 
-/// On a host without a CA store, writes the bundled roots to `dir/ca-roots.pem` (atomically)
-/// and sets `SSL_CERT_FILE` to it; returns the path, or `None` when the host has a store.
+/// On a host without a CA store, writes the bundled roots to `dir/ca-roots.pem` (atomically,
+/// unless it already holds them) and sets `SSL_CERT_FILE` to it; returns the path, or
+/// `None` when the host has a store.
 /// Must run before other threads start: it changes the process environment.
 pub fn provide_if_missing(dir: &Path) -> std::io::Result<Option<PathBuf>> {
     if host_has_ca_store() {
         return Ok(None);
     }
+    let path = write_bundle(dir)?;
+    std::env::set_var("SSL_CERT_FILE", &path);
+    Ok(Some(path))
+}
+
+/// Writes the bundled roots to `dir/ca-roots.pem` unless it holds them already. Written
+/// once per bundle: a rewrite and fsync on every `katalite run` cost a start more than the
+/// rest of its cache lookup.
+fn write_bundle(dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let path = dir.join("ca-roots.pem");
-    let mut temp = tempfile::NamedTempFile::new_in(dir)?;
-    temp.write_all(&bundle_pem()?)?;
-    temp.as_file().sync_all()?;
-    temp.persist(&path).map_err(|e| e.error)?;
-    std::env::set_var("SSL_CERT_FILE", &path);
-    Ok(Some(path))
+    let bundle = bundle_pem()?;
+    if std::fs::read(&path).ok().as_deref() != Some(bundle.as_slice()) {
+        let mut temp = tempfile::NamedTempFile::new_in(dir)?;
+        temp.write_all(&bundle)?;
+        temp.as_file().sync_all()?;
+        temp.persist(&path).map_err(|e| e.error)?;
+    }
+    Ok(path)
 }
 
 /// Mozilla's roots as `build.rs` packed them: zstd-compressed records of a 4-byte
@@ -84,6 +96,31 @@ fn bundle_pem() -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bundle_file_is_written_once_and_repaired_when_it_differs() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = dir.path().join("tls");
+        let path = write_bundle(&tls).expect("write");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            bundle_pem().expect("bundle")
+        );
+        let inode = std::fs::metadata(&path).expect("stat").ino();
+        assert_eq!(write_bundle(&tls).expect("again"), path);
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").ino(),
+            inode,
+            "rewritten"
+        );
+        std::fs::write(&path, b"spoiled").expect("spoil");
+        write_bundle(&tls).expect("repair");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            bundle_pem().expect("bundle")
+        );
+    }
 
     #[test]
     fn bundle_is_pem_that_reqwest_accepts() {

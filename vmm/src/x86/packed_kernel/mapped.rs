@@ -88,6 +88,40 @@ fn loaded(header: &Header) -> Loaded {
     }
 }
 
+/// Zeroes bytes `from..to` after `start`: the part of segment `index` past its file bytes
+/// (`from` is page-aligned). Whole pages are dropped (MADV_DONTNEED) rather than written: guest RAM
+/// is private anonymous memory, which reads back as zeros afterwards, so the kernel's BSS
+/// costs no page faults and no resident memory until the guest touches it (writing zeros
+/// faulted in about 2 MiB per boot). Only a partial last page is written.
+fn zero_bss(start: *mut u8, from: usize, to: usize, index: usize) -> Result<(), PackedKernelError> {
+    let whole_end = from + (to - from) / PAGE_LEN * PAGE_LEN;
+    if whole_end > from {
+        // SAFETY: `start + from .. start + whole_end` lies in one segment's slice of guest
+        // memory (the caller's `target`), page-aligned, in a private anonymous mapping that
+        // lives as long as `mem`; dropping its pages only makes them read as zeros. No
+        // other thread touches guest memory yet.
+        let dropped = unsafe {
+            libc::madvise(
+                start.add(from).cast(),
+                whole_end - from,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if dropped != 0 {
+            return Err(PackedKernelError::Map {
+                index,
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    if whole_end < to {
+        // SAFETY: the bytes from `whole_end` to `to` lie in the same slice, as above.
+        let tail = unsafe { std::slice::from_raw_parts_mut(start.add(whole_end), to - whole_end) };
+        tail.fill(0);
+    }
+    Ok(())
+}
+
 /// Maps each segment's pages of `file` over guest memory, copy-on-write, and zeroes the
 /// rest of its memory size. Returns false, leaving guest memory as it was, when a mapping
 /// fails before any was made; a failure after that is an error (the kernel is half there).
@@ -150,12 +184,7 @@ fn map_segments(
             }
         }
         if mapped < target.len() {
-            // SAFETY: the bytes from `mapped` to `target.len()` lie in the slice that
-            // `get_slice` returned, in memory that lives as long as `mem`; no other thread
-            // touches guest memory yet, and segments do not overlap.
-            let bss =
-                unsafe { std::slice::from_raw_parts_mut(start.add(mapped), target.len() - mapped) };
-            bss.fill(0);
+            zero_bss(start, mapped, target.len(), index)?;
         }
     }
     Ok(true)
