@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use imagebuilder::disk::{cached_disk_image, disk_image, DiskImage, DiskOptions};
 use imagebuilder::image::ImageConfig;
-use imagebuilder::pack::{packed_initramfs, PackOptions};
+use imagebuilder::pack::{cached_packed_initramfs, packed_initramfs, PackOptions};
 use imagebuilder::progress::Progress;
 use imagebuilder::source::PullPolicy;
 use vmm::{BlockHashes, InitramfsPart};
@@ -100,11 +100,6 @@ pub fn prepare(spec: &ContainerSpec) -> Result<(GuestRoot, ImageConfig)> {
             return Ok((GuestRoot::Disk(open_disk(&disk, reference)?), image.config));
         }
     }
-    let image = if fetched {
-        image
-    } else {
-        image_cmds::resolve(&store, reference, pull, fetch)?
-    };
     let progress = Progress::stderr(fetch.quiet);
     // --write-initramfs hands the bench an initramfs, whatever the path.
     if !disk_path {
@@ -112,8 +107,21 @@ pub fn prepare(spec: &ContainerSpec) -> Result<(GuestRoot, ImageConfig)> {
             progress,
             ..PackOptions::default()
         };
-        let packed = packed_initramfs(&image, store.root(), &opts)
-            .with_context(|| format!("cannot pack image {reference}"))?;
+        // An intact packed archive is all a start needs, as a cached disk image is.
+        let cached = cached_packed_initramfs(&image, store.root(), opts.compression)
+            .with_context(|| format!("cannot use the packed image of {reference}"))?;
+        let packed = match cached {
+            Some(packed) => packed,
+            None => {
+                let image = if fetched {
+                    image.clone()
+                } else {
+                    image_cmds::resolve(&store, reference, pull, fetch)?
+                };
+                packed_initramfs(&image, store.root(), &opts)
+                    .with_context(|| format!("cannot pack image {reference}"))?
+            }
+        };
         let archive = File::open(&packed)
             .with_context(|| format!("cannot open packed image {}", packed.display()))?;
         let size = archive
@@ -127,6 +135,11 @@ pub fn prepare(spec: &ContainerSpec) -> Result<(GuestRoot, ImageConfig)> {
         ));
     }
     check_memory(memory)?;
+    let image = if fetched {
+        image
+    } else {
+        image_cmds::resolve(&store, reference, pull, fetch)?
+    };
     let opts = DiskOptions {
         progress,
         ..DiskOptions::default()

@@ -160,6 +160,20 @@ pub fn packed_initramfs(
     Ok(path)
 }
 
+/// The intact packed archive of `image` in `<cache_root>/packed/`, if there is one (a
+/// damaged one is removed): all a start from the cache needs, without reading the layers.
+pub fn cached_packed_initramfs(
+    image: &PulledImage,
+    cache_root: &Path,
+    compression: Compression,
+) -> Result<Option<PathBuf>, PackError> {
+    let dir = cache_root.join("packed");
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    find_intact(&dir, &cache_key(&image.manifest_digest, compression)?)
+}
+
 /// Packs `image` into `out` (compressed), without any cache.
 pub fn pack<W: Write>(
     image: &PulledImage,
@@ -433,6 +447,38 @@ mod tests {
             .read_to_end(&mut bytes)
             .expect("gunzip");
         assert_eq!(bytes, uncompressed(&image));
+    }
+
+    #[test]
+    fn the_cached_archive_is_found_without_packing_and_a_damaged_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = image(dir.path());
+        let cache = dir.path().join("cache");
+        let zstd = Compression::Zstd;
+        assert_eq!(
+            cached_packed_initramfs(&image, &cache, zstd).expect("none"),
+            None
+        );
+        let path = packed_initramfs(&image, &cache, &PackOptions::default()).expect("pack");
+        assert_eq!(
+            cached_packed_initramfs(&image, &cache, zstd).expect("found"),
+            Some(path.clone())
+        );
+        assert_eq!(
+            cached_packed_initramfs(&image, &cache, Compression::Gzip).expect("other"),
+            None
+        );
+        let mut bytes = fs::read(&path).expect("read");
+        bytes[0] ^= 1;
+        fs::write(&path, &bytes).expect("damage");
+        assert_eq!(
+            cached_packed_initramfs(&image, &cache, zstd).expect("damaged"),
+            None
+        );
+        assert!(
+            packed_files(&cache).is_empty(),
+            "the damaged archive is removed"
+        );
     }
 
     #[test]
