@@ -67,6 +67,10 @@ pub struct Args {
     /// Only stdout throughput and the network comparison it is measured against.
     #[arg(long, hide = true, conflicts_with_all = ["readme", "network_only", "volumes_only"])]
     stdout_only: bool,
+    /// Everything but the volume comparison (its share workload takes longest under TCG;
+    /// the table then says it was not measured in this run).
+    #[arg(long, conflicts_with_all = ["network_only", "volumes_only", "stdout_only"])]
+    skip_volumes: bool,
 }
 
 /// Runs every measurement and writes the report files.
@@ -83,6 +87,7 @@ pub fn run(args: &Args) -> Result<()> {
     settings.network_only = args.network_only;
     settings.volumes_only = args.volumes_only;
     settings.stdout_only = args.stdout_only;
+    settings.skip_volumes = args.skip_volumes;
     let host_load_1m = load_average();
 
     let runner = build_runner(&root)?;
@@ -227,7 +232,7 @@ fn assemble(
     } else {
         net::network(&mut lab, settings)
     };
-    let volumes = if settings.network_only || settings.stdout_only {
+    let volumes = if settings.network_only || settings.stdout_only || settings.skip_volumes {
         None
     } else {
         volumes::volumes(&mut lab)
@@ -255,6 +260,7 @@ fn assemble(
         parallel,
         network,
         volumes,
+        volumes_skipped: settings.skip_volumes,
         images,
         binary_bytes: binaries.katalite_bytes,
         binaries,

@@ -82,6 +82,8 @@ pub struct Settings {
     pub volumes_only: bool,
     /// Only stdout throughput and the network jobs (`bench --stdout-only`).
     pub stdout_only: bool,
+    /// No volume jobs (`bench --skip-volumes`).
+    pub skip_volumes: bool,
 }
 
 impl Settings {
@@ -105,6 +107,7 @@ impl Settings {
             volume_rounds: 2,
             volumes_only: false,
             stdout_only: false,
+            skip_volumes: false,
         }
     }
 
@@ -128,6 +131,7 @@ impl Settings {
             volume_rounds: 3,
             volumes_only: false,
             stdout_only: false,
+            skip_volumes: false,
         }
     }
 }
@@ -351,7 +355,7 @@ pub fn plan(inputs: &LabInputs, settings: &Settings) -> Plan {
     if !settings.volumes_only {
         jobs.extend(net::jobs(inputs, settings));
     }
-    if !settings.network_only {
+    if !settings.network_only && !settings.skip_volumes {
         jobs.extend(volumes::jobs(inputs, settings));
     }
     Plan { jobs }

@@ -78,6 +78,11 @@ pub fn table(report: &Report) -> String {
     }
     if let Some(volumes) = &report.volumes {
         out.push_str(&super::volumes::table(volumes));
+    } else if report.volumes_skipped {
+        out.push_str(
+            "Volumes: not measured in this run (`--skip-volumes`); see [Volumes](#volumes) \
+             for figures measured by hand.\n\n",
+        );
     }
     if let Some(images) = &report.images {
         out.push_str(&images_table(images));
@@ -397,6 +402,7 @@ mod tests {
             }],
             network: None,
             volumes: None,
+            volumes_skipped: true,
             images: None,
             binary_bytes: 27 << 20,
             binaries: Binaries {
@@ -421,6 +427,7 @@ mod tests {
         ));
         assert!(text.contains("- memory: the workload never started\n"));
         assert!(!text.contains("details"));
+        assert!(text.contains("Volumes: not measured in this run (`--skip-volumes`)"));
     }
 
     #[test]

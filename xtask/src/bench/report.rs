@@ -45,6 +45,8 @@ pub struct Report {
     pub network: Option<Network>,
     /// katalite `-v` beside QEMU with virtiofsd on the same share.
     pub volumes: Option<Volumes>,
+    /// The volume comparison was left out of this run (`--skip-volumes`).
+    pub volumes_skipped: bool,
     /// Images on katalite's two root paths (initramfs, EROFS disk): start times, the
     /// smallest `--memory`, the VMM's memory running the large image, and the host's
     /// EROFS build.
