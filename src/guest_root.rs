@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use imagebuilder::disk::{cached_disk_image, disk_image, DiskImage, DiskOptions};
-use imagebuilder::image::ImageConfig;
+use imagebuilder::image::{ImageConfig, PulledImage};
 use imagebuilder::pack::{cached_packed_initramfs, packed_initramfs, PackOptions};
 use imagebuilder::progress::Progress;
 use imagebuilder::source::PullPolicy;
@@ -91,8 +91,16 @@ pub fn prepare(spec: &ContainerSpec) -> Result<(GuestRoot, ImageConfig)> {
     // A cached disk image is all a start needs: the layers are re-hashed (O(image) work)
     // only when they are about to be read to build one.
     let image = image_cmds::resolve_verified(&store, reference, pull, fetch, false)?;
-    // `--pull always` just fetched the image: nothing to re-hash or resolve again.
+    // The image again with its cached layers re-hashed, before they are read to build a
+    // boot image; `--pull always` just fetched it: nothing to re-hash or resolve again.
     let fetched = pull == PullPolicy::Always;
+    let verified = |image: PulledImage| -> Result<PulledImage> {
+        if fetched {
+            Ok(image)
+        } else {
+            image_cmds::resolve(&store, reference, pull, fetch)
+        }
+    };
     if disk_path {
         let cached = cached_disk_image(&image, store.root())
             .with_context(|| format!("cannot use the disk image of {reference}"))?;
@@ -112,15 +120,8 @@ pub fn prepare(spec: &ContainerSpec) -> Result<(GuestRoot, ImageConfig)> {
             .with_context(|| format!("cannot use the packed image of {reference}"))?;
         let packed = match cached {
             Some(packed) => packed,
-            None => {
-                let image = if fetched {
-                    image.clone()
-                } else {
-                    image_cmds::resolve(&store, reference, pull, fetch)?
-                };
-                packed_initramfs(&image, store.root(), &opts)
-                    .with_context(|| format!("cannot pack image {reference}"))?
-            }
+            None => packed_initramfs(&verified(image.clone())?, store.root(), &opts)
+                .with_context(|| format!("cannot pack image {reference}"))?,
         };
         let archive = File::open(&packed)
             .with_context(|| format!("cannot open packed image {}", packed.display()))?;
@@ -135,11 +136,7 @@ pub fn prepare(spec: &ContainerSpec) -> Result<(GuestRoot, ImageConfig)> {
         ));
     }
     check_memory(memory)?;
-    let image = if fetched {
-        image
-    } else {
-        image_cmds::resolve(&store, reference, pull, fetch)?
-    };
+    let image = verified(image)?;
     let opts = DiskOptions {
         progress,
         ..DiskOptions::default()
