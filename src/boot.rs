@@ -206,6 +206,16 @@ fn merge_env(image: &[String], overrides: &[String]) -> Vec<String> {
     env
 }
 
+/// What a boot of `spec` would find missing on this host (no usable /dev/kvm, a built-in
+/// kernel that cannot boot here), checked before anything is made for it.
+pub fn preflight(spec: &ContainerSpec) -> Result<()> {
+    let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
+    if spec.guest.kernel.is_none() {
+        load_kernel(None, kvm)?;
+    }
+    Ok(())
+}
+
 /// Picks the kernel: `--kernel` (an uncompressed vmlinux ELF, read into memory), else the
 /// built-in packed one, borrowed where it lies in the binary and decompressed by the VMM
 /// straight into guest memory. The built-in one cannot boot on PVM.

@@ -56,6 +56,9 @@ pub enum Command {
     Volume(VolumeArgs),
     /// Wait for containers to exit and print their exit codes.
     Wait(WaitArgs),
+    /// Install the names Docker, containerd and podman start katalite by (katalite-runc).
+    #[command(name = "install-runtime")]
+    InstallRuntime(crate::runc::install::InstallArgs),
     /// Run a detached container's VM (started by `run -d`, not by hand).
     #[command(hide = true)]
     Supervise(SuperviseArgs),

@@ -14,6 +14,7 @@ mod image_cmds;
 mod lifecycle;
 mod network;
 mod run;
+mod runc;
 mod signals;
 mod spec;
 mod stdio;
@@ -32,7 +33,16 @@ fn main() -> std::process::ExitCode {
         eprintln!("katalite: {err:#}");
         return std::process::ExitCode::from(EXIT_KATALITE_FAILED);
     }
-    let cli = match cli::Cli::try_parse() {
+    // The engines start the same binary under the runtime's own names.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let program = args
+        .first()
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::file_name);
+    if program.is_some_and(|name| name == runc::PROGRAM) {
+        return runc::main(args);
+    }
+    let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {
             // --help and --version.
@@ -68,6 +78,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Wait(args) => commands::wait(args),
         cli::Command::Supervise(args) => commands::supervise(args),
         cli::Command::Volume(args) => volumes::commands::volume(args),
+        cli::Command::InstallRuntime(args) => runc::install::install(args),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code),

@@ -82,7 +82,7 @@ pub fn exec(args: &ExecArgs) -> Result<u8> {
     if args.detach {
         return Ok(0);
     }
-    attach(args, connection, reader)
+    attach(args.tty, args.interactive, connection, reader)
 }
 
 /// The session's config from the command line: `-e NAME` takes the host's value (and is
@@ -113,7 +113,10 @@ fn exec_config(
 
 /// Sends the Exec request to the supervisor at `socket` and reads its reply line; returns
 /// the connection (for writing) and a reader positioned at the session's first frame.
-fn open(socket: &Path, config: &ExecConfig) -> Result<(UnixStream, BufReader<UnixStream>)> {
+pub(crate) fn open(
+    socket: &Path,
+    config: &ExecConfig,
+) -> Result<(UnixStream, BufReader<UnixStream>)> {
     let mut connection = control::connect(socket)
         .with_context(|| format!("cannot reach the supervisor at {}", socket.display()))?;
     let mut line = serde_json::to_vec(&ControlRequest::Exec(serde_json::to_value(config)?))?;
@@ -135,7 +138,12 @@ fn open(socket: &Path, config: &ExecConfig) -> Result<(UnixStream, BufReader<Uni
 
 /// Relays the session: stdin (with `-i`, the terminal raw with `-it`), signals and
 /// resizes out; output in until the Exited frame, whose status is returned.
-fn attach(args: &ExecArgs, connection: UnixStream, reader: BufReader<UnixStream>) -> Result<u8> {
+pub(crate) fn attach(
+    tty: bool,
+    interactive: bool,
+    connection: UnixStream,
+    reader: BufReader<UnixStream>,
+) -> Result<u8> {
     let connection = Arc::new(Mutex::new(connection));
     let send = move |message: Message| {
         let mut frame = Vec::new();
@@ -149,14 +157,14 @@ fn attach(args: &ExecArgs, connection: UnixStream, reader: BufReader<UnixStream>
             send(Message::Signal(SIGKILL));
         }
     };
-    let forwarder = signals::Forwarder::start(args.tty, STOP_TIMEOUT, None, send.clone(), kill)
+    let forwarder = signals::Forwarder::start(tty, STOP_TIMEOUT, None, send.clone(), kill)
         .context("cannot catch signals")?;
-    let raw = if args.tty && args.interactive {
+    let raw = if tty && interactive {
         Some(terminal::RawMode::enter(io::stdin()).context("cannot put the terminal in raw mode")?)
     } else {
         None
     };
-    if args.interactive {
+    if interactive {
         stdio::pump_stdin_with(send).context("cannot start the stdin thread")?;
     }
     let status = receive(reader, &mut io::stdout(), &mut io::stderr());

@@ -164,7 +164,7 @@ const SIGNALS: [(&str, i32); 31] = [
 ];
 
 /// `-s`: `KILL`, `SIGKILL`, `kill` or `9`; numbers up to 64 (real-time signals too).
-fn parse_signal(text: &str) -> Result<i32, String> {
+pub(crate) fn parse_signal(text: &str) -> Result<i32, String> {
     if let Ok(number) = text.parse::<i32>() {
         return if (1..=64).contains(&number) {
             Ok(number)

@@ -78,6 +78,11 @@ impl Supervisor {
         Ok(Self { pid, start_time })
     }
 
+    /// The process `pid` as it is now, `None` if there is none.
+    pub fn of(pid: i32) -> Option<Self> {
+        start_time(pid).map(|start_time| Self { pid, start_time })
+    }
+
     /// Whether this very process still runs.
     pub fn alive(&self) -> bool {
         start_time(self.pid) == Some(self.start_time)
@@ -459,7 +464,7 @@ impl Container {
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it, renames it over `path`
 /// and syncs the directory, so the rename itself survives a crash.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static SERIAL: AtomicU64 = AtomicU64::new(0);
     let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
     let mut tmp_name = path.as_os_str().to_owned();
