@@ -15,6 +15,14 @@
 //! absolute, so it points out of `/host`; name the loader by its real path). Give such a
 //! peer's guest `reboot=t`: without an i8042, the kernel's keyboard-controller reboot
 //! polls port 0x64 for about two minutes when every port read is a nested exit.
+//!
+//! `lab run --runtimes` runs the command instead in a Debian 12 root (the host's root with
+//! Debian's containerd, docker.io, podman, crun and runc unpacked over it, see
+//! `lab/runtimes.rs`): containerd and dockerd are running (logs in `/var/log/`), Docker
+//! knows the runtime `katalite` (`/usr/local/bin/katalite-runc`), and
+//! `/usr/local/bin/katalite` and `containerd-shim-katalite-v2` link to the built katalite.
+//! `/src`, `/host` and `/scratch` keep their paths there; `/tmp` and the engines' state dirs
+//! are on the scratch disk.
 
 mod busybox;
 mod bzimage;
@@ -25,6 +33,7 @@ mod initramfs;
 mod kernel;
 pub mod packages;
 mod qemu;
+mod runtimes;
 mod stall;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +56,10 @@ const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// kept as layers and as a disk image) and the tests' temporary files.
 const SCRATCH_GIB: u32 = 16;
 
+/// L1's default memory in MiB with `--runtimes`: containerd, dockerd and their shims take
+/// several hundred MiB besides the containers and katalite's VMs.
+const RUNTIMES_MEM_MIB: u32 = 4096;
+
 /// Options of `lab`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,6 +74,12 @@ enum LabCommand {
         /// Use the artifacts already built.
         #[arg(long)]
         no_build: bool,
+        /// Run the command in a Debian root with containerd and dockerd started, podman,
+        /// crun and runc installed, and katalite linked as /usr/local/bin/katalite,
+        /// katalite-runc (Docker's runtime `katalite`) and containerd-shim-katalite-v2.
+        /// L1 gets 4096 MiB unless LAB_MEM says otherwise.
+        #[arg(long)]
+        runtimes: bool,
         /// The shell command (several words are joined with spaces).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -91,11 +110,15 @@ pub fn run(args: &Args) -> Result<()> {
 fn dispatch(args: &Args) -> Result<i32> {
     let paths = Paths::new()?;
     match &args.command {
-        LabCommand::Run { no_build, command } => {
+        LabCommand::Run {
+            no_build,
+            runtimes,
+            command,
+        } => {
             if !no_build {
                 build(&paths)?;
             }
-            boot(&paths, &command.join(" "))
+            boot(&paths, &command.join(" "), *runtimes)
         }
         LabCommand::E2e {
             no_build,
@@ -191,8 +214,9 @@ fn checked(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Boots the lab once, runs `command` in it and returns the status to exit with.
-fn boot(paths: &Paths, command: &str) -> Result<i32> {
+/// Boots the lab once, runs `command` in it (in the Debian root with the container engines
+/// when `runtimes`) and returns the status to exit with.
+fn boot(paths: &Paths, command: &str, runtimes: bool) -> Result<i32> {
     let began = Instant::now();
     cache::remove_abandoned(&paths.cache, ABANDONED_AFTER);
     packages::ensure(packages::LAB_PACKAGES)?;
@@ -200,17 +224,34 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
     let downloads = crate::user_cache::section("lab")?;
     let kernel = kernel::prepare(&downloads).context("cannot prepare the L1 kernel")?;
     let base = initramfs::base(&paths.cache, &kernel).context("cannot build the L1 initramfs")?;
+    let runtimes = if runtimes {
+        let kernel_in_l1 = paths.in_l1(&kernel.modules);
+        Some(
+            runtimes::prepare(&downloads, &kernel, &kernel_in_l1)
+                .context("cannot prepare the container engines")?,
+        )
+    } else {
+        None
+    };
     let token = run_token();
-    let env = format!(
+    let mut env = format!(
         "LAB_TOKEN={token}\nLAB_PATH={}\n",
         paths.in_l1(&paths.musl_release()).display()
     );
+    if runtimes.is_some() {
+        env.push_str(&runtimes_env());
+    }
     let initrd = initramfs::with_files(
         &paths.cache,
         &base,
         &[("lab/env", &env), ("lab/cmd.sh", &format!("{command}\n"))],
     )?;
-    let machine = qemu::Machine::from_env()?;
+    let default_mem = if runtimes.is_some() {
+        RUNTIMES_MEM_MIB
+    } else {
+        qemu::DEFAULT_MEM_MIB
+    };
+    let machine = qemu::Machine::from_env(default_mem)?;
     // Unix socket paths are short (108 bytes): keep the monitor out of a deep target dir.
     let scratch = tempfile::tempdir().context("cannot create a scratch dir")?;
     let monitor = scratch.path().join("monitor");
@@ -226,6 +267,7 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
             token: &token,
             monitor: &monitor,
             scratch: &disk,
+            runtimes: runtimes.as_ref().map(|runtimes| runtimes.root.as_path()),
         },
     )?;
     match outcome {
@@ -253,6 +295,14 @@ fn boot(paths: &Paths, command: &str) -> Result<i32> {
             Ok(LAB_FAILED)
         }
     }
+}
+
+/// The lines of L1's `/lab/env` that make its init set up the container engines.
+fn runtimes_env() -> String {
+    format!(
+        "LAB_RUNTIMES=1\nLAB_RUNTIMES_MODULES={}\n",
+        shell_quote(&runtimes::MODULES.join(" "))
+    )
 }
 
 /// Creates L1's scratch disk: a sparse file of `LAB_SCRATCH_GIB` GiB (default

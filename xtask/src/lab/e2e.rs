@@ -50,7 +50,7 @@ pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
             command.replacen(" exec ", " ", 1)
         );
     }
-    super::boot(paths, &command)
+    super::boot(paths, &command, false)
 }
 
 /// Builds `tests/e2e.rs` statically and returns its executable, found in cargo's JSON

@@ -1,7 +1,9 @@
 #!/bin/sh
 # PID 1 of the lab's L1 Linux: loads the modules, mounts the 9p shares, brings up QEMU's
 # user network, runs /lab/cmd.sh and reports its exit status between markers that
-# xtask/src/lab/console.rs parses. /lab/env (per run) sets LAB_TOKEN and LAB_PATH.
+# xtask/src/lab/console.rs parses. /lab/env (per run) sets LAB_TOKEN and LAB_PATH, and
+# LAB_RUNTIMES=1 with LAB_RUNTIMES_MODULES to run the command in a Debian root with the
+# container engines (/lab/runtimes.sh).
 export PATH=/bin
 mount -t devtmpfs devtmpfs /dev
 # The archive has no /dev/console node, so the kernel started us without stdio.
@@ -67,6 +69,16 @@ ip link set lo up
 ip addr add 10.0.3.15/24 dev eth0 && ip link set eth0 up &&
     ip route add default via 10.0.3.2 || fail "cannot configure eth0"
 echo "nameserver 10.0.3.3" >/etc/resolv.conf
+
+if [ "$LAB_RUNTIMES" = 1 ]; then
+    . /lab/runtimes.sh
+    mkdir -p "$debian/lab" && cp /lab/cmd.sh "$debian/lab/cmd.sh" ||
+        fail "cannot copy the command into the Debian root"
+    echo "@@lab:$LAB_TOKEN:start@@"
+    in_debian sh -c 'cd /src && exec sh /lab/cmd.sh'
+    echo "@@lab:$LAB_TOKEN:exit:$?@@"
+    poweroff -f
+fi
 
 export PATH="$LAB_PATH:/bin" HOME=/root TMPDIR=/scratch/tmp
 cd /src || fail "cannot enter /src"

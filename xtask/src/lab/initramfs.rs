@@ -20,9 +20,12 @@ use super::{busybox, cache};
 /// The lab's PID 1.
 const INIT_SCRIPT: &str = include_str!("init.sh");
 
+/// What the init sources to start the container engines (`lab run --runtimes`).
+const RUNTIMES_SCRIPT: &str = include_str!("runtimes.sh");
+
 /// Directories the init script mounts on or writes to.
 const DIRS: &[&str] = &[
-    "dev", "proc", "sys", "tmp", "run", "src", "host", "etc", "root",
+    "dev", "proc", "sys", "tmp", "run", "src", "host", "etc", "root", "runtimes",
 ];
 
 /// Returns the base archive for `kernel`, building it into `cache` when stale.
@@ -30,6 +33,7 @@ pub fn base(cache: &Path, kernel: &L1Kernel) -> Result<PathBuf> {
     let archive = cache.join(format!("l1-{}.cpio", kernel.release));
     let key = cache::key(&[
         INIT_SCRIPT.as_bytes(),
+        RUNTIMES_SCRIPT.as_bytes(),
         kernel.release.as_bytes(),
         L1_ROOT_MODULES.join(",").as_bytes(),
         cache::file_version(Path::new(busybox::HOST_BUSYBOX))?.as_bytes(),
@@ -55,6 +59,8 @@ fn populate(root: &Path, kernel: &L1Kernel) -> Result<()> {
         fs::create_dir_all(root.join(dir))?;
     }
     write_executable(&root.join("init"), INIT_SCRIPT)?;
+    fs::create_dir_all(root.join("lab"))?;
+    write_executable(&root.join("lab/runtimes.sh"), RUNTIMES_SCRIPT)?;
 
     let target = root.join("lib/modules");
     fs::create_dir_all(&target)?;

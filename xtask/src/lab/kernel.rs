@@ -17,7 +17,8 @@ use super::{bzimage, packages};
 /// The modules L1 needs, named by what they provide; their dependencies come from `modinfo`.
 /// PCI virtio transport, the network card, the 9p shares (`/src`, `/host`), the scratch disk
 /// (virtio-blk, ext4) for katalite's cache and temporary files, KVM on AMD and TUN/TAP (the
-/// e2e test of `--network tap:NAME`).
+/// e2e test of `--network tap:NAME`), and overlayfs, which mounts the Debian root of `lab
+/// run --runtimes` (where `modprobe` comes from).
 pub const L1_ROOT_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_net",
@@ -29,6 +30,7 @@ pub const L1_ROOT_MODULES: &[&str] = &[
     "ext4",
     "kvm_amd",
     "tun",
+    "overlay",
 ];
 
 /// An unpacked L1 kernel package.
@@ -299,7 +301,8 @@ mod tests {
             | "crc32c_generic"
             | "jbd2"
             | "mbcache"
-            | "crc16" => "",
+            | "crc16"
+            | "overlay" => "",
             other => bail!("unknown module {other}"),
         };
         Ok(parse_modinfo_depends(deps))
@@ -320,8 +323,8 @@ mod tests {
             }
             assert_eq!(order.iter().filter(|m| *m == module).count(), 1);
         }
-        assert_eq!(order.len(), 24);
-        assert_eq!(order.last().map(String::as_str), Some("tun"));
+        assert_eq!(order.len(), 25);
+        assert_eq!(order.last().map(String::as_str), Some("overlay"));
     }
 
     #[test]

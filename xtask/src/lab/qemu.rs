@@ -26,22 +26,25 @@ const BACKTRACE_GRACE: Duration = Duration::from_secs(15);
 /// How long QEMU may take to power off after the command finished.
 const POWEROFF_GRACE: Duration = Duration::from_secs(60);
 
+/// L1's memory in MiB unless `LAB_MEM` or the run says otherwise.
+pub const DEFAULT_MEM_MIB: u32 = 2048;
+
 /// The size and time limit of the L1 machine.
 pub struct Machine {
     /// Virtual CPUs (`LAB_SMP`, default 2).
     pub smp: u32,
-    /// Memory in MiB (`LAB_MEM`, default 2048).
+    /// Memory in MiB (`LAB_MEM`, default [`DEFAULT_MEM_MIB`]; more with `--runtimes`).
     pub mem_mib: u32,
     /// Whole-run limit (`LAB_TIMEOUT` seconds, default 2400).
     pub timeout: Duration,
 }
 
 impl Machine {
-    /// Reads `LAB_SMP`, `LAB_MEM` and `LAB_TIMEOUT`.
-    pub fn from_env() -> Result<Self> {
+    /// Reads `LAB_SMP`, `LAB_MEM` (default `default_mem_mib`) and `LAB_TIMEOUT`.
+    pub fn from_env(default_mem_mib: u32) -> Result<Self> {
         Ok(Self {
             smp: env_number("LAB_SMP", 2)?,
-            mem_mib: env_number("LAB_MEM", 2048)?,
+            mem_mib: env_number("LAB_MEM", default_mem_mib)?,
             timeout: Duration::from_secs(env_number("LAB_TIMEOUT", 2400)?.into()),
         })
     }
@@ -72,6 +75,9 @@ pub struct Boot<'a> {
     /// A raw ext4 image L1 mounts at /scratch: katalite's cache and the tests' temporary
     /// files live on disk there instead of in L1's RAM.
     pub scratch: &'a Path,
+    /// The container engines' tree (`lab run --runtimes`), shared read-only as 9p tag
+    /// `runtimes`.
+    pub runtimes: Option<&'a Path>,
 }
 
 /// How a boot ended.
@@ -127,6 +133,9 @@ pub fn arguments(machine: &Machine, boot: &Boot) -> Vec<OsString> {
     args.extend(["-initrd".into(), boot.initrd.into()]);
     args.extend(["-virtfs".into(), virtfs(boot.repo, "src")]);
     args.extend(["-virtfs".into(), virtfs(Path::new("/"), "host")]);
+    if let Some(runtimes) = boot.runtimes {
+        args.extend(["-virtfs".into(), virtfs(runtimes, "runtimes")]);
+    }
     // cache=unsafe: the image is thrown away with the run, so flushes need not reach disk.
     let scratch = boot.scratch.to_string_lossy().replace(',', ",,");
     let drive = format!("file={scratch},if=none,id=scratch,format=raw,cache=unsafe");
@@ -341,6 +350,7 @@ mod tests {
             token: "t",
             monitor: Path::new("/tmp/m.sock"),
             scratch: Path::new("/tmp/s,1.img"),
+            runtimes: None,
         };
         let args: Vec<String> = arguments(&machine(), &boot)
             .iter()
@@ -368,5 +378,20 @@ mod tests {
             ["file=/tmp/s,,1.img,if=none,id=scratch,format=raw,cache=unsafe"]
         );
         assert_eq!(after("-device")[1], "virtio-blk-pci,drive=scratch");
+        let engines = Boot {
+            runtimes: Some(Path::new("/c/runtimes/root")),
+            ..boot
+        };
+        let args: Vec<String> = arguments(&machine(), &engines)
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        let shares: Vec<&String> = args
+            .iter()
+            .filter(|arg| arg.contains("mount_tag="))
+            .collect();
+        assert_eq!(shares.len(), 3);
+        assert!(shares[2].starts_with("local,path=/c/runtimes/root,mount_tag=runtimes,"));
+        assert!(shares[2].contains("readonly=on"));
     }
 }
