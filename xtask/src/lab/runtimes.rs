@@ -139,7 +139,9 @@ pub fn parse_simulation(text: &str) -> Result<Vec<Deb>> {
                 Some(old) => old.split_once("] ")?.1,
                 None => rest,
             };
-            let inner = rest.strip_prefix('(')?.strip_suffix(')')?;
+            // Anything after the parentheses (`[]`, the packages this step leaves broken
+            // until later ones) is apt's bookkeeping.
+            let inner = rest.strip_prefix('(')?.split_once(')')?.0;
             let version = inner.split_whitespace().next()?;
             let arch = inner.rsplit_once('[')?.1.strip_suffix(']')?;
             let safe = |word: &str| {
@@ -408,6 +410,7 @@ Inst login [1:4.13+dfsg1-1+deb12u1] (1:4.13+dfsg1-1+deb12u2 Debian:12.15/oldstab
 Inst runc (1.1.5+ds1-1+deb12u1 Debian:12.15/oldstable, Debian-Security:12/oldstable-security [amd64])
 Inst containerd (1.6.20~ds1-1+deb12u3 Debian:12.15/oldstable [amd64])
 Inst docker.io (20.10.24+dfsg1-1+deb12u1+b6 Debian:12.15/oldstable [amd64])
+Inst dmsetup (2:1.02.185-2 Debian:12.15/oldstable [amd64]) []
 Conf runc (1.1.5+ds1-1+deb12u1 Debian:12.15/oldstable [amd64])
 ";
 
@@ -422,6 +425,7 @@ Conf runc (1.1.5+ds1-1+deb12u1 Debian:12.15/oldstable [amd64])
                 "runc_1.1.5+ds1-1+deb12u1_amd64.deb",
                 "containerd_1.6.20~ds1-1+deb12u3_amd64.deb",
                 "docker.io_20.10.24+dfsg1-1+deb12u1+b6_amd64.deb",
+                "dmsetup_2%3a1.02.185-2_amd64.deb",
             ]
         );
         assert!(parse_simulation("Reading package lists...\n")
