@@ -2,12 +2,13 @@
 //! Docker, podman) running in L1, for the tests of katalite's OCI runtime and shim.
 //!
 //! Nothing is installed on the host (apt would start its services there): the Debian
-//! packages the host lacks are downloaded into the user cache (`lab/runtimes/debs/`) and
-//! unpacked, not installed, into one tree (`lab/runtimes/root/`, rebuilt when the package
-//! set, the kernel or our files change). L1 gets it as the 9p share `runtimes` and mounts
-//! an overlay of it over the host's root (lower layers) with its upper layer on the scratch
-//! disk: a Debian system with the engines, which `runtimes.sh` enters with `chroot` after
-//! starting containerd and dockerd.
+//! packages the host lacks (what `apt-get install -s` would install) are fetched with
+//! `apt-get download` into the user cache (`lab/runtimes/debs/`) and unpacked, not
+//! installed, into one tree (`lab/runtimes/root/`, rebuilt when the package set, the
+//! kernel or our files change). L1 gets it as the 9p share `runtimes` and mounts an overlay
+//! of it over the host's root (lower layers) with its upper layer on the scratch disk: a
+//! Debian system with the engines, which `runtimes.sh` enters with `chroot` after starting
+//! containerd and dockerd.
 //!
 //! Maintainer scripts do not run, so the tree carries what they would make that the
 //! engines need: the `iptables` alternatives links. It also carries the engines'
@@ -174,7 +175,8 @@ pub fn prepare(downloads: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Resu
     let dir = downloads.join("runtimes");
     user_cache::private_dir(&dir)?;
     let root = dir.join("root");
-    let key_of = |names: &[String]| {
+    let key_of = |debs: &[Deb]| {
+        let names: Vec<String> = debs.iter().map(Deb::file_name).collect();
         cache::key(&[
             FORMAT.as_bytes(),
             names.join(" ").as_bytes(),
@@ -184,34 +186,24 @@ pub fn prepare(downloads: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Resu
             host_merged_dirs().join(" ").as_bytes(),
         ])
     };
-    let mut names = simulate().context("cannot ask apt what the engines need")?;
-    if cache::is_fresh(&root, &key_of(&names)) {
+    let mut debs = simulate().context("cannot ask apt what the engines need")?;
+    if cache::is_fresh(&root, &key_of(&debs)) {
         return Ok(Runtimes { root });
     }
     let archives = dir.join("debs");
-    fs::create_dir_all(archives.join("partial"))
+    fs::create_dir_all(&archives)
         .with_context(|| format!("cannot create {}", archives.display()))?;
-    if !names.is_empty() {
-        eprintln!(
-            "lab: downloading the container engines ({} packages)",
-            names.len()
-        );
-        if download(&archives).is_err() {
-            // Stale package lists point at files the mirror no longer has.
-            packages::apt_get(&["update"])?;
-            names = simulate()?;
-            download(&archives)?;
-        }
+    if download(&archives, &debs).is_err() {
+        // Stale package lists point at files the mirror no longer has.
+        packages::apt_get(&["update"])?;
+        debs = simulate()?;
+        download(&archives, &debs)?;
     }
     let staged = user_cache::Staged::new(&root)?;
-    for name in &names {
-        let deb = archives.join(name);
-        if !deb.is_file() {
-            bail!("apt downloaded no {}", deb.display());
-        }
+    for deb in &debs {
         run(Command::new("dpkg-deb")
             .arg("-x")
-            .arg(&deb)
+            .arg(archives.join(deb.file_name()))
             .arg(staged.path()))?;
     }
     for dir in host_merged_dirs() {
@@ -221,15 +213,14 @@ pub fn prepare(downloads: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Resu
     link_iptables(staged.path())?;
     module_index(staged.path(), kernel, kernel_in_l1)?;
     let root = staged.commit()?;
-    cache::mark(&root, &key_of(&names))?;
-    tidy(&archives, &names);
+    cache::mark(&root, &key_of(&debs))?;
+    tidy(&archives, &debs);
     Ok(Runtimes { root })
 }
 
-/// `apt-get install -s`: the file names of the packages apt would unpack for [`PACKAGES`]
-/// on this host (none for what is installed already); `apt-get update` first when the
-/// lists lack a package.
-fn simulate() -> Result<Vec<String>> {
+/// `apt-get install -s`: the packages apt would unpack for [`PACKAGES`] on this host (none
+/// for what is installed already); `apt-get update` first when the lists lack a package.
+fn simulate() -> Result<Vec<Deb>> {
     let query = || -> Result<std::process::Output> {
         Command::new("apt-get")
             .args(["install", "-s", "--no-install-recommends"])
@@ -251,27 +242,45 @@ fn simulate() -> Result<Vec<String>> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    let debs = parse_simulation(&String::from_utf8_lossy(&output.stdout))?;
-    Ok(debs.iter().map(Deb::file_name).collect())
+    parse_simulation(&String::from_utf8_lossy(&output.stdout))
 }
 
-/// `apt-get install --download-only` into `archives` (apt's cache left alone).
-fn download(archives: &Path) -> Result<()> {
-    let mut dir_option = std::ffi::OsString::from("Dir::Cache::Archives=");
-    dir_option.push(archives);
+/// `apt-get download NAME=VERSION` of the `debs` that `archives` lacks. Like the kernel's
+/// download, it needs neither root nor apt's locks (the host's apt may be busy), and
+/// each file appears whole: apt writes into a temporary dir, then the files move over.
+fn download(archives: &Path, debs: &[Deb]) -> Result<()> {
+    let missing: Vec<String> = debs
+        .iter()
+        .filter(|deb| !archives.join(deb.file_name()).is_file())
+        .map(|deb| format!("{}={}", deb.name, deb.version))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "lab: downloading the container engines ({} packages)",
+        missing.len()
+    );
+    let work = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(archives)
+        .context("cannot create a download dir")?;
     run(Command::new("apt-get")
-        .args([
-            "install",
-            "--download-only",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-        ])
         // Root's downloads into a dir `_apt` cannot write would warn about the sandbox.
-        .args(["-o", "APT::Sandbox::User=root", "-o"])
-        .arg(dir_option)
-        .args(PACKAGES)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
+        .args(&missing)
+        .current_dir(work.path()))?;
+    for deb in debs {
+        let name = deb.file_name();
+        let file = work.path().join(&name);
+        if file.is_file() {
+            fs::rename(&file, archives.join(&name))
+                .with_context(|| format!("cannot move {name} into the cache"))?;
+        } else if !archives.join(&name).is_file() {
+            bail!("apt-get download left no {name}");
+        }
+    }
+    Ok(())
 }
 
 /// The top-level dirs that are links into `usr/` on the host (merged /usr, as on every
@@ -372,7 +381,8 @@ fn module_index(root: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Result<(
 }
 
 /// Deletes the downloaded packages the current set no longer uses. Best effort.
-fn tidy(archives: &Path, names: &[String]) {
+fn tidy(archives: &Path, debs: &[Deb]) {
+    let names: Vec<String> = debs.iter().map(Deb::file_name).collect();
     let Ok(entries) = fs::read_dir(archives) else {
         return;
     };
