@@ -174,6 +174,10 @@ pub struct Runtimes {
 pub fn prepare(downloads: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Result<Runtimes> {
     let dir = downloads.join("runtimes");
     user_cache::private_dir(&dir)?;
+    let archives = dir.join("debs");
+    // Runs stopped by a signal leave their staged tree or download dir behind.
+    cache::remove_abandoned(&dir, super::ABANDONED_AFTER);
+    cache::remove_abandoned(&archives, super::ABANDONED_AFTER);
     let root = dir.join("root");
     let key_of = |debs: &[Deb]| {
         let names: Vec<String> = debs.iter().map(Deb::file_name).collect();
@@ -190,7 +194,6 @@ pub fn prepare(downloads: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Resu
     if cache::is_fresh(&root, &key_of(&debs)) {
         return Ok(Runtimes { root });
     }
-    let archives = dir.join("debs");
     fs::create_dir_all(&archives)
         .with_context(|| format!("cannot create {}", archives.display()))?;
     if download(&archives, &debs).is_err() {

@@ -77,7 +77,8 @@ printf '#!/bin/sh\nexec chroot %s /sbin/modprobe "$@"\n' "$debian" >/lab/modprob
 # shellcheck disable=SC2086 # a list of module names
 in_debian modprobe -a $LAB_RUNTIMES_MODULES || fail "cannot load $LAB_RUNTIMES_MODULES"
 
+# dockerd waits for containerd's socket by itself: start both at once.
 in_debian sh -c 'exec containerd >/var/log/containerd.log 2>&1' &
-wait_for 120 containerd ctr version
 in_debian sh -c 'exec dockerd >/var/log/dockerd.log 2>&1' &
+wait_for 120 containerd ctr version
 wait_for 180 dockerd docker version
