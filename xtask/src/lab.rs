@@ -89,6 +89,9 @@ enum LabCommand {
         /// Use the katalite binary already built.
         #[arg(long)]
         no_build: bool,
+        /// Run the tests in the Debian root with the container engines, as `run --runtimes`.
+        #[arg(long)]
+        runtimes: bool,
         /// Extra arguments for the test binary (a name filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         test_args: Vec<String>,
@@ -122,12 +125,13 @@ fn dispatch(args: &Args) -> Result<i32> {
         }
         LabCommand::E2e {
             no_build,
+            runtimes,
             test_args,
         } => {
             if !no_build {
                 build(&paths)?;
             }
-            e2e::run(&paths, test_args)
+            e2e::run(&paths, test_args, *runtimes)
         }
     }
 }

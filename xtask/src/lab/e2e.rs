@@ -12,8 +12,9 @@ use super::{busybox, cache, cargo_musl, shell_quote, Paths};
 /// Where L1 keeps the tests' writable copy of the rootfs trees.
 const E2E_ROOTFS: &str = "/scratch/e2e-rootfs";
 
-/// Builds the tests, prepares the rootfs trees and runs the tests in the lab.
-pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
+/// Builds the tests, prepares the rootfs trees and runs the tests in the lab (in the
+/// Debian root with the container engines when `runtimes`).
+pub fn run(paths: &Paths, test_args: &[String], runtimes: bool) -> Result<i32> {
     let tests = build_tests(paths)?;
     let host_busybox = Path::new(busybox::HOST_BUSYBOX);
     let rootfs = prepare_rootfs(&paths.cache, host_busybox, &busybox::applets(host_busybox)?)?;
@@ -50,7 +51,7 @@ pub fn run(paths: &Paths, test_args: &[String]) -> Result<i32> {
             command.replacen(" exec ", " ", 1)
         );
     }
-    super::boot(paths, &command, false)
+    super::boot(paths, &command, runtimes)
 }
 
 /// Builds `tests/e2e.rs` statically and returns its executable, found in cargo's JSON
