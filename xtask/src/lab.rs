@@ -22,7 +22,7 @@
 //! knows the runtime `katalite` (`/usr/local/bin/katalite-runc`), and
 //! `/usr/local/bin/katalite` and `containerd-shim-katalite-v2` link to the built katalite.
 //! `/src`, `/host` and `/scratch` keep their paths there; `/tmp` and the engines' state dirs
-//! are on the scratch disk.
+//! are on the scratch disk; L1's busybox applets come last on `PATH` (`/lab/busybox`).
 
 mod busybox;
 mod bzimage;

@@ -5,9 +5,12 @@
 # dockerd there and defines `in_debian`, which runs a command in that root.
 debian=/scratch/debian
 
+# PATH ends with L1's busybox applets (/lab/busybox): what the plain lab offers and Debian
+# lacks (tunctl, httpd, ...) stays there for commands written for the plain lab.
 in_debian() {
     chroot "$debian" /usr/bin/env -i HOME=/root TERM=linux TMPDIR=/tmp \
-        PATH="$LAB_PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" "$@"
+        PATH="$LAB_PATH:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/lab/busybox" \
+        "$@"
 }
 
 uptime_s() {
@@ -57,6 +60,8 @@ for dir in src host scratch tmp var/lib/katalite var/lib/docker var/lib/containe
     mkdir -p "$from" "$debian/$dir" && mount -o bind "$from" "$debian/$dir" ||
         fail "cannot bind $from at the Debian root's /$dir"
 done
+mkdir -p "$debian/lab/busybox" && mount -o bind,ro /bin "$debian/lab/busybox" ||
+    fail "cannot bind busybox at the Debian root's /lab/busybox"
 rm -f "$debian/etc/resolv.conf" "$debian/etc/hostname"
 cp /etc/resolv.conf "$debian/etc/resolv.conf"
 echo lab >"$debian/etc/hostname"
