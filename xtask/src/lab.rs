@@ -70,6 +70,7 @@ pub struct Args {
 #[derive(clap::Subcommand)]
 enum LabCommand {
     /// Build katalite, boot the lab and run a shell command in it; exits with its status.
+    /// With --runtimes the command runs beside containerd, dockerd and podman.
     Run {
         /// Use the artifacts already built.
         #[arg(long)]
