@@ -15,6 +15,8 @@ mod lifecycle;
 mod network;
 #[path = "e2e/options.rs"]
 mod options;
+#[path = "e2e/runc.rs"]
+mod runc;
 #[path = "e2e/signals.rs"]
 mod signals;
 #[path = "e2e/stdio.rs"]

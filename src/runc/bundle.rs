@@ -186,6 +186,35 @@ pub struct CpuLimits {
     pub period: Option<u64>,
 }
 
+/// The network namespace the container's process is to be in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetNamespace {
+    /// The runtime's own (no `network` entry in `linux.namespaces`).
+    Host,
+    /// A new, empty one (dockerd, and CNI through it, set it up from a prestart hook).
+    New,
+    /// An existing one, by path (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    Join(PathBuf),
+}
+
+impl Config {
+    /// What `linux.namespaces` says about the network.
+    pub fn net_namespace(&self) -> NetNamespace {
+        let entry = self
+            .linux
+            .iter()
+            .flat_map(|linux| &linux.namespaces)
+            .find(|namespace| namespace.kind == "network");
+        match entry {
+            None => NetNamespace::Host,
+            Some(Namespace {
+                path: Some(path), ..
+            }) if !path.as_os_str().is_empty() => NetNamespace::Join(path.clone()),
+            Some(_) => NetNamespace::New,
+        }
+    }
+}
+
 /// Reads `BUNDLE/config.json`.
 pub fn read_config(bundle: &Path) -> Result<Config> {
     read_json(&bundle.join("config.json"))
@@ -440,6 +469,20 @@ mod tests {
         assert_eq!(tmpfs.mode, Some(0o1777));
         assert!(!tmpfs.exec);
         assert_eq!(config.hooks.prestart[0].args[0], "libnetwork-setkey");
+    }
+
+    #[test]
+    fn the_network_namespace_is_the_hosts_a_new_one_or_a_named_one() {
+        assert_eq!(parse(DOCKER_CONFIG).net_namespace(), NetNamespace::New);
+        assert_eq!(parse("{}").net_namespace(), NetNamespace::Host);
+        let joined = parse(
+            r#"{"linux": {"namespaces": [{"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1"}]}}"#,
+        );
+        assert_eq!(
+            joined.net_namespace(),
+            NetNamespace::Join("/var/run/netns/cni-1".into())
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
+use super::bundle::{self, NetNamespace};
 use super::state::{self, Entry, RuncState, Status};
-use super::{bundle, console, exec, hooks, LogFormat, RuncCli, RuncCommand, PROGRAM};
+use super::{console, exec, hooks, LogFormat, RuncCli, RuncCommand, PROGRAM};
 use crate::lifecycle::control::{self, ControlRequest};
 use crate::lifecycle::state::{write_atomically, Runtime, Supervisor};
 use crate::lifecycle::time::Timestamp;
@@ -162,7 +163,7 @@ fn create(cli: &RuncCli, args: &CreateArgs) -> Result<()> {
             }
             None => None,
         };
-        let pid = spawn_helper(cli, &["init", &args.id], slave)?;
+        let pid = spawn_helper(cli, &["init", &args.id], slave, &config.net_namespace())?;
         entry.state.init = Supervisor::of(pid);
         entry.save()?;
         if let Some(path) = &args.pid_file {
@@ -184,8 +185,18 @@ fn create(cli: &RuncCli, args: &CreateArgs) -> Result<()> {
 
 /// Starts this binary as `katalite-runc [--root, --log] ARGS` in a session of its own,
 /// with the caller's stdio or, given one, a terminal's slave as its controlling terminal
-/// and stdio. The engine's subreaper inherits it once the caller exits.
-pub fn spawn_helper(cli: &RuncCli, args: &[&str], slave: Option<OwnedFd>) -> Result<i32> {
+/// and stdio, in the network namespace `netns`. The engine's subreaper inherits it once
+/// the caller exits.
+///
+/// A container's process never stays in the host's network namespace when the bundle
+/// asks for another: dockerd's prestart hook configures whatever namespace that process
+/// is in, which must not be the host's.
+pub fn spawn_helper(
+    cli: &RuncCli,
+    args: &[&str],
+    slave: Option<OwnedFd>,
+    netns: &NetNamespace,
+) -> Result<i32> {
     let mut command = Command::new("/proc/self/exe");
     command.arg0(PROGRAM).arg("--root").arg(&cli.root);
     if let Some(log) = &cli.log {
@@ -197,6 +208,15 @@ pub fn spawn_helper(cli: &RuncCli, args: &[&str], slave: Option<OwnedFd>) -> Res
     }
     command.args(args);
     let with_terminal = slave.is_some();
+    let new_netns = *netns == NetNamespace::New;
+    let join = match netns {
+        NetNamespace::Join(path) => Some(
+            fs::File::open(path)
+                .with_context(|| format!("cannot open network namespace {}", path.display()))?,
+        ),
+        _ => None,
+    };
+    let join_fd = join.as_ref().map(|file| file.as_raw_fd());
     if let Some(slave) = slave {
         let out = slave.try_clone().context("dup terminal")?;
         let err = slave.try_clone().context("dup terminal")?;
@@ -210,6 +230,16 @@ pub fn spawn_helper(cli: &RuncCli, args: &[&str], slave: Option<OwnedFd>) -> Res
     unsafe {
         command.pre_exec(move || {
             rustix::process::setsid()?;
+            // SAFETY: unshare and setns take plain integers; `join_fd` stays open in the
+            // parent (and so in this child) until after the spawn.
+            if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = join_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             if with_terminal {
                 // SAFETY: fd 0 is the terminal's slave, open until exec and after.
                 let stdin = rustix::fd::BorrowedFd::borrow_raw(0);

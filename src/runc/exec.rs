@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use guest_init::ExecConfig;
 
-use super::bundle::{self, Process};
+use super::bundle::{self, NetNamespace, Process};
 use super::commands::{spawn_helper, write_pid_file};
 use super::console;
 use super::state::{Entry, Status};
@@ -98,7 +98,12 @@ pub fn exec(cli: &RuncCli, args: &ExecArgs) -> Result<u8> {
         _ => None,
     };
     let path_text = path.to_string_lossy().into_owned();
-    let pid = match spawn_helper(cli, &["exec-relay", &args.id, &path_text], slave) {
+    let pid = match spawn_helper(
+        cli,
+        &["exec-relay", &args.id, &path_text],
+        slave,
+        &NetNamespace::Host,
+    ) {
         Ok(pid) => pid,
         Err(err) => {
             let _ = fs::remove_file(&path);
