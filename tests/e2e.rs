@@ -3,6 +3,8 @@
 //! They run inside the lab (`cargo xtask lab e2e`), which puts the static katalite on `PATH`
 //! and names the test rootfs trees in `KATALITE_E2E_ROOTFS`; elsewhere they fail loudly.
 
+#[path = "e2e/engines.rs"]
+mod engines;
 #[path = "e2e/exec.rs"]
 mod exec;
 #[path = "e2e/images.rs"]

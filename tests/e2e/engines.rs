@@ -1,0 +1,265 @@
+//! katalite as the OCI runtime of the real engines, beside runc in the same engine:
+//! dockerd with `--runtime katalite` (daemon.json points at `katalite-runc`), podman with
+//! `--runtime katalite-runc`, and containerd's own runc shim driving `katalite-runc`.
+//! They need `cargo xtask lab e2e --runtimes` (docker, podman and ctr on PATH, the
+//! daemons started); anywhere else they fail loudly.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::Instant;
+
+use super::{rootfs, Outcome, RUN_TIMEOUT};
+
+/// The busybox test tree imported once into each engine.
+const IMAGE: &str = "katalite-e2e-bb";
+
+/// Runs `program ARGS` with `stdin` (`None`: /dev/null) and waits at most [`RUN_TIMEOUT`].
+fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Outcome {
+    let started = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("{program} must be on PATH (lab e2e --runtimes): {err}"));
+    if let (Some(data), Some(mut pipe)) = (stdin.map(<[u8]>::to_vec), child.stdin.take()) {
+        thread::spawn(move || pipe.write_all(&data));
+    }
+    let waiter = thread::spawn(move || child.wait_with_output());
+    while !waiter.is_finished() {
+        assert!(
+            started.elapsed() < RUN_TIMEOUT,
+            "{program} {args:?} did not finish within {RUN_TIMEOUT:?}"
+        );
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = waiter.join().expect("waiter").expect("wait");
+    Outcome {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `sh -c SCRIPT`, for pipelines.
+fn shell(script: &str) -> Outcome {
+    run("sh", &["-c", script], None)
+}
+
+/// The busybox tree as a Docker image, exported once as an archive the other engines load.
+fn docker_image() -> &'static str {
+    static ARCHIVE: OnceLock<String> = OnceLock::new();
+    ARCHIVE.get_or_init(|| {
+        let archive = std::env::temp_dir().join("katalite-e2e-bb.tar");
+        let archive = archive.to_string_lossy().into_owned();
+        let script = format!(
+            "set -e; tar -C '{}' -c . | docker import - {IMAGE} >/dev/null; \
+             docker save -o '{archive}' {IMAGE}",
+            rootfs("busybox")
+        );
+        let import = shell(&script);
+        assert_eq!(import.status, Some(0), "{}", import.describe());
+        archive
+    })
+}
+
+/// The guest kernel's release as katalite reports it, and the lab's own.
+fn kernels() -> (String, String) {
+    let host = run("uname", &["-r"], None).stdout.trim().to_string();
+    let version = run("katalite", &["--version"], None).stdout;
+    assert!(!host.is_empty(), "no uname -r");
+    (version, host)
+}
+
+#[test]
+fn docker_runs_katalite_vms_beside_runc_containers() {
+    docker_image();
+    let (katalite_version, host_kernel) = kernels();
+    let vm = run(
+        "docker",
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "katalite",
+            IMAGE,
+            "sh",
+            "-c",
+            "uname -r; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(vm.status, Some(3), "{}", vm.describe());
+    let guest_kernel = vm.stdout.trim();
+    assert_ne!(guest_kernel, host_kernel, "{}", vm.describe());
+    assert!(
+        katalite_version.contains(guest_kernel.split('-').next().unwrap_or("?")),
+        "guest kernel {guest_kernel} is not katalite's ({katalite_version})"
+    );
+    let plain = run("docker", &["run", "--rm", IMAGE, "uname", "-r"], None);
+    assert_eq!(plain.status, Some(0), "{}", plain.describe());
+    assert_eq!(plain.stdout.trim(), host_kernel, "{}", plain.describe());
+
+    let env_and_stdin = run(
+        "docker",
+        &[
+            "run",
+            "--rm",
+            "-i",
+            "-e",
+            "GREETING=hi",
+            "--runtime",
+            "katalite",
+            IMAGE,
+            "sh",
+            "-c",
+            "read line; echo \"$GREETING $line\"",
+        ],
+        Some(b"there\n"),
+    );
+    assert_eq!(
+        env_and_stdin.status,
+        Some(0),
+        "{}",
+        env_and_stdin.describe()
+    );
+    assert_eq!(
+        env_and_stdin.stdout,
+        "hi there\n",
+        "{}",
+        env_and_stdin.describe()
+    );
+    let tty = run(
+        "docker",
+        &[
+            "run",
+            "--rm",
+            "-t",
+            "--runtime",
+            "katalite",
+            IMAGE,
+            "sh",
+            "-c",
+            "test -t 1 && echo is-a-tty; exit 2",
+        ],
+        None,
+    );
+    assert_eq!(tty.status, Some(2), "{}", tty.describe());
+    assert!(tty.stdout.contains("is-a-tty"), "{}", tty.describe());
+}
+
+#[test]
+fn docker_detached_katalite_containers_take_exec_and_stop() {
+    docker_image();
+    let name = "katalite-e2e-detached";
+    let _ = run("docker", &["rm", "-f", name], None);
+    let started = run(
+        "docker",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--runtime",
+            "katalite",
+            IMAGE,
+            "sleep",
+            "300",
+        ],
+        None,
+    );
+    assert_eq!(started.status, Some(0), "{}", started.describe());
+    let exec = run(
+        "docker",
+        &["exec", name, "sh", "-c", "echo exec-ok; exit 6"],
+        None,
+    );
+    assert_eq!(exec.status, Some(6), "{}", exec.describe());
+    assert_eq!(exec.stdout, "exec-ok\n", "{}", exec.describe());
+    let ps = run("docker", &["ps", "--filter", &format!("name={name}")], None);
+    assert!(ps.stdout.contains(name), "{}", ps.describe());
+    let stop = run("docker", &["stop", name], None);
+    assert_eq!(stop.status, Some(0), "{}", stop.describe());
+    let code = run(
+        "docker",
+        &["inspect", name, "--format", "{{.State.ExitCode}}"],
+        None,
+    );
+    assert_eq!(code.stdout.trim(), "143", "{}", code.describe());
+    let removed = run("docker", &["rm", name], None);
+    assert_eq!(removed.status, Some(0), "{}", removed.describe());
+}
+
+#[test]
+fn podman_runs_katalite_runc_as_its_runtime() {
+    let archive = docker_image();
+    let load = run("podman", &["load", "-q", "-i", archive], None);
+    assert_eq!(load.status, Some(0), "{}", load.describe());
+    let (_, host_kernel) = kernels();
+    let image = format!("localhost/{IMAGE}");
+    let vm = run(
+        "podman",
+        &[
+            "--runtime",
+            "/usr/local/bin/katalite-runc",
+            "run",
+            "--rm",
+            &image,
+            "sh",
+            "-c",
+            "uname -r; exit 5",
+        ],
+        None,
+    );
+    assert_eq!(vm.status, Some(5), "{}", vm.describe());
+    assert_ne!(vm.stdout.trim(), host_kernel, "{}", vm.describe());
+}
+
+#[test]
+fn containerds_runc_shim_drives_katalite_runc() {
+    let archive = docker_image();
+    let import = run("ctr", &["images", "import", archive], None);
+    assert_eq!(import.status, Some(0), "{}", import.describe());
+    let (_, host_kernel) = kernels();
+    let image = format!("docker.io/library/{IMAGE}:latest");
+    let vm = run(
+        "ctr",
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "io.containerd.runc.v2",
+            "--runc-binary",
+            "/usr/local/bin/katalite-runc",
+            &image,
+            "katalite-e2e-ctr",
+            "sh",
+            "-c",
+            "uname -r; exit 3",
+        ],
+        None,
+    );
+    assert_eq!(vm.status, Some(3), "{}", vm.describe());
+    assert_ne!(vm.stdout.trim(), host_kernel, "{}", vm.describe());
+    let plain = run(
+        "ctr",
+        &[
+            "run",
+            "--rm",
+            &image,
+            "katalite-e2e-ctr-runc",
+            "uname",
+            "-r",
+        ],
+        None,
+    );
+    assert_eq!(plain.status, Some(0), "{}", plain.describe());
+    assert_eq!(plain.stdout.trim(), host_kernel, "{}", plain.describe());
+}
