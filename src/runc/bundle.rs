@@ -289,9 +289,15 @@ pub fn container_spec(id: &str, bundle: &Path, config: &Config) -> Result<Contai
 /// Kernel file systems the engines mount for runc; the guest's init mounts its own.
 const GUEST_OWNED_TYPES: [&str; 6] = ["proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2"];
 const GUEST_OWNED_PATHS: [&str; 5] = ["/proc", "/dev", "/sys", "/dev/pts", "/dev/shm"];
-/// Files dockerd bind-mounts from its own directory: the guest writes its own (file
-/// bind mounts do not reach the guest yet).
-const ENGINE_FILES: [&str; 3] = ["/etc/resolv.conf", "/etc/hostname", "/etc/hosts"];
+/// Files dockerd and podman bind-mount from their own directories: the guest writes its
+/// own resolv.conf, hostname and hosts (file bind mounts do not reach the guest yet), and
+/// podman's marker says "in a container", which a VM's workload is not told either.
+const ENGINE_FILES: [&str; 4] = [
+    "/etc/resolv.conf",
+    "/etc/hostname",
+    "/etc/hosts",
+    "/run/.containerenv",
+];
 
 /// One OCI mount as katalite's, `None` for what the guest provides itself.
 fn mount_spec(mount: &Mount) -> Result<Option<MountSpec>, String> {
