@@ -78,8 +78,9 @@ fn tests_with_registry(root: &Path, args: &Args) -> Result<()> {
         println!("ci: end-to-end tests skipped (--no-e2e)");
         return Ok(());
     }
+    // In the Debian root with containerd, dockerd and podman: the engine stories need them.
     step("end-to-end tests in the lab", || {
-        xtask(root, &["lab", "e2e"])
+        xtask(root, &["lab", "e2e", "--runtimes"])
     })
 }
 
