@@ -320,6 +320,11 @@ fn mount_spec(mount: &Mount) -> Result<Option<MountSpec>, String> {
             .as_deref()
             .filter(|s| s.starts_with('/'))
             .ok_or_else(|| format!("bind mount {target}: the source must be an absolute path"))?;
+        if Path::new(source).is_file() {
+            return Err(format!(
+                "bind-mounting a file is not supported yet: {source} on {target}"
+            ));
+        }
         return Ok(Some(MountSpec {
             source: SpecSource::Bind {
                 path: source.into(),
@@ -531,6 +536,11 @@ mod tests {
                 r#"{"root": {"path": "r"}, "process": {"args": ["true"]},
                     "mounts": [{"destination": "/x", "type": "nfs", "source": "h:/e"}]}"#,
                 "not supported",
+            ),
+            (
+                r#"{"root": {"path": "r"}, "process": {"args": ["true"]},
+                    "mounts": [{"destination": "/x", "type": "bind", "source": "/etc/passwd"}]}"#,
+                "a file is not supported",
             ),
         ] {
             let error = container_spec("c", Path::new("/b"), &parse(json)).expect_err(why);
