@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use guest_init::{MountConfig, RunConfig, CONFIG_PATH, INIT_PATH};
+use guest_init::{MountConfig, NetworkConfig, RunConfig, CONFIG_PATH, INIT_PATH};
 use imagebuilder::image::ImageConfig;
 use imagebuilder::{CpioWriter, Entry, EntryKind};
 use vmm::host::KvmKind;
@@ -38,8 +38,8 @@ pub fn boot(spec: &ContainerSpec, mounts: &[ResolvedMount], session: Session<'_>
     let kvm = vmm::host::check_kvm().context("cannot use KVM")?;
     let kernel = load_kernel(spec.guest.kernel.as_deref(), kvm)?;
     let (mut shares, guest_mounts) = volumes::plan(mounts)?;
-    let (root, run_archive, command) = boot_images(spec, &session.id, guest_mounts)?;
     let network = network::attach(&spec.network.mode, &spec.network.publish)?;
+    let (root, run_archive, command) = boot_images(spec, &session.id, guest_mounts, network.plan)?;
 
     let (serial, verbosity): (Box<dyn Write + Send>, _) = if spec.guest.kernel_log {
         (
@@ -79,7 +79,7 @@ pub fn boot(spec: &ContainerSpec, mounts: &[ResolvedMount], session: Session<'_>
         console_input: None,
         stopper: None,
         serial,
-        network,
+        network: network.net,
         disks,
         shares,
         loaded: Some(Box::new(embedded::release_pages)),
@@ -95,6 +95,7 @@ pub fn boot_images(
     spec: &ContainerSpec,
     id: &str,
     mounts: Vec<MountConfig>,
+    network: Option<NetworkConfig>,
 ) -> Result<(GuestRoot, Vec<u8>, Vec<String>)> {
     let init = embedded::init()
         .context(
@@ -105,6 +106,7 @@ pub fn boot_images(
     let short_id = &id[..id.len().min(12)];
     let mut config = run_config(spec, &image_config, short_id)?;
     config.mounts = mounts;
+    config.network = network;
     match root {
         GuestRoot::Disk(_) => config.root_disk = Some(ROOT_DISK.to_string()),
         GuestRoot::Share(_) => config.root_share = Some(ROOT_SHARE.to_string()),

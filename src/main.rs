@@ -6,6 +6,7 @@ mod boot;
 mod cli;
 mod confine;
 mod embedded;
+mod engine_net;
 mod exec;
 mod guest_root;
 mod guest_text;

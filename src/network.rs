@@ -31,6 +31,13 @@ pub enum NetworkMode {
     None,
     /// An existing TAP device (for root users who want line rate).
     Tap(String),
+    /// The interface of the network namespace an engine made for the container, taken
+    /// over (`engine_net.rs`); loopback only when it has none. Set by `katalite-runc`
+    /// only: never parsed from `--network`, since it takes the address off the interface.
+    Engine {
+        /// The engine's resolv.conf for the container, the guest's DNS.
+        resolv_conf: Option<std::path::PathBuf>,
+    },
 }
 
 impl fmt::Display for NetworkMode {
@@ -44,6 +51,7 @@ impl fmt::Display for NetworkMode {
             } => f.write_str("user:allow_host_loopback=true"),
             NetworkMode::None => f.write_str("none"),
             NetworkMode::Tap(name) => write!(f, "tap:{name}"),
+            NetworkMode::Engine { .. } => f.write_str("engine"),
         }
     }
 }
@@ -164,10 +172,11 @@ fn port(text: &str) -> Result<u16, String> {
 }
 
 /// The address plan init applies to eth0, or `None` for loopback only. A TAP device gets
-/// the same plan as the user network; its owner serves 10.0.2.2/24 on the host side.
+/// the same plan as the user network; its owner serves 10.0.2.2/24 on the host side. An
+/// engine's interface has its own plan, known once it is taken over ([`attach`]).
 pub fn guest_plan(mode: &NetworkMode) -> Option<NetworkConfig> {
     match mode {
-        NetworkMode::None => None,
+        NetworkMode::None | NetworkMode::Engine { .. } => None,
         NetworkMode::User { .. } | NetworkMode::Tap(_) => Some(NetworkConfig {
             address: usernet::GUEST,
             prefix_len: usernet::PREFIX_LEN,
@@ -177,21 +186,44 @@ pub fn guest_plan(mode: &NetworkMode) -> Option<NetworkConfig> {
     }
 }
 
+/// The VM's network: the NIC's backend and the plan init applies.
+pub struct Attached {
+    /// The guest's NIC; `None`: loopback only.
+    pub net: Option<NetConfig>,
+    /// What init configures on eth0.
+    pub plan: Option<NetworkConfig>,
+}
+
 /// Opens the network for the VM: binds every published port now, so a port in use fails
 /// the run before the guest boots. The VM drops the backend when it ends, which closes
 /// every socket and releases the ports.
-pub fn attach(mode: &NetworkMode, publish: &[PortMapping]) -> Result<Option<NetConfig>> {
+pub fn attach(mode: &NetworkMode, publish: &[PortMapping]) -> Result<Attached> {
     if !publish.is_empty() && !matches!(mode, NetworkMode::User { .. }) {
         bail!("ports can only be published on the user network, not with --network {mode}");
     }
-    match mode {
-        NetworkMode::None => Ok(None),
+    let plan = guest_plan(mode);
+    let net = match mode {
+        NetworkMode::None => None,
+        NetworkMode::Engine { resolv_conf } => {
+            let adopted = crate::engine_net::adopt(resolv_conf.as_deref())
+                .context("cannot take over the engine's network")?;
+            return Ok(match adopted {
+                Some(adopted) => Attached {
+                    net: Some(adopted.net),
+                    plan: Some(adopted.plan),
+                },
+                None => Attached {
+                    net: None,
+                    plan: None,
+                },
+            });
+        }
         NetworkMode::Tap(name) => {
             let tap = Tap::open(name).with_context(|| format!("cannot use TAP device {name}"))?;
-            Ok(Some(NetConfig {
+            Some(NetConfig {
                 mac: usernet::GUEST_MAC,
                 backend: Box::new(tap),
-            }))
+            })
         }
         NetworkMode::User {
             allow_host_loopback,
@@ -209,12 +241,13 @@ pub fn attach(mode: &NetworkMode, publish: &[PortMapping]) -> Result<Option<NetC
                 )
                 .with_context(|| format!("cannot publish {mapping}"))?;
             }
-            Ok(Some(NetConfig {
+            Some(NetConfig {
                 mac: usernet::GUEST_MAC,
                 backend: Box::new(net),
-            }))
+            })
         }
-    }
+    };
+    Ok(Attached { net, plan })
 }
 
 /// Lifts the soft descriptor limit to the hard one: every guest connection is a host
@@ -299,7 +332,8 @@ mod tests {
         let plan = guest_plan(&DEFAULT_NETWORK).expect("user plan");
         assert_eq!(plan.address, usernet::GUEST);
         assert_eq!(plan.dns, vec![usernet::DNS]);
-        assert!(attach(&NetworkMode::None, &[]).expect("none").is_none());
+        let none = attach(&NetworkMode::None, &[]).expect("none");
+        assert!(none.net.is_none() && none.plan.is_none());
     }
 
     #[test]

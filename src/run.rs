@@ -205,7 +205,12 @@ fn write_initramfs(spec: &ContainerSpec, path: &Path) -> Result<()> {
     if !spec.mounts.is_empty() {
         bail!("--write-initramfs cannot be combined with -v, --mount or --tmpfs");
     }
-    let (root, run_archive, _) = boot::boot_images(spec, &container_id()?, Vec::new())?;
+    let (root, run_archive, _) = boot::boot_images(
+        spec,
+        &container_id()?,
+        Vec::new(),
+        crate::network::guest_plan(&spec.network.mode),
+    )?;
     let GuestRoot::Archive(rootfs) = root else {
         bail!("--write-initramfs needs an initramfs root");
     };

@@ -270,7 +270,13 @@ pub fn container_spec(id: &str, bundle: &Path, config: &Config) -> Result<Contai
         resources: resources(config.linux.as_ref().and_then(|l| l.resources.as_ref())),
         mounts,
         network: NetworkSpec {
-            mode: NetworkMode::None,
+            mode: match config.net_namespace() {
+                // The runtime's own namespace is the host's: never taken over.
+                NetNamespace::Host => NetworkMode::None,
+                NetNamespace::New | NetNamespace::Join(_) => NetworkMode::Engine {
+                    resolv_conf: engine_resolv_conf(config),
+                },
+            },
             publish: Vec::new(),
         },
         stdio: StdioSpec {
@@ -284,6 +290,17 @@ pub fn container_spec(id: &str, bundle: &Path, config: &Config) -> Result<Contai
         log_driver: LogDriver::None,
         ..ContainerSpec::default()
     })
+}
+
+/// The host file the engine bind-mounts as the container's /etc/resolv.conf.
+fn engine_resolv_conf(config: &Config) -> Option<PathBuf> {
+    config
+        .mounts
+        .iter()
+        .find(|mount| mount.destination == "/etc/resolv.conf")
+        .and_then(|mount| mount.source.as_ref())
+        .filter(|source| source.starts_with('/'))
+        .map(PathBuf::from)
 }
 
 /// Kernel file systems the engines mount for runc; the guest's init mounts its own.
@@ -458,7 +475,12 @@ mod tests {
         assert_eq!(spec.process.hostname.as_deref(), Some("web"));
         assert_eq!(spec.resources.memory_mib, 300);
         assert_eq!(spec.resources.cpus, 2);
-        assert_eq!(spec.network.mode, NetworkMode::None);
+        assert_eq!(
+            spec.network.mode,
+            NetworkMode::Engine {
+                resolv_conf: Some("/var/lib/docker/containers/abc/resolv.conf".into())
+            }
+        );
         assert!(spec.stdio.interactive && !spec.stdio.tty);
         assert!(spec.auto_remove && !spec.detach);
         assert_eq!(spec.log_driver, LogDriver::None);

@@ -263,3 +263,100 @@ fn containerds_runc_shim_drives_katalite_runc() {
     assert_eq!(plain.status, Some(0), "{}", plain.describe());
     assert_eq!(plain.stdout.trim(), host_kernel, "{}", plain.describe());
 }
+
+#[test]
+fn docker_publishes_a_katalite_containers_port_on_its_own_network() {
+    docker_image();
+    let name = "katalite-e2e-web";
+    let _ = run("docker", &["rm", "-f", name], None);
+    let started = run(
+        "docker",
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--runtime",
+            "katalite",
+            "-p",
+            "18080:80",
+            IMAGE,
+            "sh",
+            "-c",
+            "hostname > /tmp/index.html; ip -4 addr show eth0 >> /tmp/index.html; \
+                       exec httpd -f -p 80 -h /tmp",
+        ],
+        None,
+    );
+    assert_eq!(started.status, Some(0), "{}", started.describe());
+    let address = run(
+        "docker",
+        &[
+            "inspect",
+            name,
+            "--format",
+            "{{.NetworkSettings.IPAddress}}",
+        ],
+        None,
+    );
+    let address = address.stdout.trim().to_string();
+    assert!(!address.is_empty(), "no address for {name}");
+    // Through Docker's own port mapping, and straight to the container's bridge address,
+    // which the guest now holds.
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    let page = loop {
+        let page = run(
+            "wget",
+            &["-q", "-O", "-", "-T", "5", "http://127.0.0.1:18080/"],
+            None,
+        );
+        if page.status == Some(0) || Instant::now() > deadline {
+            break page;
+        }
+        thread::sleep(std::time::Duration::from_millis(500));
+    };
+    assert_eq!(page.status, Some(0), "{}", page.describe());
+    assert!(
+        page.stdout.contains(&format!("inet {address}/")),
+        "{}",
+        page.describe()
+    );
+    let direct = run(
+        "wget",
+        &["-q", "-O", "-", "-T", "5", &format!("http://{address}:80/")],
+        None,
+    );
+    assert_eq!(direct.stdout, page.stdout, "{}", direct.describe());
+    // The guest reaches out through the bridge's gateway (the lab's host side).
+    let out = run(
+        "docker",
+        &["exec", name, "sh", "-c", "ip route | grep default"],
+        None,
+    );
+    assert!(out.stdout.contains("default via"), "{}", out.describe());
+    let removed = run("docker", &["rm", "-f", name], None);
+    assert_eq!(removed.status, Some(0), "{}", removed.describe());
+}
+
+#[test]
+fn docker_network_none_gives_a_katalite_container_loopback_only() {
+    docker_image();
+    let out = run(
+        "docker",
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--runtime",
+            "katalite",
+            IMAGE,
+            "sh",
+            "-c",
+            "ls /sys/class/net",
+        ],
+        None,
+    );
+    assert_eq!(out.status, Some(0), "{}", out.describe());
+    assert_eq!(out.stdout.trim(), "lo", "{}", out.describe());
+}

@@ -5,6 +5,7 @@
 
 mod link;
 pub(crate) mod nic;
+mod packet;
 mod pump;
 mod tap;
 pub mod usernet;
@@ -13,6 +14,7 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 pub(crate) use link::{lock, FrameQueue, Link, LINK_QUEUE_FRAMES};
+pub use packet::PacketSocket;
 pub(crate) use pump::NetPump;
 pub use tap::{Tap, TapError};
 
