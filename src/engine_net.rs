@@ -199,8 +199,7 @@ impl Ioctls {
         any.sin_family = u16::try_from(libc::AF_INET).unwrap_or_default();
         // SAFETY: sockaddr_in and sockaddr have the same size (16 bytes).
         let address: libc::sockaddr = unsafe { std::mem::transmute(any) };
-        self.ifreq(name, SIOCSIFADDR, Some(address))
-            .map(|_| ())
+        self.ifreq(name, SIOCSIFADDR, Some(address)).map(|_| ())
     }
 }
 
