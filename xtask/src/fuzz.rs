@@ -17,6 +17,7 @@ const TARGETS: &[(&str, usize)] = &[
     ("layer_merge", 64 * 1024),
     ("oci_manifest", 16 * 1024),
     ("usernet_frame", 16 * 1024),
+    ("packet_frames", 70 * 1024),
     ("virtio_rng", 8 * 1024),
     ("virtio_blk", 16 * 1024),
     ("virtio_fs", 16 * 1024),

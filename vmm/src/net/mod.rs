@@ -14,6 +14,9 @@ use std::os::fd::RawFd;
 use std::time::Duration;
 
 pub(crate) use link::{lock, FrameQueue, Link, LINK_QUEUE_FRAMES};
+/// The packet backend's frame rework, for the `packet_frames` fuzz target.
+#[cfg(feature = "fuzzing")]
+pub use packet::wire_frames;
 pub use packet::PacketSocket;
 pub(crate) use pump::NetPump;
 pub use tap::{Tap, TapError};
