@@ -207,6 +207,7 @@ fn cargo_musl(paths: &Paths, subcommand: &str) -> Command {
     command
 }
 
+/// Runs `command`, its stdout on stderr, failing on a non-zero exit.
 fn checked(command: &mut Command) -> Result<()> {
     // stdout belongs to the command run in the lab.
     let status = command

@@ -24,7 +24,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::kernel::L1Kernel;
-use super::{cache, packages};
+use super::{cache, checked, packages};
 use crate::user_cache;
 
 /// What the engines need from Debian 12 besides the host's base system: containerd 1.6,
@@ -204,10 +204,12 @@ pub fn prepare(downloads: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Resu
     }
     let staged = user_cache::Staged::new(&root)?;
     for deb in &debs {
-        run(Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(archives.join(deb.file_name()))
-            .arg(staged.path()))?;
+        checked(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(archives.join(deb.file_name()))
+                .arg(staged.path()),
+        )?;
     }
     for dir in host_merged_dirs() {
         merge_into_usr(staged.path(), &dir)?;
@@ -268,11 +270,13 @@ fn download(archives: &Path, debs: &[Deb]) -> Result<()> {
         .prefix(".tmp-")
         .tempdir_in(archives)
         .context("cannot create a download dir")?;
-    run(Command::new("apt-get")
-        // Root's downloads into a dir `_apt` cannot write would warn about the sandbox.
-        .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
-        .args(&missing)
-        .current_dir(work.path()))?;
+    checked(
+        Command::new("apt-get")
+            // Root's downloads into a dir `_apt` cannot write would warn about the sandbox.
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
+            .args(&missing)
+            .current_dir(work.path()),
+    )?;
     for deb in debs {
         let name = deb.file_name();
         let file = work.path().join(&name);
@@ -373,10 +377,12 @@ fn module_index(root: &Path, kernel: &L1Kernel, kernel_in_l1: &Path) -> Result<(
     // depmod reads the modules through a link to the host's copy...
     let kernel_dir = modules.join("kernel");
     symlink(kernel.modules.join("kernel"), &kernel_dir)?;
-    run(Command::new("depmod")
-        .arg("-b")
-        .arg(&base)
-        .arg(&kernel.release))?;
+    checked(
+        Command::new("depmod")
+            .arg("-b")
+            .arg(&base)
+            .arg(&kernel.release),
+    )?;
     // ...and L1 through the same files in the /host share.
     fs::remove_file(&kernel_dir)?;
     symlink(kernel_in_l1.join("kernel"), &kernel_dir)?;
@@ -395,18 +401,6 @@ fn tidy(archives: &Path, debs: &[Deb]) {
             let _ = fs::remove_file(entry.path());
         }
     }
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    // stdout belongs to the command run in the lab.
-    let status = command
-        .stdout(std::io::stderr())
-        .status()
-        .with_context(|| format!("cannot run {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed ({status})");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
