@@ -43,6 +43,9 @@ fn main() -> std::process::ExitCode {
     if program.is_some_and(|name| name == runc::PROGRAM) {
         return runc::main(args);
     }
+    if program.is_some_and(|name| name == katalite_shim::PROGRAM) {
+        return katalite_shim::main(args);
+    }
     let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => {

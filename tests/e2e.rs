@@ -19,6 +19,8 @@ mod network;
 mod options;
 #[path = "e2e/runc.rs"]
 mod runc;
+#[path = "e2e/shim.rs"]
+mod shim;
 #[path = "e2e/signals.rs"]
 mod signals;
 #[path = "e2e/stdio.rs"]

@@ -1,7 +1,8 @@
 //! `katalite install-runtime [--prefix DIR]`: the names the engines start katalite by,
 //! as symbolic links to this binary in `PREFIX/bin`. Docker then takes
-//! `"runtimes": {"katalite": {"path": "PREFIX/bin/katalite-runc"}}` in daemon.json, and
-//! podman `--runtime PREFIX/bin/katalite-runc`.
+//! `"runtimes": {"katalite": {"path": "PREFIX/bin/katalite-runc"}}` in daemon.json,
+//! podman `--runtime PREFIX/bin/katalite-runc`, and containerd finds
+//! `containerd-shim-katalite-v2` on its PATH for `--runtime io.containerd.katalite.v2`.
 
 use std::fs;
 use std::io;
@@ -21,7 +22,7 @@ pub struct InstallArgs {
 }
 
 /// The names installed.
-pub const LINKS: [&str; 1] = [PROGRAM];
+pub const LINKS: [&str; 2] = [PROGRAM, katalite_shim::PROGRAM];
 
 /// Makes (or renews) the links; a file of that name that is not a link is left alone.
 pub fn install(args: &InstallArgs) -> Result<u8> {

@@ -6,17 +6,27 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, PoisonError, RwLock, RwLockReadGuard};
 use std::thread;
 use std::time::Instant;
 
 use super::{rootfs, Outcome, RUN_TIMEOUT};
 
 /// The busybox test tree imported once into each engine.
-const IMAGE: &str = "katalite-e2e-bb";
+pub(super) const IMAGE: &str = "katalite-e2e-bb";
+
+/// Held by every test that needs containerd (dockerd's too) for reading, and for writing
+/// by the one that restarts it (shim.rs), so no other test talks to a containerd that is
+/// going away.
+pub(super) static CONTAINERD: RwLock<()> = RwLock::new(());
+
+/// [`CONTAINERD`] for reading (a failed test's panic does not poison it for the others).
+pub(super) fn containerd_shared() -> RwLockReadGuard<'static, ()> {
+    CONTAINERD.read().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Runs `program ARGS` with `stdin` (`None`: /dev/null) and waits at most [`RUN_TIMEOUT`].
-fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Outcome {
+pub(super) fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Outcome {
     let started = Instant::now();
     let mut child = Command::new(program)
         .args(args)
@@ -49,12 +59,12 @@ fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Outcome {
 }
 
 /// `sh -c SCRIPT`, for pipelines.
-fn shell(script: &str) -> Outcome {
+pub(super) fn shell(script: &str) -> Outcome {
     run("sh", &["-c", script], None)
 }
 
 /// The busybox tree as a Docker image, exported once as an archive the other engines load.
-fn docker_image() -> &'static str {
+pub(super) fn docker_image() -> &'static str {
     static ARCHIVE: OnceLock<String> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
         let archive = std::env::temp_dir().join("katalite-e2e-bb.tar");
@@ -71,7 +81,7 @@ fn docker_image() -> &'static str {
 }
 
 /// The guest kernel's release as katalite reports it, and the lab's own.
-fn kernels() -> (String, String) {
+pub(super) fn kernels() -> (String, String) {
     let host = run("uname", &["-r"], None).stdout.trim().to_string();
     let version = run("katalite", &["--version"], None).stdout;
     assert!(!host.is_empty(), "no uname -r");
@@ -80,6 +90,7 @@ fn kernels() -> (String, String) {
 
 #[test]
 fn docker_runs_katalite_vms_beside_runc_containers() {
+    let _containerd = containerd_shared();
     docker_image();
     let (katalite_version, host_kernel) = kernels();
     let vm = run(
@@ -157,6 +168,7 @@ fn docker_runs_katalite_vms_beside_runc_containers() {
 
 #[test]
 fn docker_detached_katalite_containers_take_exec_and_stop() {
+    let _containerd = containerd_shared();
     docker_image();
     let name = "katalite-e2e-detached";
     let _ = run("docker", &["rm", "-f", name], None);
@@ -224,6 +236,7 @@ fn podman_runs_katalite_runc_as_its_runtime() {
 
 #[test]
 fn containerds_runc_shim_drives_katalite_runc() {
+    let _containerd = containerd_shared();
     let archive = docker_image();
     let import = run("ctr", &["images", "import", archive], None);
     assert_eq!(import.status, Some(0), "{}", import.describe());
@@ -266,6 +279,7 @@ fn containerds_runc_shim_drives_katalite_runc() {
 
 #[test]
 fn docker_publishes_a_katalite_containers_port_on_its_own_network() {
+    let _containerd = containerd_shared();
     docker_image();
     let name = "katalite-e2e-web";
     let _ = run("docker", &["rm", "-f", name], None);
@@ -340,6 +354,7 @@ fn docker_publishes_a_katalite_containers_port_on_its_own_network() {
 
 #[test]
 fn docker_network_none_gives_a_katalite_container_loopback_only() {
+    let _containerd = containerd_shared();
     docker_image();
     let out = run(
         "docker",
