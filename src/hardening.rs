@@ -4,15 +4,16 @@
 
 use anyhow::{Context, Result};
 
-/// Closes inherited descriptors above stderr, sets `PR_SET_NO_NEW_PRIVS` and makes
-/// RLIMIT_CORE 0.
-pub fn at_start() -> Result<()> {
+/// Closes inherited descriptors from `first_closed` up (3: everything above stderr), sets
+/// `PR_SET_NO_NEW_PRIVS` and makes RLIMIT_CORE 0.
+pub fn at_start(first_closed: u32) -> Result<()> {
     // SAFETY: close_range on descriptors this process has not opened: at the start of main
-    // nothing but stdin, stdout and stderr belongs to any object of ours.
-    let closed = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    // nothing but stdin, stdout and stderr (and the listener a caller keeps) belongs to
+    // any object of ours.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32) };
     if closed != 0 {
         // Kernels before 5.9 lack close_range: close what /proc lists instead.
-        close_listed_fds();
+        close_listed_fds(first_closed);
     }
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1) takes no pointers.
     let set = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1u64, 0u64, 0u64, 0u64) };
@@ -28,13 +29,13 @@ pub fn at_start() -> Result<()> {
     Ok(())
 }
 
-fn close_listed_fds() {
+fn close_listed_fds(first_closed: u32) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
     let fds: Vec<i32> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
+        .filter(|&fd| u32::try_from(fd).is_ok_and(|fd| fd >= first_closed))
         .collect();
     for fd in fds {
         // SAFETY: as above; a descriptor of the directory listing itself is closed after
@@ -51,7 +52,7 @@ mod tests {
         let script = "ls /proc/self/fd | wc -l; grep NoNewPrivs /proc/self/status; ulimit -c";
         let exe = std::env::current_exe().expect("exe");
         if std::env::var_os("KATALITE_HARDENING_CHILD").is_some() {
-            super::at_start().expect("hardening");
+            super::at_start(3).expect("hardening");
             let out = std::process::Command::new("sh")
                 .args(["-c", script])
                 .output()

@@ -30,16 +30,19 @@ const EXIT_KATALITE_FAILED: u8 = 125;
 const EXIT_COMMAND_FAILED: u8 = 1;
 
 fn main() -> std::process::ExitCode {
-    if let Err(err) = hardening::at_start() {
-        eprintln!("katalite: {err:#}");
-        return std::process::ExitCode::from(EXIT_KATALITE_FAILED);
-    }
     // The engines start the same binary under the runtime's own names.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let program = args
         .first()
         .map(std::path::Path::new)
         .and_then(std::path::Path::file_name);
+    // The shim's daemon gets its listening socket from its own `start` as fd 3.
+    let shim_daemon = program.is_some_and(|name| name == katalite_shim::PROGRAM)
+        && !args.iter().any(|arg| arg == "start" || arg == "delete");
+    if let Err(err) = hardening::at_start(if shim_daemon { 4 } else { 3 }) {
+        eprintln!("katalite: {err:#}");
+        return std::process::ExitCode::from(EXIT_KATALITE_FAILED);
+    }
     if program.is_some_and(|name| name == runc::PROGRAM) {
         return runc::main(args);
     }
