@@ -78,7 +78,7 @@ pub fn exec(args: &ExecArgs) -> Result<u8> {
         return Ok(EXIT_CLI_ERROR);
     }
     let config = exec_config(args, |name| std::env::var(name).ok(), terminal::size());
-    let (connection, reader) = open(&container.control_path(), &config)?;
+    let (connection, reader) = open(&container.control_path(), &config, false)?;
     if args.detach {
         return Ok(0);
     }
@@ -113,13 +113,19 @@ fn exec_config(
 
 /// Sends the Exec request to the supervisor at `socket` and reads its reply line; returns
 /// the connection (for writing) and a reader positioned at the session's first frame.
+/// With `kill_on_detach` the process is killed when this connection closes first.
 pub(crate) fn open(
     socket: &Path,
     config: &ExecConfig,
+    kill_on_detach: bool,
 ) -> Result<(UnixStream, BufReader<UnixStream>)> {
     let mut connection = control::connect(socket)
         .with_context(|| format!("cannot reach the supervisor at {}", socket.display()))?;
-    let mut line = serde_json::to_vec(&ControlRequest::Exec(serde_json::to_value(config)?))?;
+    let mut request = serde_json::to_value(config)?;
+    if let Some(fields) = request.as_object_mut().filter(|_| kill_on_detach) {
+        fields.insert(super::server::KILL_ON_DETACH.into(), true.into());
+    }
+    let mut line = serde_json::to_vec(&ControlRequest::Exec(request))?;
     line.push(b'\n');
     connection
         .write_all(&line)
@@ -317,7 +323,7 @@ mod tests {
             args: vec!["true".into()],
             ..ExecConfig::default()
         };
-        let err = open(&socket, &config).expect_err("refused");
+        let err = open(&socket, &config, true).expect_err("refused");
         assert_eq!(err.to_string(), "the container is not running");
         let line = server.join().expect("server");
         assert!(
@@ -327,5 +333,6 @@ mod tests {
         let sent: serde_json::Value = serde_json::from_str(&line).expect("json");
         assert_eq!(sent["Exec"]["Args"], serde_json::json!(["true"]));
         assert_eq!(sent["Exec"]["Tty"], false);
+        assert_eq!(sent["Exec"][super::super::server::KILL_ON_DETACH], true);
     }
 }

@@ -14,6 +14,12 @@ use guest_init::ExecConfig;
 use super::router::Router;
 use crate::stdio::ToGuest;
 
+/// A key of the Exec request beside the [`ExecConfig`] (host-only, never sent to the
+/// guest): the client's leaving kills the process. The runc front end's relay sets it,
+/// because to the engine the relay is the process (containerd SIGKILLs an exec by pid);
+/// `katalite exec` does not (a `docker exec` process outlives a client that detaches).
+pub const KILL_ON_DETACH: &str = "KillOnDetach";
+
 /// Serves exec connections for one VM.
 #[derive(Clone)]
 pub struct Server {
@@ -39,8 +45,13 @@ impl Server {
         drop(spawned);
     }
 
-    fn serve(&self, client: UnixStream, request: serde_json::Value) {
+    fn serve(&self, client: UnixStream, mut request: serde_json::Value) {
         let client = Arc::new(client);
+        let kill_on_detach = request
+            .as_object_mut()
+            .and_then(|fields| fields.remove(KILL_ON_DETACH))
+            .and_then(|value| value.as_bool())
+            .unwrap_or(false);
         let (stream, config) = match self.open(&client, request) {
             Ok(opened) => opened,
             Err(err) => {
@@ -59,6 +70,12 @@ impl Server {
         }
         if let Err(err) = relay(&client, |message| self.to_guest.send_on(stream, &message)) {
             eprintln!("katalite: exec session {stream}: {err:#}");
+        }
+        if kill_on_detach {
+            // Before the stream is forgotten, so it cannot name a newer session yet; the
+            // guest ignores it once the process has ended.
+            self.to_guest
+                .send_on(stream, &Message::Signal(libc::SIGKILL));
         }
         // The client left (or broke the protocol): its process reads end of file.
         self.router.forget(stream);

@@ -162,7 +162,7 @@ pub fn relay(root: &Path, args: &RelayArgs) -> Result<u8> {
     if container.state.name != args.id || !container.is_running() {
         bail!("container {} is not running", args.id);
     }
-    let (connection, reader) = crate::exec::client::open(&container.control_path(), &config)?;
+    let (connection, reader) = crate::exec::client::open(&container.control_path(), &config, true)?;
     crate::exec::client::attach(config.tty, config.open_stdin, connection, reader)
 }
 

@@ -184,7 +184,43 @@ fn ctr_task_exec_ps_kill_and_rm_drive_a_detached_katalite_task() {
     );
     task_is(id, "RUNNING").unwrap_or_else(|why| panic!("{why}"));
     exited(ctr(&["task", "ps", id]), 0, "ctr task ps");
+    exec_killed_by_pid_ends_in_the_vm(id);
     kill_and_remove(id);
+}
+
+/// containerd SIGKILLs an exec by the pid the shim gave it (katalite-runc's relay): the
+/// process in the VM must end with it.
+fn exec_killed_by_pid_ends_in_the_vm(id: &str) {
+    let sleepers = |exec_id: &str| {
+        let script = "ps | grep -v grep | grep -c 'sleep 1000' || true";
+        exited(exec(id, exec_id, script, None), 0, "ps in the VM")
+            .stdout
+            .trim()
+            .to_string()
+    };
+    let mut sleeper = Command::new("ctr")
+        .args(["task", "exec", "--exec-id", "e4", id, "sleep", "1000"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ctr task exec");
+    poll(RUN_TIMEOUT, || match sleepers("p1").as_str() {
+        "1" => Ok(()),
+        other => Err(format!("{other} sleep processes in the VM, waiting for 1")),
+    });
+    let kill = ctr(&["task", "kill", "--exec-id", "e4", "-s", "SIGKILL", id]);
+    exited(kill, 0, "ctr task kill --exec-id");
+    poll(RUN_TIMEOUT, || match sleeper.try_wait() {
+        Ok(Some(_)) => Ok(()),
+        _ => Err("ctr task exec still waits for the killed exec".to_string()),
+    });
+    poll(RUN_TIMEOUT, || match sleepers("p2").as_str() {
+        "0" => Ok(()),
+        other => Err(format!(
+            "{other} sleep processes left in the VM after SIGKILL"
+        )),
+    });
 }
 
 /// `ctr events` in the background, its lines collected as they come.
