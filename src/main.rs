@@ -38,7 +38,7 @@ fn main() -> std::process::ExitCode {
         .and_then(std::path::Path::file_name);
     // The shim's daemon gets its listening socket from its own `start` as fd 3.
     let shim_daemon = program.is_some_and(|name| name == katalite_shim::PROGRAM)
-        && !args.iter().any(|arg| arg == "start" || arg == "delete");
+        && katalite_shim::is_daemon(&args);
     if let Err(err) = hardening::at_start(if shim_daemon { 4 } else { 3 }) {
         eprintln!("katalite: {err:#}");
         return std::process::ExitCode::from(EXIT_KATALITE_FAILED);

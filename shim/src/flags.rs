@@ -142,5 +142,12 @@ mod tests {
         assert!(!flags.debug && flags.action.is_none());
         assert_eq!(flags.namespace, "default");
         assert_eq!(parse(&["-id"]), Err(FlagError::MissingValue("id".into())));
+        // A task may be called "start": only the action word decides.
+        let daemon: Vec<OsString> = ["shim", "-id", "start", "-namespace", "delete"]
+            .map(OsString::from)
+            .to_vec();
+        assert!(crate::is_daemon(&daemon));
+        let start: Vec<OsString> = ["shim", "-id", "c1", "start"].map(OsString::from).to_vec();
+        assert!(!crate::is_daemon(&start));
     }
 }

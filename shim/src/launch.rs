@@ -83,14 +83,15 @@ pub fn start(flags: &Flags) -> Result<(), Error> {
         .map_err(io_error(format!("cannot listen on {}", path.display())))?;
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
         .map_err(io_error("cannot restrict the socket"))?;
-    let spawned = spawn_daemon(flags, &listener);
-    if let Err(err) = spawned {
+    // Read back by containerd when it restarts; written first, so no daemon is ever left
+    // running that containerd cannot find.
+    let written = std::env::current_dir()
+        .map_err(io_error("no current directory"))
+        .and_then(|bundle| write_atomically(&bundle.join("address"), address.as_bytes()));
+    if let Err(err) = written.and_then(|()| spawn_daemon(flags, &listener)) {
         let _ = fs::remove_file(&path);
         return Err(err);
     }
-    // Read back by containerd when it restarts.
-    let bundle = std::env::current_dir().map_err(io_error("no current directory"))?;
-    write_atomically(&bundle.join("address"), address.as_bytes())?;
     print_address(&address)
 }
 
@@ -208,7 +209,17 @@ pub fn serve(flags: &Flags) -> Result<(), Error> {
     let service = Arc::new(Service::new(flags, path));
     let euid = rustix::process::geteuid();
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(stream) => stream,
+            // Out of descriptors: wait for some to be closed rather than spin.
+            Err(err) if matches!(err.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            // No listening socket (fd 3 was not one): nothing to serve, ever.
+            Err(err) => return Err(io_error("cannot accept connections")(err)),
+        };
         // containerd's only handshake: the peer runs as the shim's user.
         let same_user =
             rustix::net::sockopt::socket_peercred(&stream).is_ok_and(|cred| cred.uid == euid);

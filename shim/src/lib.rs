@@ -28,6 +28,12 @@ use std::process::ExitCode;
 /// The name containerd starts the binary by for `io.containerd.katalite.v2`.
 pub const PROGRAM: &str = "containerd-shim-katalite-v2";
 
+/// Whether `args` (argv[0] included) start the daemon, which receives its listening socket
+/// from `start` as descriptor 3 and must keep it.
+pub fn is_daemon(args: &[OsString]) -> bool {
+    flags::Flags::parse(args).is_ok_and(|flags| flags.action.is_none() && !flags.version)
+}
+
 /// Runs the shim with `args` (argv[0] included).
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let flags = match flags::Flags::parse(&args) {

@@ -199,9 +199,21 @@ impl Service {
                 io,
             )
             .map_err(unknown)?;
-        let console = take_console(socket.as_ref(), &mut child, copy)?;
+        // A failure after katalite-runc's own may leave a created container: deleted here,
+        // before the caller unmounts its rootfs.
+        let undo = |err: RpcStatus| {
+            let _ = self.runc.delete(&request.id);
+            err
+        };
+        let console = match take_console(socket.as_ref(), &mut child, copy) {
+            Ok(console) => console,
+            Err(err) => {
+                let _ = child.wait();
+                return Err(undo(err));
+            }
+        };
         runc::finished("create", child, Some(&bundle.join("log.json"))).map_err(unknown)?;
-        let pid = read_pid(&bundle.join("init.pid"))?;
+        let pid = read_pid(&bundle.join("init.pid")).map_err(undo)?;
         Ok(Started {
             pid,
             console,
@@ -226,6 +238,7 @@ impl Service {
 
     fn exited(&self, pid: u32, exec_id: &str, status: u32) {
         let mut guard = self.lock();
+        reap(pid);
         let Some(container) = guard.as_mut() else {
             return;
         };
@@ -283,12 +296,25 @@ impl Service {
         let spec = std::mem::take(&mut process.spec);
         let stdio = process.stdio.clone();
         let bundle = container.bundle.clone();
+        let started = self.start_exec(&request.id, &bundle, &spec, &stdio);
+        let process = container.process(&request.exec_id)?;
         let Started {
             pid,
             console,
             stdin_writer,
-        } = self.start_exec(&request.id, &bundle, &spec, &stdio)?;
-        let process = container.process(&request.exec_id)?;
+        } = match started {
+            Ok(started) => started,
+            Err(err) => {
+                // It will never run: a pending Wait gets an exit (runc's shim does the same).
+                process.status = Status::Stopped;
+                process.exit = Some(Exit {
+                    status: 255,
+                    at: Timestamp::now(),
+                });
+                self.changed.notify_all();
+                return Err(err);
+            }
+        };
         process.pid = pid;
         process.status = Status::Running;
         process.console = console.clone();
@@ -334,7 +360,13 @@ impl Service {
                     io,
                 )
                 .map_err(unknown)?;
-            let console = take_console(socket.as_ref(), &mut child, copy)?;
+            let console = match take_console(socket.as_ref(), &mut child, copy) {
+                Ok(console) => console,
+                Err(err) => {
+                    let _ = child.wait();
+                    return Err(err);
+                }
+            };
             runc::finished("exec", child, Some(&log)).map_err(unknown)?;
             Ok(Started {
                 pid: read_pid(&pid_file)?,
@@ -422,12 +454,14 @@ impl Service {
                 }
                 _ => {}
             }
+            let finished = || not_found("process already finished");
             if request.exec_id.is_empty() {
-                return self
-                    .runc
-                    .kill(&request.id, signal, all)
-                    .map(|()| Vec::new())
-                    .map_err(unknown);
+                return match self.runc.kill(&request.id, signal, all) {
+                    Ok(()) => Ok(Vec::new()),
+                    // Ended but not yet reaped (its output still draining): finished.
+                    Err(_) if has_exited(process.pid) => Err(finished()),
+                    Err(err) => Err(unknown(err)),
+                };
             }
             let pid = rustix::process::Pid::from_raw(i32::try_from(process.pid).unwrap_or(0))
                 .ok_or_else(|| unknown("no pid"))?;
@@ -437,8 +471,11 @@ impl Service {
                 .ok_or_else(|| {
                     RpcStatus::new(Code::InvalidArgument, format!("invalid signal {signal}"))
                 })?;
-            rustix::process::kill_process(pid, signal).map_err(unknown)?;
-            Ok(Vec::new())
+            match rustix::process::kill_process(pid, signal) {
+                Ok(()) => Ok(Vec::new()),
+                Err(rustix::io::Errno::SRCH) => Err(finished()),
+                Err(err) => Err(unknown(err)),
+            }
         })
     }
 
@@ -461,6 +498,8 @@ impl Service {
                 }),
             );
             container.execs.remove(&request.exec_id);
+            // A Wait on it now answers NotFound instead of waiting for ever.
+            self.changed.notify_all();
             return Ok(messages::delete_response(pid, exit));
         }
         if container.init.status == Status::Running {
@@ -475,6 +514,7 @@ impl Service {
         });
         let _ = mounts::unmount_all(&container.bundle.join("rootfs"));
         *guard = None;
+        self.changed.notify_all();
         self.events.publish(Event::Delete {
             id: request.id.clone(),
             pid,
@@ -597,8 +637,12 @@ fn wait_pid(pid: u32) -> u32 {
         return 255;
     };
     loop {
-        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
-            Ok(Some((_, status))) => {
+        // WNOWAIT: the process stays a zombie, its pid unreusable, until `exited` reaps it
+        // under the lock that `Kill` signals under.
+        let options =
+            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT;
+        match rustix::process::waitid(rustix::process::WaitId::Pid(pid), options) {
+            Ok(Some(status)) => {
                 if let Some(code) = status.exit_status() {
                     return u32::try_from(code).unwrap_or(255);
                 }
@@ -609,6 +653,27 @@ fn wait_pid(pid: u32) -> u32 {
             Err(rustix::io::Errno::INTR) | Ok(None) => {}
             Err(_) => return 255,
         }
+    }
+}
+
+/// Whether `pid` has ended (a zombie not yet reaped by its watcher).
+fn has_exited(pid: u32) -> bool {
+    let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) else {
+        return true;
+    };
+    let options = rustix::process::WaitIdOptions::EXITED
+        | rustix::process::WaitIdOptions::NOWAIT
+        | rustix::process::WaitIdOptions::NOHANG;
+    !matches!(
+        rustix::process::waitid(rustix::process::WaitId::Pid(pid), options),
+        Ok(None)
+    )
+}
+
+/// Reaps `pid`, which [`wait_pid`] saw end.
+fn reap(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
     }
 }
 
@@ -677,13 +742,14 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::zombie_processes, reason = "wait_pid reaps them")]
+    #[allow(clippy::zombie_processes, reason = "wait_pid and reap wait for them")]
     fn exit_statuses_are_codes_or_128_plus_the_signal() {
         let child = std::process::Command::new("sh")
             .args(["-c", "exit 7"])
             .spawn()
             .expect("sh");
-        assert_eq!(wait_pid(child.id()), 7);
+        assert!(wait_pid(child.id()) == 7 && has_exited(child.id()));
+        reap(child.id());
         let child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
@@ -692,5 +758,6 @@ mod tests {
             rustix::process::Pid::from_raw(i32::try_from(child.id()).expect("pid")).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
         assert_eq!(wait_pid(child.id()), 137);
+        reap(child.id());
     }
 }
