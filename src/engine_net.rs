@@ -1,19 +1,20 @@
 //! The network an engine gave the container (dockerd's bridge, CNI): the VM takes over the
 //! interface of the network namespace katalite's process runs in. Its IPv4 address,
-//! prefix, default gateway and MAC become the guest's, the engine's resolv.conf its DNS;
-//! the namespace's own stack gives the address up (so it no longer answers ARP or
-//! connections for it) and a packet socket carries the frames between the interface and
+//! prefix, default gateway and MAC become the guest's, and so do its global IPv6 address
+//! and default IPv6 route when the network has them; the engine's resolv.conf is its DNS;
+//! the namespace's own stack gives the addresses up (so it no longer answers ARP, neighbour
+//! discovery or connections for them) and a packet socket carries the frames between the interface and
 //! the guest's NIC. Engines then publish ports (`docker run -p`) to that address as for
 //! runc. Only ever done in a namespace made for the container (`katalite-runc`).
 
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use guest_init::NetworkConfig;
+use guest_init::{Ipv6Config, NetworkConfig};
 use vmm::net::{NetConfig, PacketSocket};
 
 // The interface ioctls (linux/sockios.h), typed as `ioctl` takes them on every libc.
@@ -50,14 +51,23 @@ pub fn adopt(resolv_conf: Option<&Path>) -> Result<Option<Adopted>> {
         Some(path) => nameservers(&fs::read_to_string(path).unwrap_or_default()),
         None => Vec::new(),
     };
+    let inet6 = fs::read_to_string("/proc/self/net/if_inet6").unwrap_or_default();
+    let routes6 = fs::read_to_string("/proc/self/net/ipv6_route").unwrap_or_default();
+    let ipv6 = global_ipv6(&inet6, &name).map(|(address, prefix_len)| Ipv6Config {
+        address,
+        prefix_len,
+        gateway: default_gateway6(&routes6, &name),
+    });
     let plan = NetworkConfig {
         address,
         prefix_len: u8::try_from(u32::from(netmask).count_ones()).unwrap_or(32),
         gateway,
         dns,
+        ipv6,
     };
-    // The namespace's stack lets go of the address, and of IPv6 on the interface (the
-    // guest's link-local address would be the same), before the guest takes the MAC.
+    // The namespace's stack lets go of the address, and of IPv6 on the interface (its
+    // addresses, and the link-local one the guest's would duplicate), before the guest
+    // takes the MAC.
     let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     socket
         .clear_ipv4(&name)
@@ -92,6 +102,37 @@ fn default_gateway(routes: &str, interface: &str) -> Option<Ipv4Addr> {
             [iface, "00000000", gateway, ..] if *iface == interface => {
                 let raw = u32::from_str_radix(gateway, 16).ok()?;
                 Some(Ipv4Addr::from(raw.to_le_bytes()))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// The first global-scope IPv6 address of `interface` and its prefix length, from
+/// `/proc/net/if_inet6` (address, index, prefix length, scope, flags in hex; name).
+fn global_ipv6(if_inet6: &str, interface: &str) -> Option<(Ipv6Addr, u8)> {
+    if_inet6.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [address, _, prefix, "00", _, name] if *name == interface => {
+                let address = Ipv6Addr::from(u128::from_str_radix(address, 16).ok()?);
+                Some((address, u8::from_str_radix(prefix, 16).ok()?))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// The default IPv6 route's next hop through `interface`, from `/proc/net/ipv6_route`
+/// (destination, its length, source, its length, next hop, metric, counters, flags,
+/// name).
+fn default_gateway6(routes: &str, interface: &str) -> Option<Ipv6Addr> {
+    const ANY: &str = "00000000000000000000000000000000";
+    routes.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [ANY, "00", _, _, hop, _, _, _, _, name] if *name == interface && *hop != ANY => {
+                Some(Ipv6Addr::from(u128::from_str_radix(hop, 16).ok()?))
             }
             _ => None,
         }
@@ -232,6 +273,27 @@ mod tests {
             Some(Ipv4Addr::new(172, 17, 0, 1))
         );
         assert_eq!(default_gateway(routes, "eth1"), None);
+    }
+
+    #[test]
+    fn the_global_ipv6_address_and_gateway_are_read_from_proc() {
+        let inet6 = "fe80000000000000004242fffeac1102 0a 40 20 80     eth0\n\
+                     fd00dead000000000000000000000002 0a 40 00 80     eth0\n\
+                     00000000000000000000000000000001 01 80 10 80       lo\n";
+        assert_eq!(
+            global_ipv6(inet6, "eth0"),
+            Some(("fd00:dead::2".parse().expect("v6"), 64))
+        );
+        assert_eq!(global_ipv6(inet6, "lo"), None);
+        let routes = "fd00dead000000000000000000000000 40 00000000000000000000000000000000 00 \
+                      00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
+                      00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+                      fd00dead000000000000000000000001 00000400 00000001 00000000 00000003     eth0\n";
+        assert_eq!(
+            default_gateway6(routes, "eth0"),
+            Some("fd00:dead::1".parse().expect("v6"))
+        );
+        assert_eq!(default_gateway6(routes, "eth1"), None);
     }
 
     #[test]

@@ -182,6 +182,7 @@ pub fn guest_plan(mode: &NetworkMode) -> Option<NetworkConfig> {
             prefix_len: usernet::PREFIX_LEN,
             gateway: usernet::GATEWAY,
             dns: vec![usernet::DNS],
+            ipv6: None,
         }),
     }
 }

@@ -2,7 +2,7 @@
 //! Field names follow Docker's image config (`Cmd`, `Env`, `WorkingDir`...) so a later
 //! image config maps onto it without renaming.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -232,6 +232,22 @@ pub struct NetworkConfig {
     /// Resolvers for /etc/resolv.conf, in order.
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// A static IPv6 setup besides (an engine's IPv6 network); None: link-local only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Config>,
+}
+
+/// A global IPv6 address for `eth0` and the default route's next hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+pub struct Ipv6Config {
+    /// The guest's address.
+    pub address: Ipv6Addr,
+    /// Prefix length of its subnet (64 for a /64).
+    pub prefix_len: u8,
+    /// The default route's next hop, if the network has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv6Addr>,
 }
 
 /// One `katalite exec` session: what to run beside the workload and how. Sent as the JSON
@@ -302,6 +318,11 @@ mod tests {
                 prefix_len: 24,
                 gateway: Ipv4Addr::new(10, 0, 2, 2),
                 dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+                ipv6: Some(Ipv6Config {
+                    address: "fd00:dead::2".parse().expect("v6"),
+                    prefix_len: 64,
+                    gateway: Some("fd00:dead::1".parse().expect("v6")),
+                }),
             }),
             root_disk: Some("vda".into()),
             root_share: None,
@@ -335,6 +356,9 @@ mod tests {
         assert!(json.contains("\"RootDisk\":\"vda\""));
         assert!(json.contains("\"BootProbe\":true"));
         assert!(json.contains("\"Address\":\"10.0.2.15\""));
+        assert!(json.contains(
+            r#""Ipv6":{"Address":"fd00:dead::2","PrefixLen":64,"Gateway":"fd00:dead::1"}"#
+        ));
         let back: RunConfig = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, config);
     }

@@ -11,7 +11,7 @@ pub mod contract;
 pub const INIT_VERSION: &str = concat!("katalite-init version ", env!("CARGO_PKG_VERSION"), "\n");
 
 pub use contract::{
-    is_disk_name, is_valid_tag, ExecConfig, GuestStatus, MountConfig, MountConfigError, MountKind,
-    NetworkConfig, RunConfig, TmpfsMount, VirtioFsMount, CONFIG_PATH, INIT_PATH, MAX_TAG_LEN,
-    STATUS_PORT,
+    is_disk_name, is_valid_tag, ExecConfig, GuestStatus, Ipv6Config, MountConfig, MountConfigError,
+    MountKind, NetworkConfig, RunConfig, TmpfsMount, VirtioFsMount, CONFIG_PATH, INIT_PATH,
+    MAX_TAG_LEN, STATUS_PORT,
 };

@@ -375,3 +375,62 @@ fn docker_network_none_gives_a_katalite_container_loopback_only() {
     assert_eq!(out.status, Some(0), "{}", out.describe());
     assert_eq!(out.stdout.trim(), "lo", "{}", out.describe());
 }
+
+#[test]
+fn docker_ipv6_network_gives_a_katalite_container_its_address_and_route() {
+    let _containerd = containerd_shared();
+    docker_image();
+    let network = "katalite-e2e-v6";
+    let _ = run("docker", &["network", "rm", network], None);
+    let created = run(
+        "docker",
+        &[
+            "network",
+            "create",
+            "--ipv6",
+            "--subnet",
+            "fd00:dead:beef::/64",
+            network,
+        ],
+        None,
+    );
+    assert_eq!(created.status, Some(0), "{}", created.describe());
+    // The guest's own stack: the engine's global address on eth0, the default route via
+    // the bridge, and neighbour discovery and ICMPv6 to the gateway through the interface.
+    let script = "ip -6 addr show dev eth0 scope global; ip -6 route show default; \
+                  ping6 -c 1 -W 10 fd00:dead:beef::1 >/dev/null && echo v6-gateway-answers; \
+                  ip -4 addr show dev eth0 | grep -q inet && echo v4-too";
+    let out = run(
+        "docker",
+        &[
+            "run",
+            "--rm",
+            "--network",
+            network,
+            "--runtime",
+            "katalite",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ],
+        None,
+    );
+    let _ = run("docker", &["network", "rm", network], None);
+    assert_eq!(out.status, Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("inet6 fd00:dead:beef::") && out.stdout.contains("/64"),
+        "no global IPv6 address: {}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("default via fd00:dead:beef::1"),
+        "no default IPv6 route: {}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("v6-gateway-answers") && out.stdout.contains("v4-too"),
+        "{}",
+        out.describe()
+    );
+}

@@ -343,6 +343,54 @@ fn ctr_events_show_a_katalite_tasks_lifecycle_in_order() {
 }
 
 #[test]
+fn ctr_log_uris_take_a_katalite_tasks_output_to_a_file_or_a_program() {
+    let _containerd = containerd_shared();
+    let id = "shim-log-uri";
+    let _cleanup = Cleanup::new(id);
+    let dir = std::env::temp_dir().join("katalite-shim-log-uri");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("log dir");
+    let script = ["sh", "-c", "echo out-line; echo err-line >&2"];
+    // file://: stdout and stderr appended to the file.
+    let file = dir.join("task.log");
+    let uri = format!("file://{}", file.display());
+    let logged = ctr_run(RUNTIME, &["--rm", "--log-uri", &uri, image()], id, &script);
+    exited(logged, 0, "ctr run --log-uri file://");
+    let text = fs::read_to_string(&file).unwrap_or_default();
+    assert!(
+        text.contains("out-line") && text.contains("err-line"),
+        "the log file holds {text:?}"
+    );
+    // binary://: containerd's protocol, stdout on fd 3, stderr on fd 4, fd 5 closed when
+    // ready; the query's pairs are its arguments.
+    let logger = dir.join("logger");
+    let sink = dir.join("sink");
+    fs::write(
+        &logger,
+        format!(
+            "#!/bin/sh\nexec 5>&-\necho \"$CONTAINER_ID $1=$2\" > {sink}\ncat <&3 >> {sink} &\ncat <&4 >> {sink}\nwait\n",
+            sink = sink.display()
+        ),
+    )
+    .expect("logger");
+    let chmod = run("chmod", &["755", &logger.display().to_string()], None);
+    exited(chmod, 0, "chmod");
+    let uri = format!("binary://{}?tag=x", logger.display());
+    let logged = ctr_run(RUNTIME, &["--rm", "--log-uri", &uri, image()], id, &script);
+    exited(logged, 0, "ctr run --log-uri binary://");
+    poll(RUN_TIMEOUT, || {
+        let text = fs::read_to_string(&sink).unwrap_or_default();
+        let complete = text.starts_with(&format!("{id} tag=x\n"))
+            && text.contains("out-line")
+            && text.contains("err-line");
+        complete
+            .then_some(())
+            .ok_or_else(|| format!("the logging program wrote {text:?}"))
+    });
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn ctr_run_rootfs_boots_a_plain_directory() {
     let _containerd = containerd_shared();
     let id = "shim-rootfs";

@@ -164,6 +164,7 @@ mod tests {
             prefix_len: 24,
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             dns: vec![Ipv4Addr::new(10, 0, 2, 3)],
+            ipv6: None,
         };
         write_all(root.path(), "box", Some(&network)).expect("fresh root without /etc");
         let etc = root.path().join("etc");

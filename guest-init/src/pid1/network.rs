@@ -1,13 +1,14 @@
 //! The guest's interfaces, configured statically from the run config with the classic
-//! socket ioctls (netdevice(7), route(4)): loopback always up, `eth0` with the address,
-//! netmask and default route the host chose. Five calls do not justify a netlink library or
-//! a DHCP client in PID 1.
+//! socket ioctls (netdevice(7), route(4), ipv6(7)): loopback always up, `eth0` with the
+//! address, netmask and default route the host chose, and an IPv6 address and route when
+//! the engine's network has them. A few calls do not justify a netlink library or a DHCP
+//! client in PID 1.
 
 use std::mem;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use guest_init::NetworkConfig;
+use guest_init::{Ipv6Config, NetworkConfig};
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 /// The loopback interface, up in every container (Docker's `--network none` has it too).
@@ -46,13 +47,7 @@ pub enum NetError {
 
 /// Brings loopback up and, with a network, configures `eth0` and the default route.
 pub fn configure(network: Option<&NetworkConfig>) -> Result<(), NetError> {
-    let socket = socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(NetError::Socket)?;
+    let socket = socket_of(AddressFamily::Inet)?;
     // The kernel gives lo 127.0.0.1/8 and ::1 itself when it comes up.
     set_up(&socket, LOOPBACK)?;
     let Some(network) = network else {
@@ -60,7 +55,91 @@ pub fn configure(network: Option<&NetworkConfig>) -> Result<(), NetError> {
     };
     set_addresses(&socket, network.address, netmask(network.prefix_len))?;
     set_up(&socket, ETHERNET)?;
-    add_default_route(&socket, network.gateway)
+    add_default_route(&socket, network.gateway)?;
+    match &network.ipv6 {
+        Some(ipv6) => configure_ipv6(&socket, ipv6),
+        None => Ok(()),
+    }
+}
+
+/// `struct in6_ifreq` of linux/ipv6.h.
+#[repr(C)]
+struct In6Ifreq {
+    address: libc::in6_addr,
+    prefix_len: u32,
+    ifindex: libc::c_int,
+}
+
+/// `struct in6_rtmsg` of linux/ipv6_route.h.
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    route_type: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+nix::ioctl_readwrite_bad!(get_index, libc::SIOCGIFINDEX, libc::ifreq);
+nix::ioctl_write_ptr_bad!(set_if6_address, libc::SIOCSIFADDR, In6Ifreq);
+nix::ioctl_write_ptr_bad!(add_route6, libc::SIOCADDRT, In6Rtmsg);
+
+fn in6(address: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: address.octets(),
+    }
+}
+
+/// Gives eth0 its global IPv6 address and, with a gateway, the default IPv6 route.
+fn configure_ipv6(socket: &OwnedFd, ipv6: &Ipv6Config) -> Result<(), NetError> {
+    // Duplicate address detection would hold the address back for a second; the engine
+    // gave it to this container alone. Best effort: without it the address comes later.
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0");
+    let mut req = request(ETHERNET);
+    // SAFETY: SIOCGIFINDEX reads and fills the one ifreq `req` is, alive for the call.
+    unsafe { get_index(socket.as_raw_fd(), &mut req) }
+        .map_err(failed("read the index", ETHERNET))?;
+    // SAFETY: SIOCGIFINDEX filled the union's index member, the one read here.
+    let ifindex = unsafe { req.ifr_ifru.ifru_ifindex };
+    let socket6 = socket_of(AddressFamily::Inet6)?;
+    let address = In6Ifreq {
+        address: in6(ipv6.address),
+        prefix_len: u32::from(ipv6.prefix_len.min(128)),
+        ifindex,
+    };
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads one struct in6_ifreq, which
+    // In6Ifreq mirrors with C layout, alive for the call.
+    unsafe { set_if6_address(socket6.as_raw_fd(), &address) }
+        .map_err(failed("set the IPv6 address", ETHERNET))?;
+    let Some(gateway) = ipv6.gateway else {
+        return Ok(());
+    };
+    let route = In6Rtmsg {
+        dst: in6(Ipv6Addr::UNSPECIFIED),
+        src: in6(Ipv6Addr::UNSPECIFIED),
+        gateway: in6(gateway),
+        route_type: 0,
+        dst_len: 0,
+        src_len: 0,
+        metric: 1,
+        info: 0,
+        flags: u32::from(ROUTE_FLAGS),
+        ifindex,
+    };
+    // SAFETY: SIOCADDRT on an AF_INET6 socket reads one struct in6_rtmsg, which In6Rtmsg
+    // mirrors with C layout, alive for the call.
+    unsafe { add_route6(socket6.as_raw_fd(), &route) }
+        .map_err(failed("add the default IPv6 route", ETHERNET))?;
+    Ok(())
+}
+
+fn socket_of(family: AddressFamily) -> Result<OwnedFd, NetError> {
+    socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(NetError::Socket)
 }
 
 /// The netmask of a prefix length (lengths above 32 count as 32).
@@ -212,6 +291,9 @@ mod tests {
     fn the_route_entry_has_the_kernels_size() {
         // sizeof(struct rtentry) on x86-64, alignment padding included.
         assert_eq!(mem::size_of::<RouteEntry>(), 120);
+        // sizeof(struct in6_ifreq) and sizeof(struct in6_rtmsg) on x86-64.
+        assert_eq!(mem::size_of::<In6Ifreq>(), 24);
+        assert_eq!(mem::size_of::<In6Rtmsg>(), 80);
     }
 
     #[test]
