@@ -159,6 +159,32 @@ fn ctr_runs_katalite_vms_beside_runc_containers_in_one_containerd() {
 }
 
 #[test]
+fn ctr_run_t_gives_the_init_a_terminal_that_follows_resizes() {
+    let _containerd = containerd_shared();
+    let id = "shim-run-tty";
+    let _cleanup = Cleanup::new(id);
+    // `script` gives ctr a terminal; its size (set first) reaches the shim as ResizePty and
+    // the VM's terminal through it.
+    let command = format!(
+        "stty cols 101 rows 41; ctr run -t --rm --runtime {RUNTIME} {} {id} \
+         sh -c 'sleep 2; tty; stty size; exit 5'",
+        image()
+    );
+    let out = run("script", &["-qec", &command, "/dev/null"], None);
+    let out = exited(out, 5, "ctr run -t");
+    assert!(
+        out.stdout.contains("/dev/pts/") || out.stdout.contains("/dev/console"),
+        "no terminal: {}",
+        out.describe()
+    );
+    assert!(
+        out.stdout.contains("41 101"),
+        "the window size did not follow: {}",
+        out.describe()
+    );
+}
+
+#[test]
 fn ctr_task_exec_ps_kill_and_rm_drive_a_detached_katalite_task() {
     let _containerd = containerd_shared();
     let id = "shim-exec-task";
