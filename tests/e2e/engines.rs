@@ -63,7 +63,8 @@ pub(super) fn shell(script: &str) -> Outcome {
     run("sh", &["-c", script], None)
 }
 
-/// The busybox tree as a Docker image, exported once as an archive the other engines load.
+/// The busybox tree as a Docker image, exported once as an archive the other engines load;
+/// Docker itself runs it as `docker load` brought it back (no registry in the lab).
 pub(super) fn docker_image() -> &'static str {
     static ARCHIVE: OnceLock<String> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
@@ -71,7 +72,8 @@ pub(super) fn docker_image() -> &'static str {
         let archive = archive.to_string_lossy().into_owned();
         let script = format!(
             "set -e; tar -C '{}' -c . | docker import - {IMAGE} >/dev/null; \
-             docker save -o '{archive}' {IMAGE}",
+             docker save -o '{archive}' {IMAGE}; docker rmi {IMAGE} >/dev/null; \
+             docker load -q -i '{archive}'",
             rootfs("busybox")
         );
         let import = shell(&script);
