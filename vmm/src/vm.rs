@@ -352,6 +352,9 @@ struct Machine {
     shares: Vec<(Arc<Mutex<MmioTransport>>, QueueWorker)>,
     stop: Arc<VmStop>,
     device_args: Vec<String>,
+    // Declared last, so dropped last: the mappings behind `mem`, unmapped only once every
+    // thread above that used guest memory has been joined and the KVM slots are gone.
+    _ram: memory::RamMappings,
 }
 
 /// Where the guest's output goes and where its console input comes from.
@@ -398,7 +401,7 @@ impl Machine {
                 max: u8::try_from(max).unwrap_or(MAX_VCPUS),
             });
         }
-        let mem = memory::create(mem_size)?;
+        let (mem, ram) = memory::create(mem_size)?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         register_memory(&vm, &mem)?;
 
@@ -546,6 +549,7 @@ impl Machine {
             shares,
             stop,
             device_args,
+            _ram: ram,
         })
     }
 
