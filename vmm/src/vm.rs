@@ -33,6 +33,7 @@ use crate::virtio::{
     CONSOLE_WORKER_QUEUES,
 };
 use crate::x86::boot::{self, BootError, LinuxImage};
+use crate::x86::cpuid;
 use crate::x86::initramfs::InitramfsPart;
 use crate::x86::memory::{self, MemoryError};
 use crate::x86::mptable::{self, MptableError};
@@ -238,6 +239,16 @@ pub enum VmError {
     },
 }
 
+/// Whether the guest needs virtio-rng for entropy: only when its CPU has no RDRAND. With
+/// RDRAND (x86-64 CPUs since 2012-2015) Linux seeds its CRNG from it at boot ("crng init
+/// done" before any driver), and the device would only cost boot time (its probe reads
+/// entropy synchronously: about 70 ms of a lab boot), a thread and exits. Not knowing
+/// counts as needing it.
+fn needs_rng(kvm: &Kvm) -> bool {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_or(true, |supported| !cpuid::has_rdrand(&supported))
+}
+
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { op, source }
 }
@@ -340,8 +351,8 @@ struct Machine {
     console_worker: QueueWorker,
     console_out: HostWriter,
     console_stalled: Arc<AtomicBool>,
-    rng: Arc<Mutex<MmioTransport>>,
-    rng_worker: QueueWorker,
+    // Only for a guest whose CPU has no RDRAND (see `needs_rng`).
+    rng: Option<(Arc<Mutex<MmioTransport>>, QueueWorker)>,
     // Dropped with the machine, which ends the console input on every path out of `run`.
     pump: InputPump,
     // Likewise, dropping it stops the network thread and closes the backend's sockets.
@@ -461,16 +472,20 @@ impl Machine {
         };
         // The rng and the console run on worker threads woken by their queues' ioeventfds:
         // a vCPU never does their host work (getrandom, output) in its exit.
-        let rng_notify =
-            notify_eventfd(&vm, layout::virtio_mmio_addr(0), &[0]).map_err(VmError::Notify)?;
-        let rng_worker = QueueWorker::new(
-            "katalite-rng".into(),
-            ThreadRole::Device,
-            rng_notify,
-            Arc::default(),
-        )
-        .map_err(VmError::IoThread)?;
-        let rng = place(0, "virtio-rng", Box::new(Rng::new()))?;
+        let rng = if needs_rng(&kvm) {
+            let rng_notify =
+                notify_eventfd(&vm, layout::virtio_mmio_addr(0), &[0]).map_err(VmError::Notify)?;
+            let rng_worker = QueueWorker::new(
+                "katalite-rng".into(),
+                ThreadRole::Device,
+                rng_notify,
+                Arc::default(),
+            )
+            .map_err(VmError::IoThread)?;
+            Some((place(0, "virtio-rng", Box::new(Rng::new()))?, rng_worker))
+        } else {
+            None
+        };
         let console_notify =
             notify_eventfd(&vm, layout::virtio_mmio_addr(1), &CONSOLE_WORKER_QUEUES)
                 .map_err(VmError::Notify)?;
@@ -542,7 +557,6 @@ impl Machine {
             console_out,
             console_stalled,
             rng,
-            rng_worker,
             pump,
             net,
             disks,
@@ -597,14 +611,16 @@ impl Machine {
                 }
             })
             .map_err(VmError::IoThread)?;
-        let rng = self.rng.clone();
-        self.rng_worker
-            .start(move || {
-                rng.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .run_queue(0);
-            })
-            .map_err(VmError::IoThread)?;
+        if let Some((rng, worker)) = &mut self.rng {
+            let rng = rng.clone();
+            worker
+                .start(move || {
+                    rng.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .run_queue(0);
+                })
+                .map_err(VmError::IoThread)?;
+        }
         // Host input reaches the guest even while no vCPU exits (a guest spinning in user
         // space, or idle in HLT inside KVM): the io thread runs receiveq0 itself.
         let console = self.console.clone();
@@ -664,7 +680,7 @@ impl Machine {
         // left in its transmit queue (its last buffers may not have been taken yet). A VM
         // stopped from outside does not wait for a host reader that may never read.
         drop(self.console_worker);
-        drop(self.rng_worker);
+        drop(self.rng);
         let drain = reason != StopReason::Stopped;
         if drain {
             drain_console(

@@ -24,6 +24,8 @@ const LEAF_AMD_APIC_ID: u32 = 0x8000_001e;
 
 /// Leaf 1 ECX: the TSC-deadline LAPIC timer mode (emulated by KVM's in-kernel LAPIC).
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// Leaf 1 ECX: the RDRAND instruction.
+const ECX_RDRAND: u32 = 1 << 30;
 /// Leaf 1 ECX: "running under a hypervisor".
 const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: more than one logical processor per package.
@@ -50,6 +52,15 @@ impl Topology {
     fn core_bits(self) -> u32 {
         u32::BITS - u32::from(self.count.max(1) - 1).leading_zeros()
     }
+}
+
+/// Whether `cpuid` (KVM_GET_SUPPORTED_CPUID output, which [`adjust`] keeps as it is there)
+/// gives the guest RDRAND.
+pub fn has_rdrand(cpuid: &CpuId) -> bool {
+    cpuid
+        .as_slice()
+        .iter()
+        .any(|entry| entry.function == LEAF_FEATURES && entry.ecx & ECX_RDRAND != 0)
 }
 
 /// Rewrites `cpuid` (KVM_GET_SUPPORTED_CPUID output) for the vCPU described by `topo`.
@@ -204,6 +215,29 @@ mod tests {
             .iter()
             .find(|e| e.function == function && e.index == index)
             .expect("leaf present")
+    }
+
+    #[test]
+    fn rdrand_is_read_from_leaf_1_and_kept_by_adjust() {
+        let mut cpuid = synthetic();
+        let topo = Topology {
+            index: 0,
+            count: 1,
+            tsc_deadline: false,
+        };
+        let with = find(&cpuid, 1, 0).ecx & ECX_RDRAND != 0;
+        assert_eq!(has_rdrand(&cpuid), with);
+        for entry in cpuid.as_mut_slice() {
+            if entry.function == LEAF_FEATURES {
+                entry.ecx |= ECX_RDRAND;
+            }
+        }
+        adjust(&mut cpuid, topo).expect("adjust");
+        assert!(has_rdrand(&cpuid));
+        for entry in cpuid.as_mut_slice() {
+            entry.ecx &= !ECX_RDRAND;
+        }
+        assert!(!has_rdrand(&cpuid));
     }
 
     #[test]
