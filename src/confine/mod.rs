@@ -14,6 +14,7 @@
 
 mod caps;
 mod filters;
+mod precompiled;
 mod sigsys;
 mod syscall_names;
 
@@ -108,25 +109,41 @@ pub fn prepare(mode: Mode) -> Result<()> {
     let policy = match mode {
         Mode::Unconfined => None,
         Mode::Enforce | Mode::Log => {
-            let mismatch = if mode == Mode::Log {
-                SeccompAction::Log
+            let policy = if mode == Mode::Log {
+                compiled(SeccompAction::Log)?
             } else {
-                SeccompAction::Trap
+                embedded()?
             };
-            let mut programs = HashMap::new();
-            for role in Role::ALL {
-                programs.insert(role, compile(role, mismatch.clone())?);
-            }
             sigsys::install().context("cannot install the SIGSYS handler")?;
-            Some(Policy {
-                programs,
-                clone3_refused: compile_clone3_refused()?,
-            })
+            Some(policy)
         }
     };
     let _ = POLICY.set(policy);
     vmm::confine::set_thread_hook(Arc::new(|role| enter(Role::Vm(role))));
     Ok(())
+}
+
+/// Every role's program and the clone3 filter, compiled now with `mismatch` for a syscall
+/// outside the list.
+fn compiled(mismatch: SeccompAction) -> Result<Policy> {
+    let mut programs = HashMap::new();
+    for role in Role::ALL {
+        programs.insert(role, compile(role, mismatch.clone())?);
+    }
+    Ok(Policy {
+        programs,
+        clone3_refused: compile_clone3_refused()?,
+    })
+}
+
+/// The enforcing programs as compiled ahead of time (see `precompiled`).
+fn embedded() -> Result<Policy> {
+    let mut programs = precompiled::programs(Role::ALL.len() + 1)?;
+    let clone3_refused = programs.pop().unwrap_or_default();
+    Ok(Policy {
+        programs: Role::ALL.into_iter().zip(programs).collect(),
+        clone3_refused,
+    })
 }
 
 /// The BPF program of `role`.

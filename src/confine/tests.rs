@@ -119,3 +119,54 @@ fn threads_cannot_start_processes() {
     assert!(stdout.contains("thread ok 7"), "{stdout}");
     assert!(!stdout.contains("a process started"), "{stdout}");
 }
+
+/// The enforcing programs as they compile from the rules today, in the embedded order.
+fn compiled_now() -> Vec<BpfProgram> {
+    let mut programs: Vec<BpfProgram> = Role::ALL
+        .into_iter()
+        .map(|role| compile(role, SeccompAction::Trap).expect("compiles"))
+        .collect();
+    programs.push(compile_clone3_refused().expect("compiles"));
+    programs
+}
+
+#[test]
+fn the_embedded_filters_are_the_rules_compiled() {
+    let now = precompiled::encode(&compiled_now());
+    if std::env::var_os("KATALITE_UPDATE_FILTERS").is_some_and(|v| v == "1") {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/confine/filters.bpf");
+        std::fs::write(path, &now).expect("write filters.bpf");
+        return;
+    }
+    let embedded = precompiled::programs(Role::ALL.len() + 1).expect("embedded filters");
+    assert!(
+        precompiled::encode(&embedded) == now,
+        "src/confine/filters.bpf is stale: run KATALITE_UPDATE_FILTERS=1 cargo test -p katalite \
+         the_embedded_filters_are_the_rules_compiled"
+    );
+    let policy = embedded_policy_for_test();
+    for role in Role::ALL {
+        assert!(!policy.programs[&role].is_empty(), "{}", role.name());
+    }
+}
+
+fn embedded_policy_for_test() -> Policy {
+    embedded().expect("embedded policy")
+}
+
+#[test]
+fn precompiled_programs_round_trip_and_damage_is_refused() {
+    let programs = compiled_now();
+    let bytes = precompiled::encode(&programs);
+    let back = precompiled::decode(&bytes, programs.len()).expect("decodes");
+    assert_eq!(precompiled::encode(&back), bytes);
+    assert_eq!(back[0].len(), programs[0].len());
+    let error = |bytes: &[u8], expected| {
+        precompiled::decode(bytes, expected)
+            .expect_err("refused")
+            .to_string()
+    };
+    assert!(error(&bytes[..bytes.len() - 3], programs.len()).contains("truncated"));
+    assert!(error(&bytes, programs.len() + 1).contains("programs"));
+    assert!(error(&[0xff, 0xff, 0xff, 0xff], 1).contains("truncated"));
+}
