@@ -506,7 +506,8 @@ impl Machine {
             console_notify,
             Arc::default(),
         )
-        .map_err(VmError::IoThread)?;
+        .map_err(VmError::IoThread)?
+        .with_later(console_device.later());
         let console = place(1, "virtio-console", Box::new(console_device))?;
         let net = match network {
             Some(config) => {

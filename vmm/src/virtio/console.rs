@@ -58,6 +58,14 @@ pub struct Console {
     input: ConsoleInput,
     /// Set while buffers wait in transmitq0 because the writer's queue is full.
     stalled: Arc<AtomicBool>,
+    /// Transmit buffers were used without an interrupt yet (see [`Console::transmit`]).
+    owed: bool,
+    /// The last passes took output and notifications are off.
+    streaming: bool,
+    /// A pass found the ring empty while streaming and asked to look again later.
+    lingered: bool,
+    /// Set to have the worker run the queues again after `worker::LINGER`.
+    later: Arc<AtomicBool>,
     control: Control,
 }
 
@@ -69,6 +77,10 @@ impl Console {
             batch: Vec::with_capacity(BATCH_BYTES),
             input,
             stalled: Arc::default(),
+            owed: false,
+            streaming: false,
+            lingered: false,
+            later: Arc::default(),
             control: Control::default(),
         }
     }
@@ -76,6 +88,12 @@ impl Console {
     /// The input this console delivers to the guest.
     pub fn input(&self) -> &ConsoleInput {
         &self.input
+    }
+
+    /// The flag through which the console asks its worker to run it again a little later
+    /// (see [`Console::transmit`]).
+    pub(crate) fn later(&self) -> Arc<AtomicBool> {
+        self.later.clone()
     }
 
     /// Whether transmitq0 was left with buffers because the writer's queue was full (the
@@ -122,23 +140,54 @@ impl Console {
     /// a stream exits to the VMM about once per batch, not once per 32 KiB buffer. When a
     /// pass finds nothing, notifications go back on (and the ring is looked at once more
     /// for a buffer that raced them).
+    ///
+    /// A pass that finds the ring empty in the middle of a stream does not turn
+    /// notifications back on at once: the guest is usually between two writes (on a busy
+    /// host its vCPU had to wait for this thread), so the worker looks again after
+    /// `worker::LINGER` and only a second empty pass ends the stream. The guest then queues
+    /// several buffers per pass instead of kicking and being interrupted for each one.
+    ///
+    /// Used transmit buffers are announced by an interrupt only when the guest may be
+    /// waiting for them: the ring was full when the pass began (Linux's port blocks its
+    /// writer, or reports it not writable, only when no descriptor is free), or the stream
+    /// ended (notifications back on). While the guest keeps adding buffers it reclaims the
+    /// used ones itself on its next write. The owed interrupt is kept until then, as the
+    /// spec lets a device delay its used-buffer notifications.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
+        let full = ring_full(queue, mem)?;
         let mut used = false;
-        loop {
+        let ended = loop {
             let (took, stalled) = self.take_transmitted(queue, mem)?;
             used |= took;
+            if took {
+                self.streaming = true;
+                self.lingered = false;
+            }
             if stalled {
-                break;
+                break false;
             }
             if took && self.out.wake_on_take() {
                 queue.disable_notification(mem)?;
-                break;
+                break false;
+            }
+            if !took && self.streaming && !self.lingered {
+                queue.disable_notification(mem)?;
+                self.lingered = true;
+                self.later.store(true, Ordering::Release);
+                break false;
             }
             if !queue.enable_notification(mem)? {
-                break;
+                self.streaming = false;
+                self.lingered = false;
+                break true;
             }
+        };
+        self.owed |= used;
+        let interrupt = self.owed && (full || ended);
+        if interrupt {
+            self.owed = false;
         }
-        Ok(used)
+        Ok(interrupt)
     }
 
     /// One pass of [`transmit`](Self::transmit): whether buffers were used, and whether
@@ -257,6 +306,13 @@ impl VirtioDevice for Console {
             _ => Ok(false),
         }
     }
+}
+
+/// Whether every descriptor of `queue` is available to the device: the driver can add no
+/// more until some are used.
+fn ring_full(queue: &Queue, mem: &GuestMemory) -> Result<bool, DeviceError> {
+    let avail = queue.avail_idx(mem, Ordering::Acquire)?;
+    Ok((avail - std::num::Wrapping(queue.next_avail())).0 >= queue.size())
 }
 
 /// Writes the front of `pending` into the device-writable part of `chain`, removes what
@@ -564,7 +620,8 @@ mod tests {
         let stalled = console.stalled();
 
         chains(0, 4);
-        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        // Used while the stream goes on: the interrupt is owed, not sent.
+        assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
         assert_eq!(queue.next_used(), 4);
         // 256 bytes wait in the writer, past its 100: the next buffers stay in the ring.
         chains(4, 2);
@@ -573,16 +630,21 @@ mod tests {
         assert!(stalled.load(Ordering::Acquire));
 
         open.send(()).expect("open");
-        // As the worker does: rerun on each signal. An earlier one may be the writer's
-        // take of the first batch (asked for while streaming), before the room came.
+        // As the worker does: rerun on each signal (the writer's take of a batch, or its
+        // room), until a pass finds the ring empty and sends the owed interrupt.
+        // A pass that lingered asks to be run again without a signal.
+        let later = console.later();
         let mut runs = 0;
         loop {
-            wait_for(&room, "room never signalled");
+            if !later.swap(false, Ordering::AcqRel) {
+                wait_for(&room, "room never signalled");
+            }
             if console.process_queue(1, &mut queue, &mem).expect("process") {
                 break;
             }
             runs += 1;
-            assert!(runs < 3, "room signalled but the buffers never moved");
+            assert!(runs < 6, "room signalled but the buffers never moved");
+            let _ = open.send(());
         }
         assert_eq!(queue.next_used(), 6);
         assert!(!stalled.load(Ordering::Acquire));
@@ -611,20 +673,53 @@ mod tests {
 
         // The writer blocks in its first write; the second batch waits in its queue, so a
         // take is coming: the guest need not notify buffers it adds meanwhile.
+        // No interrupt while the stream goes on (the ring never filled).
         chains(0, 2);
-        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
         chains(2, 2);
-        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
         assert!(notifications_off(&vq));
 
         open.send(()).expect("open");
         wait_for(&room, "take never signalled");
-        // The rerun finds the ring empty: notifications go back on.
+        // The rerun finds the ring empty: in the middle of a stream it looks again later,
+        // notifications still off and no interrupt yet.
+        let later = console.later();
         assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert!(notifications_off(&vq));
+        assert!(
+            later.swap(false, Ordering::AcqRel),
+            "asked to run again later"
+        );
+        // Still nothing: the stream has ended, notifications go back on, and the interrupt
+        // owed for the four used buffers is sent.
+        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
         assert!(!notifications_off(&vq));
+        assert!(!later.load(Ordering::Acquire));
+        // Nothing more is owed.
+        assert!(!console.process_queue(1, &mut queue, &mem).expect("process"));
         open.send(()).expect("open");
         writer.finish(true);
         assert_eq!(written.lock().expect("lock").len(), 4 * 64);
+    }
+
+    #[test]
+    fn a_full_transmit_ring_is_answered_with_an_interrupt_at_once() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        mem.write_slice(&[b'y'; 64], GuestAddress(DATA_ADDR))
+            .expect("write");
+        let descs: Vec<_> = (0..16).map(|_| desc(DATA_ADDR, 64, 0, 0)).collect();
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        let (mut console, writer, open, written, _room) = gated_console(1 << 20);
+        // The guest's driver may be waiting for a free descriptor: it hears at once.
+        assert!(console.process_queue(1, &mut queue, &mem).expect("process"));
+        assert_eq!(queue.next_used(), 16);
+        open.send(()).expect("open");
+        open.send(()).expect("open");
+        writer.finish(true);
+        assert_eq!(written.lock().expect("lock").len(), 16 * 64);
     }
 
     /// `count` writable receive buffers of `len` bytes, one chain each, at DATA_ADDR +

@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use mio::unix::SourceFd;
@@ -25,6 +26,9 @@ pub(crate) struct QueueWorker {
     role: ThreadRole,
     notify: Option<EventFd>,
     more: Arc<AtomicBool>,
+    /// Set by the device when it wants the queue run again after [`LINGER`] even without a
+    /// notification (see [`QueueWorker::with_later`]).
+    later: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     wake: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -44,10 +48,18 @@ impl QueueWorker {
             role,
             notify: Some(notify),
             more,
+            later: Arc::default(),
             stop: Arc::default(),
             wake: EventFd::new(EFD_NONBLOCK)?,
             thread: None,
         })
+    }
+
+    /// The worker also runs the queue [`LINGER`] after a run that left `later` set, unless
+    /// a notification comes first.
+    pub(crate) fn with_later(mut self, later: Arc<AtomicBool>) -> Self {
+        self.later = later;
+        self
     }
 
     /// Starts the thread; `kick` must run the device's queue (see [`run_queue`]).
@@ -67,13 +79,14 @@ impl QueueWorker {
             NOTIFY,
             Interest::READABLE,
         )?;
-        let (more, stop, role) = (self.more.clone(), self.stop.clone(), self.role);
+        let (more, later) = (self.more.clone(), self.later.clone());
+        let (stop, role) = (self.stop.clone(), self.role);
         let thread = std::thread::Builder::new()
             .name(self.name.clone())
             .stack_size(crate::THREAD_STACK_BYTES)
             .spawn(move || {
                 confine::enter(role);
-                run(poll, &notify, &more, &stop, kick);
+                run(poll, &notify, [&more, &later], &stop, kick);
             })?;
         self.thread = Some(thread);
         Ok(())
@@ -106,16 +119,22 @@ impl Drop for QueueWorker {
     }
 }
 
+/// How long a device that set `later` waits for more work before its queue runs again: long
+/// enough for a guest streaming output to queue several buffers, short enough not to be
+/// seen on a terminal.
+pub(crate) const LINGER: Duration = Duration::from_micros(500);
+
 fn run(
     mut poll: Poll,
     notify: &EventFd,
-    more: &AtomicBool,
+    [more, later]: [&AtomicBool; 2],
     stop: &AtomicBool,
     mut kick: impl FnMut(),
 ) {
     let mut events = Events::with_capacity(2);
     loop {
-        if let Err(err) = poll.poll(&mut events, None) {
+        let timeout = later.swap(false, Ordering::AcqRel).then_some(LINGER);
+        if let Err(err) = poll.poll(&mut events, timeout) {
             if err.kind() != io::ErrorKind::Interrupted {
                 return;
             }
@@ -179,5 +198,39 @@ mod tests {
             matches!(kicks.recv(), Err(mpsc::RecvError)),
             "the thread has exited"
         );
+    }
+
+    #[test]
+    fn a_device_that_sets_later_is_run_again_without_a_notification() {
+        let notify = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        let guest = notify.try_clone().expect("clone");
+        let later = Arc::new(AtomicBool::new(false));
+        let mut worker = QueueWorker::new(
+            "katalite-cons-test".into(),
+            ThreadRole::Device,
+            notify,
+            Arc::default(),
+        )
+        .expect("worker")
+        .with_later(later.clone());
+        let (kicked, kicks) = mpsc::channel();
+        let mut first = true;
+        worker
+            .start(move || {
+                let _ = kicked.send(std::time::Instant::now());
+                if first {
+                    first = false;
+                    later.store(true, Ordering::Release);
+                }
+            })
+            .expect("start");
+        guest.write(1).expect("notify");
+        let one = kicks.recv_timeout(Duration::from_secs(5)).expect("a kick");
+        let two = kicks
+            .recv_timeout(Duration::from_secs(5))
+            .expect("run again after LINGER");
+        assert!(two.duration_since(one) >= LINGER);
+        assert!(kicks.recv_timeout(Duration::from_millis(50)).is_err());
+        drop(worker);
     }
 }
