@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use anyhow::anyhow;
-use guest_init::channel::{encode, Decoder, Message, HEADER_LEN, MAX_PAYLOAD};
+use guest_init::channel::{self, encode, Decoder, Message, HEADER_LEN, MAX_PAYLOAD};
 use vmm::ConsoleInput;
 
 use crate::confine::{self, Role};
@@ -16,10 +16,6 @@ use crate::exec::Router;
 
 /// The stream of the `run` workload on the channel.
 pub const STREAM: u32 = 0;
-
-/// Bytes fed to the decoder at once: with at most one partial frame left over, the decoder
-/// never holds more than two frames' worth however large the console's writes are.
-const FEED: usize = HEADER_LEN + MAX_PAYLOAD;
 
 /// What the demux tells its owner.
 #[derive(Debug)]
@@ -87,13 +83,10 @@ impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
                 routed.map_err(Fault::Malformed)?;
                 continue;
             }
-            let written = match &frame.message {
-                Message::Stdout(data) => write_flushed(&mut self.out, data),
-                Message::Stderr(data) => write_flushed(&mut self.err, data),
-                Message::Ready => {
-                    (self.on_event)(Event::Ready);
-                    Ok(())
-                }
+            match &frame.message {
+                Message::Stdout(data) => self.output(false, data)?,
+                Message::Stderr(data) => self.output(true, data)?,
+                Message::Ready => (self.on_event)(Event::Ready),
                 Message::Stdin(_) => return Err(host_to_guest("stdin")),
                 Message::StdinClosed => return Err(host_to_guest("stdin-closed")),
                 Message::Signal(_) => return Err(host_to_guest("signal")),
@@ -104,14 +97,47 @@ impl<O: Write, E: Write, F: FnMut(Event)> Demux<O, E, F> {
                         "an exited frame on the workload's stream"
                     )))
                 }
-            };
-            // Any other host-side write error loses the bytes, as a full disk would;
-            // stopping the workload for it would be worse.
-            if written.is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe) {
-                return Err(Fault::BrokenPipe);
             }
         }
         Ok(())
+    }
+
+    /// Writes the workload's output to `out` (or, for stderr, `err`).
+    fn output(&mut self, stderr: bool, data: &[u8]) -> Result<(), Fault> {
+        let written = if stderr {
+            write_flushed(&mut self.err, data)
+        } else {
+            write_flushed(&mut self.out, data)
+        };
+        // Any other host-side write error loses the bytes, as a full disk would;
+        // stopping the workload for it would be worse.
+        if written.is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe) {
+            return Err(Fault::BrokenPipe);
+        }
+        Ok(())
+    }
+
+    /// Takes what it can from the start of `bytes` and says how much: a whole output frame
+    /// of the workload is written straight from them (no copy into the decoder and out
+    /// again: most of what the console carries); anything else goes to the decoder, only
+    /// as many bytes as complete the frame it holds, so the next frame starts on the
+    /// straight path again. The decoder never holds more than one frame.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, Fault> {
+        if self.decoder.pending() == 0 {
+            let whole = channel::output_frame(bytes).map_err(|e| Fault::Malformed(e.into()))?;
+            if let Some((frame, len)) = whole.filter(|(frame, _)| frame.stream == STREAM) {
+                self.output(frame.stderr, frame.payload)?;
+                return Ok(len);
+            }
+        }
+        let wanted = match self.decoder.missing() {
+            0 => HEADER_LEN,
+            missing => missing,
+        };
+        let fed = wanted.min(bytes.len());
+        self.decoder.feed(&bytes[..fed]);
+        self.drain()?;
+        Ok(fed)
     }
 }
 
@@ -128,15 +154,15 @@ fn write_flushed(to: &mut impl Write, data: &[u8]) -> io::Result<()> {
 impl<O: Write, E: Write, F: FnMut(Event)> Write for Demux<O, E, F> {
     /// Always takes all of `buf`: refusing would only make the console drop it.
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        for chunk in buf.chunks(FEED) {
-            if self.failed {
-                break;
-            }
-            self.decoder.feed(chunk);
-            if let Err(fault) = self.drain() {
-                self.failed = true;
-                self.decoder = Decoder::new();
-                (self.on_event)(Event::Fault(fault));
+        let mut rest = buf;
+        while !rest.is_empty() && !self.failed {
+            match self.take(rest) {
+                Ok(taken) => rest = &rest[taken..],
+                Err(fault) => {
+                    self.failed = true;
+                    self.decoder = Decoder::new();
+                    (self.on_event)(Event::Fault(fault));
+                }
             }
         }
         Ok(buf.len())
@@ -276,6 +302,9 @@ mod tests {
         bytes
     }
 
+    /// The bytes of a frame with the largest payload.
+    const FRAME: usize = HEADER_LEN + MAX_PAYLOAD;
+
     /// Feeds `bytes` in `piece`-sized writes; returns stdout, stderr and the faults.
     fn demux(bytes: &[u8], piece: usize) -> (Vec<u8>, Vec<u8>, Vec<Fault>) {
         let (mut out, mut err, mut faults) = (Vec::new(), Vec::new(), Vec::new());
@@ -308,7 +337,7 @@ mod tests {
             (0, Message::Stderr(Vec::new())),
             (0, Message::Stdout(b"end".to_vec())),
         ]);
-        for piece in [1, 7, 4096, FEED + 3, bytes.len()] {
+        for piece in [1, 7, 4096, FRAME + 3, 256 * 1024, bytes.len()] {
             let (out, err, faults) = demux(&bytes, piece);
             assert!(faults.is_empty(), "{faults:?}");
             assert_eq!(out.len(), 4 + big.len() + 3);
@@ -397,13 +426,21 @@ mod tests {
         bytes.extend(frames(&[(0, Message::Stdout(vec![6; MAX_PAYLOAD]))]));
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut demux = Demux::new(&mut out, &mut err, |_| panic!("no event"));
-        // One huge write: the decoder is fed piecewise and drained between pieces.
+        // One huge write: whole frames go straight out, nothing is buffered.
         demux.write_all(&bytes).expect("write");
         assert_eq!(demux.decoder.pending(), 0);
-        demux.write_all(&bytes[..FEED - 1]).expect("write");
-        assert!(demux.decoder.pending() < FEED);
+        // A frame cut short is held, and only it: completing it empties the decoder, so
+        // the next frame takes the straight path again.
+        demux.write_all(&bytes[..FRAME - 1]).expect("write");
+        assert_eq!(demux.decoder.pending(), FRAME - 1);
+        demux
+            .write_all(&bytes[FRAME - 1..FRAME + 10])
+            .expect("write");
+        assert_eq!(demux.decoder.pending(), 10);
+        demux.write_all(&bytes[FRAME + 10..]).expect("write");
+        assert_eq!(demux.decoder.pending(), 0);
         drop(demux);
-        assert_eq!(out.len(), 2 * MAX_PAYLOAD);
+        assert_eq!(out.len(), 4 * MAX_PAYLOAD);
     }
 
     #[test]

@@ -133,6 +133,68 @@ pub fn encode(stream: u32, message: &Message, out: &mut Vec<u8>) {
     }
 }
 
+/// A frame header, checked.
+struct Header {
+    kind: u8,
+    stream: u32,
+    /// Payload bytes, at most [`MAX_PAYLOAD`].
+    len: usize,
+}
+
+/// The header at the start of `bytes`, `None` if they are shorter than one, or an error
+/// for a header no frame may have.
+fn header(bytes: &[u8]) -> Result<Option<Header>, ChannelError> {
+    let Some(header) = bytes.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let kind = header[0];
+    let stream = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
+    let len = u32::from_le_bytes([header[5], header[6], header[7], header[8]]);
+    if !(KIND_STDOUT..=KIND_EXITED).contains(&kind) {
+        return Err(ChannelError::UnknownKind(kind));
+    }
+    match usize::try_from(len) {
+        Ok(len_usize) if len_usize <= MAX_PAYLOAD => Ok(Some(Header {
+            kind,
+            stream,
+            len: len_usize,
+        })),
+        _ => Err(ChannelError::TooLarge(len)),
+    }
+}
+
+/// A whole `Stdout` or `Stderr` frame, its payload borrowed from the received bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OutputFrame<'a> {
+    /// The stream it belongs to.
+    pub stream: u32,
+    /// A `Stderr` frame.
+    pub stderr: bool,
+    /// The output bytes.
+    pub payload: &'a [u8],
+}
+
+/// The output frame at the start of `bytes` and the bytes it spans, without copying its
+/// payload (the host's fast path for the workload's output); `None` when `bytes` start
+/// with another kind of frame or only part of one (decode those with a [`Decoder`]); an
+/// error for a header that can never be valid, as [`Decoder::next_frame`] gives.
+pub fn output_frame(bytes: &[u8]) -> Result<Option<(OutputFrame<'_>, usize)>, ChannelError> {
+    let Some(header) = header(bytes)? else {
+        return Ok(None);
+    };
+    let end = HEADER_LEN + header.len;
+    let (Some(payload), KIND_STDOUT | KIND_STDERR) = (bytes.get(HEADER_LEN..end), header.kind)
+    else {
+        return Ok(None);
+    };
+    let frame = OutputFrame {
+        stream: header.stream,
+        stderr: header.kind == KIND_STDERR,
+        payload,
+    };
+    Ok(Some((frame, end)))
+}
+
 /// Incremental decoder: feed it bytes as they arrive, take whole frames out. Holds at most
 /// one frame's worth of bytes beyond what was fed.
 #[derive(Debug, Default)]
@@ -156,22 +218,29 @@ impl Decoder {
         self.buf.len()
     }
 
+    /// Bytes still needed to complete the frame being received: 0 when nothing is
+    /// buffered (or a whole frame is, or a header that [`next_frame`](Self::next_frame)
+    /// rejects).
+    pub fn missing(&self) -> usize {
+        match header(&self.buf) {
+            _ if self.buf.is_empty() => 0,
+            Ok(None) => HEADER_LEN - self.buf.len(),
+            Ok(Some(header)) => (HEADER_LEN + header.len).saturating_sub(self.buf.len()),
+            Err(_) => 0,
+        }
+    }
+
     /// The next whole frame, `None` if more bytes are needed, or an error for a frame that
     /// can never be valid (the caller must stop reading from this peer).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ChannelError> {
-        if self.buf.len() < HEADER_LEN {
+        let Some(Header {
+            kind,
+            stream,
+            len: len_usize,
+        }) = header(&self.buf)?
+        else {
             return Ok(None);
-        }
-        let kind = self.buf[0];
-        let stream = u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-        let len = u32::from_le_bytes([self.buf[5], self.buf[6], self.buf[7], self.buf[8]]);
-        if !(KIND_STDOUT..=KIND_EXITED).contains(&kind) {
-            return Err(ChannelError::UnknownKind(kind));
-        }
-        let len_usize = usize::try_from(len).map_err(|_| ChannelError::TooLarge(len))?;
-        if len_usize > MAX_PAYLOAD {
-            return Err(ChannelError::TooLarge(len));
-        }
+        };
         if self.buf.len() < HEADER_LEN + len_usize {
             return Ok(None);
         }
@@ -338,5 +407,56 @@ mod tests {
         assert_eq!(&bytes[9..14], &[8, 7, 0, 0, 0]);
         assert_eq!(bytes[20], 9);
         assert_eq!(&bytes[29..], &3i32.to_le_bytes());
+    }
+
+    #[test]
+    fn output_frames_are_borrowed_whole_and_other_frames_left_to_the_decoder() {
+        let mut bytes = Vec::new();
+        encode(0, &Message::Stdout(b"out".to_vec()), &mut bytes);
+        encode(3, &Message::Stderr(b"err".to_vec()), &mut bytes);
+        encode(0, &Message::Ready, &mut bytes);
+        let (frame, len) = output_frame(&bytes).expect("valid").expect("whole");
+        assert_eq!(
+            frame,
+            OutputFrame {
+                stream: 0,
+                stderr: false,
+                payload: b"out"
+            }
+        );
+        assert_eq!(len, HEADER_LEN + 3);
+        let rest = &bytes[len..];
+        let (frame, len) = output_frame(rest).expect("valid").expect("whole");
+        assert_eq!(
+            (frame.stream, frame.stderr, frame.payload),
+            (3, true, &b"err"[..])
+        );
+        let rest = &rest[len..];
+        assert_eq!(output_frame(rest), Ok(None), "a Ready frame");
+        assert_eq!(output_frame(&bytes[..len - 1]), Ok(None), "part of a frame");
+        assert_eq!(output_frame(&bytes[..4]), Ok(None), "part of a header");
+        let mut bad = bytes.clone();
+        bad[0] = 77;
+        assert_eq!(output_frame(&bad), Err(ChannelError::UnknownKind(77)));
+        bad[0] = KIND_STDOUT;
+        let too_large = u32::try_from(MAX_PAYLOAD + 1).expect("fits");
+        bad[5..9].copy_from_slice(&too_large.to_le_bytes());
+        assert!(matches!(output_frame(&bad), Err(ChannelError::TooLarge(_))));
+    }
+
+    #[test]
+    fn missing_counts_what_completes_the_frame_being_received() {
+        let mut bytes = Vec::new();
+        encode(0, &Message::Stdout(b"hello".to_vec()), &mut bytes);
+        let mut decoder = Decoder::new();
+        assert_eq!(decoder.missing(), 0);
+        decoder.feed(&bytes[..4]);
+        assert_eq!(decoder.missing(), HEADER_LEN - 4);
+        decoder.feed(&bytes[4..HEADER_LEN + 1]);
+        assert_eq!(decoder.missing(), 4);
+        decoder.feed(&bytes[HEADER_LEN + 1..]);
+        assert_eq!(decoder.missing(), 0);
+        assert!(decoder.next_frame().expect("valid").is_some());
+        assert_eq!(decoder.missing(), 0);
     }
 }

@@ -46,6 +46,9 @@ const F_MULTIPORT: u64 = 1 << 1;
 /// Output is gathered up to this many bytes before it is handed to the writer thread:
 /// several of the guest's 32 KiB buffers per host write.
 const BATCH_BYTES: usize = 256 * 1024;
+/// A batch of at least this many bytes (one of Linux's 32 KiB buffers) is handed to the
+/// writer whole; a smaller one is copied out and the batch buffer kept.
+const HANDED_OVER_BYTES: usize = 32 * 1024;
 /// Most bytes taken from one transmit chain. Linux sends at most 32 KiB per buffer; a
 /// hostile chain naming gigabytes is cut here, so what the device queues past the writer's
 /// capacity stays bounded.
@@ -245,15 +248,17 @@ impl Console {
         }
     }
 
-    /// Hands the batch to the writer thread: a full one as it is, a partial one as an
-    /// exact copy, so a guest sending many small buffers does not queue a 64 KiB
+    /// Hands the batch to the writer thread: one of at least a guest buffer's worth as it
+    /// is (replaced by a buffer the writer has finished with), a smaller one as an exact
+    /// copy, so a guest sending many small buffers does not queue a whole batch's
     /// allocation for each (the writer bounds what it holds by allocated bytes).
     fn flush(&mut self) {
         if self.batch.is_empty() {
             return;
         }
-        let chunk = if self.batch.len() * 2 > BATCH_BYTES {
-            std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_BYTES))
+        let chunk = if self.batch.len() >= HANDED_OVER_BYTES {
+            let fresh = self.out.buffer(BATCH_BYTES);
+            std::mem::replace(&mut self.batch, fresh)
         } else {
             let copy = self.batch.clone();
             self.batch.clear();
